@@ -1,0 +1,292 @@
+"""Command line: Megatron-LM's flag names and meanings, validation, and the TransformerConfig they describe.
+
+A Megatron-LM launch script should need only its script name changed. Flags we add are few:
+``--device``, ``--transformer-impl``, ``--moe-router-type`` and the options of each routing scheme
+(registered by the scheme itself, see ``megatron_moe.moe.registry``).
+
+Every invalid combination is reported by :func:`validate_args` as one line naming the offender and the
+fix, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """A user error in the command line: printed as one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-query-groups", type=int, default=None, help="grouped-query attention")
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="default: transformer_engine on CUDA, local on CPU")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine)")
+
+
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
+    from megatron_moe.moe.registry import ROUTING_SCHEMES
+
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (unset: dense)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default: --ffn-hidden-size")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-layer-freq", type=str, default="1",
+                   help="N: MoE every N-th layer; or a Python list such as '[0,1,1,1]' (1 = MoE)")
+    g.add_argument("--moe-router-type", choices=sorted(ROUTING_SCHEMES), default="topk",
+                   help="topk: megatron's router and dispatcher; base: balanced assignment; sam: switch and mixture")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
+                   default="aux_loss")
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall",
+                   help="megatron's dispatcher for --moe-router-type topk")
+    g.add_argument("--moe-router-num-groups", type=int, default=None, help="megatron group-limited routing")
+    g.add_argument("--moe-router-group-topk", type=int, default=None)
+    for scheme in ROUTING_SCHEMES.values():
+        if scheme.add_arguments is not None:
+            scheme.add_arguments(g)
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if a GPU is visible")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens (no files)")
+    g.add_argument("--tokenizer-type", default="NullTokenizer",
+                   choices=["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--tokenizer-model", default=None)
+
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_gpt_moe.py", description="Pretrain a GPT mixture-of-experts model.", allow_abbrev=False
+    )
+    for add in (_add_model_args, _add_moe_args, _add_parallel_args, _add_training_args, _add_data_args,
+                _add_logging_args):
+        add(parser)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    """Parses and validates; derived values (data-parallel size, defaults) are filled in."""
+    args = build_parser().parse_args(argv)
+    validate_args(args, world_size)
+    return args
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def moe_layer_pattern(args: argparse.Namespace) -> List[int]:
+    """1 for each layer that is MoE, 0 for dense, from ``--moe-layer-freq``."""
+    spec = args.moe_layer_freq.strip()
+    if spec.startswith("["):
+        try:
+            pattern = [int(x) for x in spec.strip("[]").split(",")]
+        except ValueError:
+            raise ConfigError(f"--moe-layer-freq {spec!r}: expected an integer or a list like '[0,1,1,1]'")
+        _require(len(pattern) == args.num_layers and set(pattern) <= {0, 1},
+                 f"--moe-layer-freq list must hold {args.num_layers} entries of 0 or 1, got {spec}")
+        return pattern
+    _require(spec.isdigit() and int(spec) > 0, f"--moe-layer-freq must be a positive integer or a list, got {spec!r}")
+    return [1 if i % int(spec) == 0 else 0 for i in range(args.num_layers)]
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Checks the parallel layout and model shape; fills in derived values. Raises ConfigError."""
+    from megatron_moe.moe.registry import ROUTING_SCHEMES
+
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    for name, size in (("tensor", tp), ("pipeline", pp), ("expert", ep)):
+        _require(size >= 1, f"--{name}-model-parallel-size must be >= 1, got {size}")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by tensor x pipeline parallel = {tp} x {pp}; "
+             "change the number of processes or the parallel sizes")
+    args.data_parallel_size = world_size // (tp * pp)
+    _require(args.data_parallel_size % ep == 0,
+             f"--expert-model-parallel-size {ep} must divide the data-parallel size {args.data_parallel_size} "
+             "(world size / (tensor x pipeline)); experts are sharded across data-parallel ranks")
+    _require(args.num_layers % pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    _require(args.hidden_size % args.num_attention_heads == 0,
+             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    _require(args.num_attention_heads % tp == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.num_query_groups is not None:
+        _require(args.num_attention_heads % args.num_query_groups == 0 and args.num_query_groups % tp == 0,
+                 f"--num-query-groups {args.num_query_groups} must divide --num-attention-heads and be "
+                 f"divisible by --tensor-model-parallel-size {tp}")
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    _require(args.seq_length <= args.max_position_embeddings or args.position_embedding_type == "rope",
+             f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+    if args.sequence_parallel:
+        _require(args.seq_length % tp == 0,
+                 f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
+                 "(sequence parallelism splits the sequence)")
+    if tp == 1:
+        args.sequence_parallel = False
+
+    if args.num_experts is None:
+        _require(ep == 1, "--expert-model-parallel-size > 1 needs --num-experts")
+    else:
+        _require(args.num_experts >= 1, f"--num-experts must be >= 1, got {args.num_experts}")
+        _require(args.num_experts % ep == 0,
+                 f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+        _require(tp == 1 or args.sequence_parallel,
+                 "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core requires it)")
+        _require(1 <= args.moe_router_topk <= args.num_experts,
+                 f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts {args.num_experts}")
+        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        args.moe_layer_pattern = moe_layer_pattern(args)
+        ROUTING_SCHEMES[args.moe_router_type].validate(args)
+
+    args.global_batch_size = args.global_batch_size or args.micro_batch_size * args.data_parallel_size
+    per_step = args.micro_batch_size * args.data_parallel_size
+    _require(args.global_batch_size % per_step == 0,
+             f"--global-batch-size {args.global_batch_size} is not divisible by micro batch x data parallel "
+             f"= {args.micro_batch_size} x {args.data_parallel_size}")
+    args.num_microbatches = args.global_batch_size // per_step
+    _require(pp == 1 or args.num_microbatches >= 1, "pipeline parallelism needs at least one micro batch")
+
+    if args.tokenizer_type == "NullTokenizer":
+        _require(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+    if not args.mock_data:
+        _require(getattr(args, "data_path", None), "give --data-path PREFIX [...] or --mock-data")
+    if args.fp8_format is not None:
+        _require(args.transformer_impl == "transformer_engine",
+                 "--fp8-format needs --transformer-impl transformer_engine (FP8 GEMMs come from Transformer Engine)")
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Megatron-LM's padding: a multiple of make-vocab-size-divisible-by x tensor-parallel size."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config_from_args(args: argparse.Namespace):
+    """The megatron-core TransformerConfig (plus our routing fields) these flags describe."""
+    from megatron_moe.model import GPTMoEConfig
+    from megatron_moe.moe.registry import ROUTING_SCHEMES
+
+    moe = args.num_experts is not None
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    fp8 = {}
+    if args.fp8_format is not None:
+        fp8 = dict(fp8=args.fp8_format, fp8_recipe="delayed")
+    scheme = ROUTING_SCHEMES[args.moe_router_type] if moe else None
+    return GPTMoEConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not (args.disable_bias_linear or moe),
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk if moe else 2,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size if moe else None,
+        moe_layer_freq=args.moe_layer_pattern if moe else 1,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_router_pre_softmax=moe and args.moe_router_topk == 1,  # megatron's top-1 needs it
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_type=args.moe_router_type if moe else None,
+        moe_routing_options=scheme.options_from_args(args) if scheme else None,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        variable_seq_lengths=moe and args.pipeline_model_parallel_size > 1,
+        # megatron-core initialises first because only its init routines set the tensor-parallel attributes
+        # of a weight; megatron_moe.model.initialize_weights then redraws every matrix layout-independently.
+        perform_initialization=True,
+        use_cpu_initialization=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=True,
+        **fp8,
+    )

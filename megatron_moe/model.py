@@ -1,0 +1,152 @@
+"""The GPT mixture-of-experts model: megatron-core's GPTModel built from our layer spec.
+
+The spec is megatron-core's decoder block spec (dense and MoE layers per ``--moe-layer-freq``) with three
+swaps: our sequence-parallel norms on the local path, ``RoutedMoELayer`` for the MoE MLP, and the router of
+the chosen routing scheme. Initialisation is ours (:func:`initialize_weights`) so that a parameter's
+values do not depend on the parallel layout: every TP/PP/EP/DP layout starts from the same model as one
+process does, which is what makes the parity tests exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_moe.moe.registry import ROUTING_SCHEMES, RoutedMoELayer
+from megatron_moe.norms import norm_class
+
+
+@dataclass
+class GPTMoEConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus the routing scheme and its options."""
+
+    moe_router_type: Optional[str] = None  # a key of ROUTING_SCHEMES; None for a dense model
+    moe_routing_options: Any = None  # the scheme's options object (RoutingScheme.options_from_args)
+
+
+def require_transformer_engine() -> None:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "--transformer-impl transformer_engine (and --fp8-format) need NVIDIA Transformer Engine: "
+            "pip install '.[gpu]' on a CUDA machine, or use --transformer-impl local"
+        ) from error
+
+
+def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Optional[int] = None):
+    """Layer specs of this pipeline stage, with our norms (local path) and routing scheme plugged in."""
+    use_te = transformer_impl == "transformer_engine"
+    if use_te:
+        require_transformer_engine()
+    block: TransformerBlockSubmodules = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization=config.normalization, pp_rank=pp_rank
+    )
+    norm = norm_class(config.normalization)
+    for layer_spec in block.layer_specs:
+        layers = layer_spec.submodules
+        if not use_te:
+            for field in ("input_layernorm", "pre_mlp_layernorm"):
+                if getattr(layers, field) is not IdentityOp:
+                    setattr(layers, field, norm)
+        if layers.mlp.module is MoELayer:
+            layers.mlp.module = RoutedMoELayer
+            layers.mlp.submodules.router = ROUTING_SCHEMES[config.moe_router_type].router
+    if not use_te:
+        block.layer_norm = norm
+    return block
+
+
+def build_model(config: GPTMoEConfig, args) -> GPTModel:
+    """This pipeline stage's GPTModel, initialised layout-independently on the current device."""
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, args.transformer_impl),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+    )
+    initialize_weights(model, config, args.seed)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layout-independent initialisation
+# ----------------------------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _global_name(model: GPTModel, name: str) -> str:
+    """The parameter's name in the one-process model: global layer number and global expert index."""
+    if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
+    layer_match = _LAYER.search(name)
+    if layer_match is None:
+        return name
+    layer = model.decoder.layers[int(layer_match.group(1))]
+    name = _LAYER.sub(f"decoder.layers.{layer.layer_number - 1}.", name, count=1)
+    expert_match = _LOCAL_EXPERT.search(name)
+    if expert_match is not None:
+        expert = layer.mlp.local_expert_indices[int(expert_match.group(1))]
+        name = _LOCAL_EXPERT.sub(f"local_experts.{expert}.", name, count=1)
+    return name
+
+
+def _tensor_parallel_slice(full: torch.Tensor, param: torch.nn.Parameter, rank: int, size: int, gated: bool):
+    dim = param.partition_dim
+    if gated:
+        # A gated (SwiGLU) fc1 keeps [gate; up] per rank: each half is sharded on its own.
+        return torch.cat([half.chunk(size, dim)[rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(size, dim)[rank]
+
+
+@torch.no_grad()
+def initialize_weights(model: GPTModel, config: TransformerConfig, seed: int) -> None:
+    """Draws every matrix from N(0, std) with a generator seeded by (seed, its global name).
+
+    The full (unsharded) tensor is drawn and this rank's tensor-parallel slice kept, so the values are
+    the same whatever the TP/PP/EP layout. Output projections use megatron's scaled std
+    ``init_method_std / sqrt(2 * num_layers)``. Vectors: biases are zeroed, norm weights keep their ones.
+    """
+    tp = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size())
+    etp = (parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size())
+    output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            if name.endswith("bias"):
+                param.zero_()
+            continue
+        global_name = _global_name(model, name)
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{global_name}".encode()))
+        sharded = getattr(param, "tensor_model_parallel", False)
+        rank, size = etp if "experts" in name else tp
+        shape = list(param.shape)
+        if sharded:
+            shape[param.partition_dim] *= size
+        std = output_std if name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
+        full = torch.randn(shape, generator=generator, dtype=torch.float32) * std
+        if sharded:
+            gated = config.gated_linear_unit and name.endswith("linear_fc1.weight")
+            full = _tensor_parallel_slice(full, param, rank, size, gated)
+        param.copy_(full)

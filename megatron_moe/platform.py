@@ -1,0 +1,282 @@
+"""Device and communication backend: CUDA + NCCL when GPUs are visible, CPU + gloo otherwise.
+
+This module owns every adaptation that megatron-core 0.16.1 needs to run on a CPU. megatron-core assumes
+CUDA in many places (``torch.cuda.current_device()`` as a tensor device, ``device="cuda"`` literals, CUDA
+streams and events, the CUDA RNG, optimizer asserts on ``'torch.cuda.FloatTensor'``). Each adaptation is a
+:class:`CompatPiece` naming the megatron-core call site it covers, with a ``needed`` probe that reads
+megatron-core itself, so that ``tests/test_platform.py`` notices when an upgrade makes a piece unnecessary.
+Pieces are applied only on CPU (except the Transformer-Engine-absent one, which any machine without TE
+needs), and nothing else in the project patches megatron-core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where this process computes and how it talks to the others."""
+
+    device: torch.device
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def select_platform(requested: Optional[str] = None) -> Platform:
+    """CUDA + NCCL if a GPU is visible (or ``requested == "cuda"``), else CPU + gloo."""
+    if requested not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu' or 'cuda', got {requested!r}")
+    use_cuda = torch.cuda.is_available() if requested is None else requested == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but torch sees no GPU; use --device cpu")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return Platform(torch.device("cuda", local_rank), "nccl")
+    return Platform(torch.device("cpu"), "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
+    """Join the process group ``torchrun`` describes; a plain ``python`` launch becomes a 1-process group."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if not platform.is_cuda:
+        apply_cpu_compat()
+    apply_transformer_engine_absent_compat()
+    dist.init_process_group(
+        backend=platform.backend,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        device_id=platform.device if platform.is_cuda else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# megatron-core compatibility pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompatPiece:
+    name: str
+    call_site: str  # where megatron-core (or torch under it) needs this
+    needed: Callable[[], bool]  # reads megatron-core; False once an upgrade makes the piece unnecessary
+    apply: Callable[[], None]
+
+
+def _source(module_name: str, attribute: Optional[str] = None) -> str:
+    import importlib
+
+    obj = importlib.import_module(module_name)
+    return inspect.getsource(getattr(obj, attribute) if attribute else obj)
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):
+        return True  # megatron passes torch.cuda.current_device() (an int ordinal) as a device
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+_CPU = torch.device("cpu")
+_CUDA_TENSOR_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class _CudaAsCpuMode(TorchFunctionMode):
+    """Runs megatron-core's CUDA-addressed tensor code on the CPU.
+
+    - ``device="cuda"`` / ``device=<int>`` in factory calls and ``.to()``, and ``.cuda()``: become the CPU
+      (e.g. ``transformer/utils.py:get_default_causal_mask``, ``torch.ones(..., device="cuda")``).
+    - ``tensor.type()``: reports the CUDA type name, because the optimizers accept only those
+      (``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py`` main-param setup,
+      ``optimizer/clip_grads.py:clip_grad_by_total_norm_fp32``).
+    A torch-function mode is not active inside autograd's backward; backward-time CUDA addressing goes
+    through ``torch.cuda.current_device()``, which :func:`_patch_cuda_runtime` covers.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TENSOR_TYPE_NAMES.get(name, name)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to:
+            args = tuple(_CPU if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
+        return func(*args, **kwargs)
+
+
+class _NoopStream:
+    """Stands in for ``torch.cuda.Stream``/``Event``: the CPU executes in program order."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        # wait_stream, record_event, synchronize, record_stream, ...: chainable no-ops
+        return lambda *args, **kwargs: _NOOP_STREAM
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_NOOP_STREAM = _NoopStream()
+
+
+def _patch_cuda_runtime() -> None:
+    """Maps the ``torch.cuda`` runtime calls megatron-core makes onto the CPU process."""
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *args, **kwargs: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = _NoopStream
+    cuda.Event = _NoopStream
+    cuda.current_stream = lambda *args, **kwargs: _NOOP_STREAM
+    cuda.default_stream = lambda *args, **kwargs: _NOOP_STREAM
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *args, **kwargs: 0
+    cuda.memory_reserved = lambda *args, **kwargs: 0
+    cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    cuda.memory_stats = lambda *args, **kwargs: {}
+    cuda.nvtx.range_push = lambda *args, **kwargs: None
+    cuda.nvtx.range_pop = lambda *args, **kwargs: None
+    cuda.nvtx.range = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def _patch_rng() -> None:
+    """The CUDA RNG is the CPU RNG: dropout on CPU draws from it, so the tracker must fork that one."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    tp_random._get_cuda_rng_state = lambda *args, clone=False, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def _patch_all_to_all_split_sizes() -> None:
+    """gloo's all_to_all_single takes split sizes only as Python lists."""
+    original = dist.all_to_all_single
+    if getattr(original, "_split_sizes_as_lists", False):
+        return
+
+    def as_list(sizes):
+        return sizes if sizes is None or isinstance(sizes, list) else [int(s) for s in sizes]
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), **kwargs)
+
+    all_to_all_single._split_sizes_as_lists = True
+    dist.all_to_all_single = all_to_all_single
+
+
+_cuda_as_cpu_mode: Optional[_CudaAsCpuMode] = None
+
+
+def _enter_cuda_as_cpu_mode() -> None:
+    global _cuda_as_cpu_mode
+    if _cuda_as_cpu_mode is None:
+        _cuda_as_cpu_mode = _CudaAsCpuMode()
+        _cuda_as_cpu_mode.__enter__()
+
+
+CPU_COMPAT_PIECES = (
+    CompatPiece(
+        "cuda-device-literals",
+        "transformer/utils.py:get_default_causal_mask (device='cuda'), optimizer/clip_grads.py and "
+        "optimizer/optimizer.py asserts on param.type() == 'torch.cuda.FloatTensor'",
+        lambda: 'device="cuda"' in _source("megatron.core.transformer.utils", "get_default_causal_mask")
+        and "torch.cuda.FloatTensor" in _source("megatron.core.optimizer.clip_grads"),
+        _enter_cuda_as_cpu_mode,
+    ),
+    CompatPiece(
+        "cuda-runtime",
+        "torch.cuda.current_device() as a device in tensor_parallel/mappings.py (also in backward), "
+        "distributed/param_and_grad_buffer.py; CUDA streams/events in distributed/, nvtx in utils.py",
+        lambda: "torch.cuda.current_device()" in _source("megatron.core.tensor_parallel.mappings")
+        and "torch.cuda.current_device()" in _source("megatron.core.distributed.param_and_grad_buffer"),
+        _patch_cuda_runtime,
+    ),
+    CompatPiece(
+        "cuda-rng",
+        "tensor_parallel/random.py: CudaRNGStatesTracker.add/fork and model_parallel_cuda_manual_seed "
+        "use torch.cuda.get_rng_state/manual_seed and the private _get/_set_cuda_rng_state",
+        lambda: "torch.cuda.get_rng_state" in _source("megatron.core.tensor_parallel.random"),
+        _patch_rng,
+    ),
+    CompatPiece(
+        "all-to-all-split-sizes",
+        "tensor_parallel/mappings.py:_AllToAll passes the token dispatcher's numpy/tensor split sizes",
+        lambda: "all_to_all_single" in _source("megatron.core.tensor_parallel.mappings")
+        and "maybe_move_tensor_to_cpu" in _source("megatron.core.transformer.moe.token_dispatcher"),
+        _patch_all_to_all_split_sizes,
+    ),
+)
+
+
+def _router_gemm_names_te() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    return "te_general_gemm(" in inspect.getsource(moe_utils.RouterGatingLinearFunction) and not hasattr(
+        moe_utils, "te_general_gemm"
+    )
+
+
+def _define_router_gemm_absent() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None
+
+
+TRANSFORMER_ENGINE_ABSENT_PIECE = CompatPiece(
+    "router-gemm-without-te",
+    "transformer/moe/moe_utils.py:RouterGatingLinearFunction reads te_general_gemm, only defined when "
+    "Transformer Engine imports (NameError otherwise)",
+    _router_gemm_names_te,
+    _define_router_gemm_absent,
+)
+
+
+def apply_cpu_compat() -> None:
+    """Applies every CPU piece (idempotent)."""
+    for piece in CPU_COMPAT_PIECES:
+        piece.apply()
+
+
+def apply_transformer_engine_absent_compat() -> None:
+    if _router_gemm_names_te():
+        TRANSFORMER_ENGINE_ABSENT_PIECE.apply()

@@ -1,0 +1,19 @@
+"""Pretrain a GPT mixture-of-experts model: ``torchrun --nproc_per_node N pretrain_gpt_moe.py <Megatron flags>``."""
+
+import sys
+
+
+def main() -> int:
+    from megatron_moe.arguments import ConfigError
+    from megatron_moe.training import pretrain
+
+    try:
+        pretrain(sys.argv[1:])
+    except ConfigError as error:
+        print(f"pretrain_gpt_moe.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: dist_checkpointing's async writer spawns processes
+    sys.exit(main())
