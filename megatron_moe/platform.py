@@ -204,6 +204,28 @@ def _patch_all_to_all_split_sizes() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+def _patch_uneven_all_gather() -> None:
+    """gloo's all_gather needs equal sizes: uneven first dimensions are padded, gathered, then trimmed."""
+    original = dist.all_gather
+    if getattr(original, "_pads_uneven", False):
+        return
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        rows = [t.shape[0] for t in tensor_list]
+        if len(set(rows + [tensor.shape[0]])) == 1 or async_op:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(rows)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [tensor.new_empty((longest, *tensor.shape[1:])) for _ in tensor_list]
+        original(gathered, padded, group=group)
+        for out, full, n in zip(tensor_list, gathered, rows):
+            out.copy_(full[:n])
+
+    all_gather._pads_uneven = True
+    dist.all_gather = all_gather
+
+
 _cuda_as_cpu_mode: Optional[_CudaAsCpuMode] = None
 
 
@@ -244,6 +266,14 @@ CPU_COMPAT_PIECES = (
         lambda: "all_to_all_single" in _source("megatron.core.tensor_parallel.mappings")
         and "maybe_move_tensor_to_cpu" in _source("megatron.core.transformer.moe.token_dispatcher"),
         _patch_all_to_all_split_sizes,
+    ),
+    CompatPiece(
+        "uneven-all-gather",
+        "tensor_parallel/mappings.py:_gather_along_first_dim with output_split_sizes (the alltoall "
+        "token dispatcher under expert tensor parallelism) all-gathers tensors of different lengths",
+        lambda: "torch.distributed.all_gather(output_tensor_list"
+        in _source("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
+        _patch_uneven_all_gather,
     ),
 )
 
