@@ -1,3 +1,11 @@
 """megatron-moe: GPT mixture-of-experts pretraining on megatron-core with BASE and SAM routing."""
 
+import warnings
+
 __version__ = "0.1.0"
+
+# megatron-core announces each fallback it takes when Apex / Transformer Engine are absent, once per module;
+# without them (the CPU path) the fallbacks are the intended code, so the notices are only noise.
+for _notice in (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
+                r"full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_notice, category=UserWarning)

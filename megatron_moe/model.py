@@ -97,7 +97,7 @@ _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _global_name(model: GPTModel, name: str) -> str:
+def global_parameter_name(model: GPTModel, name: str) -> str:
     """The parameter's name in the one-process model: global layer number and global expert index."""
     if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
@@ -137,7 +137,7 @@ def initialize_weights(model: GPTModel, config: TransformerConfig, seed: int) ->
             if name.endswith("bias"):
                 param.zero_()
             continue
-        global_name = _global_name(model, name)
+        global_name = global_parameter_name(model, name)
         generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{global_name}".encode()))
         sharded = getattr(param, "tensor_model_parallel", False)
         rank, size = etp if "experts" in name else tp

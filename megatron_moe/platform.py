@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -177,9 +178,18 @@ def _patch_cuda_runtime() -> None:
     cuda.nvtx.range = lambda *args, **kwargs: contextlib.nullcontext()
 
 
+class _CpuRngIsTheTrackedRng(logging.Filter):
+    """The tracker warns when the CPU RNG moves inside ``fork()``; on CPU the forked RNG is the CPU RNG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def _patch_rng() -> None:
     """The CUDA RNG is the CPU RNG: dropout on CPU draws from it, so the tracker must fork that one."""
     from megatron.core.tensor_parallel import random as tp_random
+
+    logging.getLogger(tp_random.__name__).addFilter(_CpuRngIsTheTrackedRng())
 
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
