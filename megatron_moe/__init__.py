@@ -9,3 +9,5 @@ __version__ = "0.1.0"
 for _notice in (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
                 r"full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_notice, category=UserWarning)
+# megatron-core 0.16.1 still calls torch.distributed's renamed collectives (all_gather_into_tensor, ...)
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
