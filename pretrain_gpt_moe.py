@@ -5,13 +5,16 @@ import sys
 
 def main() -> int:
     from megatron_moe.arguments import ConfigError
-    from megatron_moe.training import pretrain
+    from megatron_moe.training import NonFiniteError, pretrain
 
     try:
         pretrain(sys.argv[1:])
     except ConfigError as error:
         print(f"pretrain_gpt_moe.py: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"pretrain_gpt_moe.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

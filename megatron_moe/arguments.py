@@ -110,7 +110,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
-    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a local directory")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="indexed dataset prefixes, optionally weighted: 'PREFIX' or '0.3 PREFIX_A 0.7 PREFIX_B'")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of each dataset")
+    g.add_argument("--data-cache-path", default=None, help="where the sample index caches go")
 
 
 def _add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -118,6 +122,25 @@ def _add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (pip install tensorboard)")
+    g.add_argument("--log-expert-load", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-layer tokens per expert in TensorBoard")
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory to write")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from (its latest iteration)")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit")
+    g.add_argument("--finetune", action="store_true",
+                   help="load model weights only; iteration, data position, optimizer and RNG start fresh")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="do not stop on a NaN/Inf loss or grad norm")
+    g.add_argument("--skip-nan-iterations", action="store_true",
+                   help="on a NaN/Inf loss: skip the update and count it instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain_gpt_moe.py", description="Pretrain a GPT mixture-of-experts model.", allow_abbrev=False
     )
     for add in (_add_model_args, _add_moe_args, _add_parallel_args, _add_training_args, _add_data_args,
-                _add_logging_args):
+                _add_logging_args, _add_checkpoint_args):
         add(parser)
     return parser
 
@@ -217,7 +240,20 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.tokenizer_type == "NullTokenizer":
         _require(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
     if not args.mock_data:
-        _require(getattr(args, "data_path", None), "give --data-path PREFIX [...] or --mock-data")
+        _require(args.data_path, "give --data-path PREFIX [...] or --mock-data")
+    _require(not (args.mock_data and args.data_path), "--mock-data and --data-path exclude each other; give one")
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        _require(args.vocab_file and args.merge_file, "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if args.tokenizer_type == "HuggingFaceTokenizer":
+        _require(args.tokenizer_model, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR")
+    split = args.split.replace("/", ",").split(",")
+    _require(all(x.strip().replace(".", "", 1).isdigit() for x in split) and 1 <= len(split) <= 3,
+             f"--split {args.split!r}: expected up to three numbers such as 969,30,1")
+    for name in ("log_interval", "eval_interval", "eval_iters", "save_interval"):
+        value = getattr(args, name)
+        _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _require(args.save_interval is None or args.save, "--save-interval needs --save DIR")
+    _require(not args.exit_signal_handler or args.save, "--exit-signal-handler saves on SIGTERM: it needs --save DIR")
     if args.fp8_format is not None:
         _require(args.transformer_impl == "transformer_engine",
                  "--fp8-format needs --transformer-impl transformer_engine (FP8 GEMMs come from Transformer Engine)")

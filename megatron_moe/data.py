@@ -1,46 +1,109 @@
 """Training data: megatron-core's GPTDataset through BlendedMegatronDatasetBuilder, and the batch order.
 
+``--data-path`` takes Megatron-LM's forms: one prefix, several prefixes (weighted by size), or a weighted
+blend ``0.3 PREFIX_A 0.7 PREFIX_B``; ``--split`` divides every dataset into train/valid/test documents;
+``--data-cache-path`` is where the sample-index caches go (default: next to the data). ``--mock-data``
+gives megatron-core's synthetic MockGPTDataset.
+
 Batches are a pure function of the global sample index, so every layout reads the same global batch:
 micro batch ``j`` of data-parallel rank ``d`` holds samples ``(j * dp + d) * mbs ...`` of the global batch,
-as Megatron-LM's pretraining sampler lays them out.
+as Megatron-LM's pretraining sampler lays them out. Resuming at ``consumed_samples`` therefore continues
+exactly where the interrupted run stopped.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator
+import os
+from typing import Dict, Iterator, List
 
 import numpy
 import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_moe.arguments import ConfigError
 
 
 def build_tokenizer(args):
-    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+    """Megatron-LM's tokenizer of ``--tokenizer-type``, from local files only (nothing is downloaded).
 
-    return NullTokenizer(args.vocab_size)
+    NullTokenizer is megatron-core's. megatron-core 0.16.1's GPT2 and Hugging Face tokenizers need the
+    ``transformers`` package (and may fetch files), so those two come from our preprocessing tokenizers,
+    which give the same ids, ``eod`` and ``vocab_size`` from the same local files.
+    """
+    if args.tokenizer_type == "NullTokenizer":
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        return NullTokenizer(args.vocab_size)
+    from megatron_moe.preprocessing import text_tokenizers
+
+    files = dict(vocab_file=args.vocab_file, merge_file=args.merge_file, tokenizer_model=args.tokenizer_model)
+    try:
+        tokenizer = text_tokenizers.build_tokenizer(args.tokenizer_type, **files)
+    except Exception as error:  # missing/corrupt local files: a user error, one line
+        raise ConfigError(f"--tokenizer-type {args.tokenizer_type}: {error}") from error
+    # GPTDataset names its index caches after these
+    tokenizer.unique_identifiers = {"class": args.tokenizer_type, **files}
+    return tokenizer
 
 
-def build_datasets(args, tokenizer):
-    """(train, valid, test) datasets sized for the whole run."""
-    config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        split="969,30,1",
-    )
+def parse_blend(data_path: List[str]):
+    """Megatron's blend (prefixes, weights or None) from ``--data-path``; checks every prefix exists."""
+    try:
+        prefixes, weights = get_blend_from_list(data_path)
+    except Exception as error:
+        raise ConfigError(f"--data-path {' '.join(data_path)}: expected 'PREFIX ...' or "
+                          f"'WEIGHT PREFIX WEIGHT PREFIX ...' ({error})") from error
+    for prefix in prefixes:
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise ConfigError(f"--data-path: {prefix}{' and '.join(missing)} not found; give the prefix that "
+                              "tools/preprocess_data.py wrote (without .bin/.idx)")
+        if os.path.getsize(prefix + ".bin") == 0:
+            raise ConfigError(f"--data-path: {prefix} is an empty dataset (no tokens); preprocess some text "
+                              "into it or leave it out")
+    return prefixes, weights
+
+
+def _dataset_sizes(args) -> List[int]:
+    """Samples each split must provide for the whole run (train, every validation, test)."""
     eval_runs = args.train_iters // args.eval_interval + 1
-    sizes = [
+    return [
         args.train_iters * args.global_batch_size,
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
-    return BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) datasets sized for the whole run; a missing or empty dataset is a ConfigError."""
+    blend = None if args.mock_data else parse_blend(args.data_path)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        tokenizer=tokenizer,
+        blend=blend,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    dataset_class = MockGPTDataset if args.mock_data else GPTDataset
+    try:
+        datasets = BlendedMegatronDatasetBuilder(dataset_class, _dataset_sizes(args), lambda: True, config).build()
+    except (AssertionError, ValueError, IndexError) as error:
+        raise ConfigError(f"--data-path {' '.join(args.data_path or [])}: cannot build the datasets "
+                          f"({error or type(error).__name__}); is a dataset empty or --split too small?") from error
+    train = datasets[0]
+    if train is None or len(train) == 0:
+        raise ConfigError(f"--data-path {' '.join(args.data_path or [])} gives no training samples with "
+                          f"--split {args.split} and --seq-length {args.seq_length}; use more data")
+    return datasets
 
 
 def micro_batches(dataset, args, first_sample: int, data_parallel_rank: int) -> Iterator[Dict[str, torch.Tensor]]:

@@ -6,10 +6,12 @@ Everything here is megatron-core's: DDP, the optimizer, the LR scheduler and the
 
 from __future__ import annotations
 
+import math
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import data
+from megatron_moe import checkpointing, data, metrics
 from megatron_moe.arguments import padded_vocab_size, parse_args, transformer_config_from_args
 from megatron_moe.model import build_model
 from megatron_moe.platform import Platform, init_distributed, select_platform
@@ -70,7 +72,9 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
     )
     _set_seeds(args.seed)
     args.tokenizer = data.build_tokenizer(args)
+    args.tokenizer_vocab_size = args.tokenizer.vocab_size
     args.padded_vocab_size = padded_vocab_size(args.tokenizer.vocab_size, args)
+    print_rank_0(format_arguments(args))
 
     config = transformer_config_from_args(args)
     model = build_model(config, args).to(platform.device)
@@ -155,13 +159,47 @@ def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) ->
     return _mean_over_data_parallel([item["lm loss"] for item in losses])
 
 
-def train_step(job: TrainingJob, micro_batch_iter):
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or grad norm: the run stops (or, with --skip-nan-iterations, skips the update)."""
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (the loss lives on the last pipeline stage)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _local_grads_finite(job: TrainingJob) -> bool:
+    """Whether this rank's reduced gradients (DDP's main_grad buffers) are all finite."""
+    return all(bool(torch.isfinite(p.main_grad).all()) for p in job.model.module.parameters()
+               if getattr(p, "main_grad", None) is not None)
+
+
+def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0):
+    """One optimizer step. Returns (lm loss or None off the last stage, grad norm, update applied).
+
+    A NaN/Inf loss or gradient on any rank is found before the update: the run stops naming the
+    iteration and rank, or with --skip-nan-iterations the update is skipped (and counted by the caller).
+    """
+    args = job.args
     job.model.zero_grad_buffer()
     job.optimizer.zero_grad()
     lm_loss = run_micro_batches(job, micro_batch_iter, forward_only=False)
+    if args.check_for_nan_in_loss_and_grad or args.skip_nan_iterations:
+        loss_bad = lm_loss is not None and not math.isfinite(lm_loss)
+        local_bad = loss_bad or not _local_grads_finite(job)
+        if _any_rank(local_bad, job.platform.device):
+            if args.skip_nan_iterations:
+                return lm_loss, None, False
+            what = f"lm loss is {lm_loss}" if loss_bad else "a gradient is NaN/Inf"
+            if local_bad:
+                raise NonFiniteError(f"iteration {iteration}: {what} on rank {dist.get_rank()}; lower --lr, "
+                                     "check the data, or pass --skip-nan-iterations to skip such steps")
+            raise NonFiniteError(f"iteration {iteration}: a NaN/Inf loss or gradient on another rank")
     update_successful, grad_norm, _ = job.optimizer.step()
     if update_successful:
-        job.scheduler.step(increment=job.args.global_batch_size)
+        job.scheduler.step(increment=args.global_batch_size)
     return lm_loss, grad_norm, update_successful
 
 
@@ -176,10 +214,24 @@ def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
     return None if losses[0] is None else sum(losses) / len(losses)
 
 
-def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float, grad_norm, skipped: int) -> str:
-    """Megatron-LM's training log line."""
+def format_arguments(args) -> str:
+    """The configuration, printed once at start as Megatron-LM does."""
+    lines = ["------------------------ arguments ------------------------"]
+    for name in sorted(vars(args)):
+        if name != "tokenizer":
+            lines.append(f"  {name} {'.' * (48 - len(name))} {getattr(args, name)}")
+    lines.append("-------------------- end of arguments ---------------------")
+    return "\n".join(lines)
+
+
+def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float, grad_norm, skipped: int,
+             nan_iterations: int = 0, extra: Optional[Dict[str, float]] = None) -> str:
+    """Megatron-LM's training log line; ``extra``: MoE losses and registered scalars (per-layer ones, named
+    ``.../layer_NN/...``, go to TensorBoard only)."""
     tokens_per_s = args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0)
     grad_norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
+    extra_text = "".join(f" {name.replace('_', ' ')}: {value:.6E} |" for name, value in (extra or {}).items()
+                         if "/layer_" not in name)
     return (
         f" iteration {iteration:8d}/{args.train_iters:8d} |"
         f" consumed samples: {iteration * args.global_batch_size:12d} |"
@@ -188,35 +240,99 @@ def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float,
         f" learning rate: {lr:.6E} |"
         f" global batch size: {args.global_batch_size:5d} |"
         f" lm loss: {lm_loss:.6E} |"
+        f"{extra_text}"
         f" grad norm: {grad_norm_text} |"
         f" number of skipped iterations: {skipped:3d} |"
+        f" number of nan iterations: {nan_iterations:3d} |"
     )
+
+
+class _SigtermFlag:
+    """--exit-signal-handler: SIGTERM sets a flag; the loop saves and exits at the next iteration end."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+
+def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]], None]] = None) -> List[float]:
+    """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
+
+    ``after_iteration(iteration, losses)`` runs after every iteration (tests use it to crash a run).
+    """
+    args = job.args
+    start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
+    train_ds, valid_ds, _ = data.build_datasets(args, args.tokenizer)
+    iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank())
+    writer = metrics.tensorboard_writer(args)
+    expert_load = None
+    if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
+        expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
+    sigterm = _SigtermFlag(args.exit_signal_handler)
+    print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
+                 f"processes ({job.platform.device.type}/{job.platform.backend}): "
+                 f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+                 f"EP={args.expert_model_parallel_size} DP={args.data_parallel_size}")
+    losses: List[float] = []
+    skipped = nan_iterations = 0
+    iteration = start_iteration
+    while iteration < args.train_iters:
+        iteration += 1
+        start = time.perf_counter()
+        lm_loss, grad_norm, ok = train_step(job, iterator, iteration)
+        consumed_samples += args.global_batch_size
+        if not ok:
+            skipped += 1
+            nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
+        if lm_loss is not None:
+            losses.append(lm_loss)
+        if iteration % args.log_interval == 0:
+            extra = {**moe_losses, **metrics.extra_scalars()}
+            load = expert_load.collect() if expert_load is not None else {}
+            if lm_loss is not None:
+                lr = job.optimizer.param_groups[0]["lr"]
+                print_rank_last(log_line(iteration, args, elapsed_ms, lr, lm_loss, grad_norm, skipped,
+                                         nan_iterations, extra))
+                metrics.write_scalars(writer, iteration, {
+                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": grad_norm,
+                    "throughput (tokens/s)": args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
+                    "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
+                    "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
+                metrics.write_expert_load(writer, iteration, load)
+        if iteration % args.eval_interval == 0:
+            _validate(job, valid_ds, iteration, writer)
+        stop = _any_rank(sigterm.received, job.platform.device) if args.exit_signal_handler else False
+        if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
+            checkpointing.save_checkpoint(job, iteration, consumed_samples)
+        if after_iteration is not None:
+            after_iteration(iteration, losses)
+        if stop:
+            print_rank_0(f"> SIGTERM: saved iteration {iteration} to {args.save}; exiting")
+            break
+    else:
+        if args.save and not (args.save_interval and iteration % args.save_interval == 0) and iteration > start_iteration:
+            checkpointing.save_checkpoint(job, iteration, consumed_samples)
+    if writer is not None:
+        writer.close()
+    return losses
+
+
+def _validate(job: TrainingJob, valid_ds, iteration: int, writer) -> None:
+    valid_loss = evaluate(job, valid_ds, iteration // job.args.eval_interval - 1)
+    if valid_loss is None:
+        return
+    ppl = math.exp(min(20.0, valid_loss))
+    print_rank_last(f" validation loss at iteration {iteration} | lm loss value: {valid_loss:.6E} |"
+                    f" lm loss PPL: {ppl:.6E} |")
+    metrics.write_scalars(writer, iteration, {"validation lm loss": valid_loss, "validation lm loss PPL": ppl})
 
 
 def pretrain(argv: Optional[List[str]] = None) -> List[float]:
     """Runs the job; returns the lm loss of every iteration on the last rank (empty elsewhere)."""
-    job = setup(argv)
-    args = job.args
-    train_ds, valid_ds, _ = data.build_datasets(args, args.tokenizer)
-    iterator = data.micro_batches(train_ds, args, 0, parallel_state.get_data_parallel_rank())
-    print_rank_0(f"> training {args.train_iters} iterations on {dist.get_world_size()} processes "
-                 f"({job.platform.device.type}/{job.platform.backend}): TP={args.tensor_model_parallel_size} "
-                 f"PP={args.pipeline_model_parallel_size} EP={args.expert_model_parallel_size} "
-                 f"DP={args.data_parallel_size}")
-    losses, skipped = [], 0
-    for iteration in range(1, args.train_iters + 1):
-        start = time.perf_counter()
-        lm_loss, grad_norm, ok = train_step(job, iterator)
-        skipped += 0 if ok else 1
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        if lm_loss is not None:
-            losses.append(lm_loss)
-            if iteration % args.log_interval == 0:
-                lr = job.optimizer.param_groups[0]["lr"]
-                print_rank_last(log_line(iteration, args, elapsed_ms, lr, lm_loss, grad_norm, skipped))
-        if args.eval_interval and iteration % args.eval_interval == 0:
-            valid_loss = evaluate(job, valid_ds, iteration // args.eval_interval - 1)
-            if valid_loss is not None:
-                print_rank_last(f" validation loss at iteration {iteration} | lm loss value: {valid_loss:.6E} |"
-                                f" lm loss PPL: {torch.exp(torch.tensor(valid_loss)).item():.6E} |")
-    return losses
+    return train(setup(argv))

@@ -1,0 +1,247 @@
+"""Checkpoints through megatron-core's dist_checkpointing: save, find the latest, load, resume exactly.
+
+Layout of ``--save DIR`` (Megatron-LM's)::
+
+    DIR/iter_0000010/                 one dist_checkpointing directory per saved iteration
+    DIR/iter_0000010/run_config.json  the model config it holds (checked before anything is loaded)
+    DIR/latest_checkpointed_iteration.txt
+
+The tracker file is written by rank 0 only after a barrier that every rank reaches once its shards are
+on disk, and it is replaced atomically: a crash during a save leaves the previous checkpoint the one
+``--load`` resumes from.
+
+A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states of every rank and the number
+of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Two fixes are needed
+for megatron-core 0.16.1's DistributedOptimizer with torch's AdamW (no TE/apex FusedAdam); both are here,
+in :func:`_create_missing_adam_state` and :func:`_unshare_adam_steps`, and explained there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_moe.arguments import ConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RUN_CONFIG = "run_config.json"
+# dp_reshardable: the one DistributedOptimizer format that saves on megatron-core 0.16.1 and loads
+# exactly (with the fixes below). The default, fully_sharded_model_space, fails to save.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+# Flags that fix the shapes or meaning of the saved tensors: loading across a difference is an error.
+MODEL_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "max_position_embeddings", "position_embedding_type", "normalization", "swiglu",
+    "untie_embeddings_and_output_weights", "disable_bias_linear", "num_experts", "moe_ffn_hidden_size",
+    "moe_layer_pattern", "moe_router_type", "tokenizer_vocab_size",
+)
+# The distributed optimizer's dp_reshardable state can change the data-parallel size, not the others.
+DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                "expert_model_parallel_size")
+
+
+def checkpoint_dir(root: str, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: str):
+    """The iteration the tracker names, or None when ``root`` holds no finished checkpoint."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"--load {root}: {TRACKER} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def run_config(args) -> Dict[str, object]:
+    """What a checkpoint records about the run that wrote it."""
+    config = {field: getattr(args, field, None) for field in MODEL_FIELDS + DISTRIBUTED_OPTIMIZER_FIELDS}
+    config["use_distributed_optimizer"] = args.use_distributed_optimizer
+    config["world_size"] = dist.get_world_size()
+    return config
+
+
+def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, where: Path) -> None:
+    """One-line ConfigError naming every model field that differs from the checkpoint's."""
+    current = run_config(args)
+    fields = list(MODEL_FIELDS)
+    if loading_optimizer and args.use_distributed_optimizer and saved.get("use_distributed_optimizer"):
+        fields += DISTRIBUTED_OPTIMIZER_FIELDS
+    differing = [f for f in fields if _json(saved.get(f)) != _json(current[f])]
+    if differing:
+        hint = "use the checkpoint's model flags"
+        if set(differing) & set(DISTRIBUTED_OPTIMIZER_FIELDS):
+            hint += " (another parallel layout with --use-distributed-optimizer needs --no-load-optim)"
+        listed = "; ".join(f"{f} (checkpoint {saved.get(f)!r}, now {current[f]!r})" for f in differing)
+        raise ConfigError(f"--load {where} was saved with a different config: {listed}; {hint}")
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state dict
+# ----------------------------------------------------------------------------------------------------------
+
+def _rng_state(platform) -> Dict[str, object]:
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if platform.is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, object], platform) -> None:
+    torch.set_rng_state(state["torch"])
+    if platform.is_cuda:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sub_optimizers(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _sharded_state_dict(job, is_loading: bool, with_optimizer: bool, with_rng: bool) -> Dict[str, object]:
+    model_state = job.model.module.sharded_state_dict()
+    state = {"model": model_state}
+    if with_optimizer:
+        metadata = OPTIMIZER_METADATA if job.args.use_distributed_optimizer else None
+        state["optimizer"] = job.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+        state["scheduler"] = job.scheduler.state_dict()
+    if with_rng:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # One object per rank: dropout streams differ between tensor/pipeline ranks.
+        state["rng_state"] = ShardedObject("rng_state", _rng_state(job.platform), (world,), (rank,), replica_id=0)
+    return state
+
+
+@torch.no_grad()
+def _create_missing_adam_state(optimizer) -> None:
+    """Gives every parameter AdamW state (zeros, step 0) so a fresh process can build the load template.
+
+    Without TE/apex, DistributedOptimizer.state_dict() asserts that all params share one ``step`` and finds
+    none before the first step; megatron's init_state_fn creates exp_avg/exp_avg_sq but no ``step``.
+    """
+    for sub in _sub_optimizers(optimizer):
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+
+
+@torch.no_grad()
+def _unshare_adam_steps(optimizer, distributed: bool) -> None:
+    """Gives every parameter its own ``step`` tensor holding the checkpoint's value.
+
+    DistributedOptimizer.load_state_dict assigns ONE step tensor to every parameter (AdamW's ``step += 1``
+    then advances it once per parameter), and dp_reshardable's parameter-state copy overwrites it with the
+    pre-load value. The loaded param_groups carry the right step; every parameter gets a copy of it.
+    """
+    for sub in _sub_optimizers(optimizer):
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if distributed and "step" in group:
+                    state["step"] = torch.tensor(float(group["step"]))
+                elif "step" in state:
+                    state["step"] = state["step"].detach().clone()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save / load
+# ----------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
+    """Writes ``--save``/iter_NNNNNNN on every rank, then (rank 0, after all finished) the tracker."""
+    args = job.args
+    directory = checkpoint_dir(args.save, iteration)
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = _sharded_state_dict(job, is_loading=False, with_optimizer=True, with_rng=True)
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    metadata = OPTIMIZER_METADATA if args.use_distributed_optimizer else None
+    dist_checkpointing.save(state, str(directory), content_metadata=metadata)
+    _stop_writer_result_manager()
+    if dist.get_rank() == 0:
+        (directory / RUN_CONFIG).write_text(json.dumps(run_config(args), indent=1))
+    dist.barrier()  # every rank's shards are on disk: only now may the tracker name this iteration
+    if dist.get_rank() == 0:
+        tracker = Path(args.save) / TRACKER
+        tmp = tracker.with_suffix(".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, tracker)
+    dist.barrier()
+    return directory
+
+
+def _stop_writer_result_manager() -> None:
+    """Stops the multiprocessing Manager server megatron-core's torch_dist writer starts on first save.
+
+    It would otherwise live for the rest of the run, and a rank killed by SIGKILL (a crashed node, the
+    scheduler) would leave it orphaned, holding the job's stdout open. The next save starts a new one.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
+
+
+def load_checkpoint(job) -> Tuple[int, int]:
+    """Restores what ``--load`` holds; returns (iteration, consumed samples), (0, 0) when there is none.
+
+    ``--finetune``: model weights only, counting restarts at 0. ``--no-load-optim``: no optimizer or
+    scheduler state. ``--no-load-rng``: fresh RNG. Any config mismatch is a ConfigError before loading.
+    """
+    args = job.args
+    if not args.load:
+        return 0, 0
+    iteration = read_tracker(args.load)
+    if iteration is None:
+        if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
+            raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
+                              "(or leave --load out to start from scratch)")
+        return 0, 0  # --load == --save and nothing saved yet: a job's first launch
+    directory = checkpoint_dir(args.load, iteration)
+    config_path = directory / RUN_CONFIG
+    if not config_path.is_file():
+        raise ConfigError(f"--load {args.load}: {config_path} is missing; the checkpoint is incomplete")
+    saved = json.loads(config_path.read_text())
+    load_optimizer = not (args.finetune or args.no_load_optim)
+    load_rng = not (args.finetune or args.no_load_rng) and saved.get("world_size") == dist.get_world_size()
+    check_compatible(saved, args, load_optimizer, directory)
+    if load_optimizer:
+        _create_missing_adam_state(job.optimizer)
+    template = _sharded_state_dict(job, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng)
+    loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
+
+    job.model.module.load_state_dict(loaded["model"])
+    if load_optimizer:
+        with torch.no_grad():
+            job.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(job.optimizer, args.use_distributed_optimizer)
+        job.scheduler.load_state_dict(loaded["scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"], job.platform)
+    if args.finetune:
+        return 0, 0
+    return int(loaded["iteration"]), int(loaded["consumed_samples"])

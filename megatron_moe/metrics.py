@@ -1,0 +1,132 @@
+"""What a run reports besides the lm loss: MoE losses, expert load, extra counters, TensorBoard.
+
+- :func:`moe_aux_losses`: megatron-core's per-layer aux-loss tracker (load-balancing loss, z-loss),
+  reduced across ranks, averaged over MoE layers and micro batches, as Megatron-LM logs it.
+- :class:`ExpertLoad`: tokens routed to each expert of each layer, counted by a forward hook on every
+  router (any routing scheme: the router protocol returns ``(probs, routing_map)``), summed over ranks.
+- :func:`register_scalar_source`: a routing scheme (or anything else) adds ``fn() -> {name: float}``;
+  it is called on every rank at each log step (it may use collectives) and its scalars go to the log
+  line and TensorBoard.
+- :func:`tensorboard_writer`: torch's SummaryWriter on the last rank, or None.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.moe import moe_utils
+
+ScalarSource = Callable[[], Dict[str, float]]
+_SCALAR_SOURCES: List[ScalarSource] = []
+
+# megatron-core's tracker name for each --moe-router-load-balancing-type that adds a loss
+_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
+
+
+def register_scalar_source(source: ScalarSource) -> None:
+    """Adds ``source() -> {name: float}`` to what is logged every ``--log-interval`` iterations."""
+    _SCALAR_SOURCES.append(source)
+
+
+def extra_scalars() -> Dict[str, float]:
+    scalars: Dict[str, float] = {}
+    for source in _SCALAR_SOURCES:
+        scalars.update(source())
+    return scalars
+
+
+def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, float]:
+    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call.
+
+    Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
+    """
+    if args.num_experts is None:
+        return {}
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    expected = _AUX_LOSS_NAMES.get(args.moe_router_load_balancing_type)
+    if expected and args.moe_aux_loss_coeff > 0 and expected not in tracker:
+        # a pipeline stage without MoE layers must still join the reduction
+        tracker[expected] = {"values": torch.zeros(num_layers, device=device), "reduce_group": None, "avg_group": None,
+                             "reduce_group_has_dp": False}
+    if not tracker:
+        return {}
+    names = sorted(tracker)
+    moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    num_moe_layers = sum(args.moe_layer_pattern)
+    losses = {name: tracker[name]["values"].float().sum().item() / num_moe_layers / args.num_microbatches
+              for name in names}
+    moe_utils.clear_aux_losses_tracker()
+    return losses
+
+
+class ExpertLoad:
+    """Tokens per expert per MoE layer in training forwards since the last :meth:`collect`."""
+
+    def __init__(self, model, num_layers: int, num_experts: int, device: torch.device):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
+        for layer in model.decoder.layers:
+            router = getattr(layer.mlp, "router", None)
+            if router is not None:
+                router.register_forward_hook(self._hook(layer.layer_number - 1))
+
+    def _hook(self, layer_index: int):
+        def count(module, inputs, output):
+            if module.training:
+                routing_map = output[1]
+                self.counts[layer_index] += routing_map.reshape(-1, routing_map.shape[-1]).sum(0).to(self.counts)
+        return count
+
+    def collect(self) -> Dict[int, List[float]]:
+        """{layer number (1-based): tokens per expert} over all ranks; resets the counts. Collective."""
+        counts = self.counts.clone()
+        dist.all_reduce(counts)  # every rank routed distinct tokens (SP slices, DP batches, PP layers)
+        self.counts.zero_()
+        return {i + 1: row.tolist() for i, row in enumerate(counts) if row.sum() > 0}
+
+
+def load_imbalance(tokens_per_expert: List[float]) -> float:
+    """max / mean tokens per expert: 1.0 is perfect balance; num_experts / top-k is total collapse."""
+    mean = sum(tokens_per_expert) / len(tokens_per_expert)
+    return max(tokens_per_expert) / mean if mean > 0 else math.nan
+
+
+def tensorboard_writer(args):
+    """A SummaryWriter on the last rank (the one that has the loss), None elsewhere or without the flag."""
+    if not args.tensorboard_dir or dist.get_rank() != dist.get_world_size() - 1:
+        return None
+    return open_summary_writer(args.tensorboard_dir)
+
+
+def open_summary_writer(directory: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        from megatron_moe.arguments import ConfigError
+
+        raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
+                          "(or leave the flag out)") from error
+    return SummaryWriter(log_dir=directory, max_queue=1000)
+
+
+def write_scalars(writer, iteration: int, scalars: Dict[str, Optional[float]]) -> None:
+    if writer is None:
+        return
+    for name, value in scalars.items():
+        if value is not None:
+            writer.add_scalar(name, value, iteration)
+
+
+def write_expert_load(writer, iteration: int, load: Dict[int, List[float]]) -> None:
+    """Per layer: the imbalance (max/mean) and every expert's share of the tokens."""
+    if writer is None:
+        return
+    for layer, tokens in load.items():
+        total = sum(tokens)
+        writer.add_scalar(f"expert-load/layer_{layer:02d}/max_over_mean", load_imbalance(tokens), iteration)
+        for expert, count in enumerate(tokens):
+            writer.add_scalar(f"expert-load/layer_{layer:02d}/expert_{expert:03d}_fraction", count / total,
+                              iteration)

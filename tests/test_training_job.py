@@ -1,0 +1,173 @@
+"""pretrain_gpt_moe.py as a job: real indexed data and tokenizer files, bad inputs, NaN, SIGTERM, TensorBoard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+
+from launcher import REPO, TINY_MOE, train_losses
+from megatron_moe.arguments import ConfigError, parse_args
+
+VOCAB = 256  # byte-level GPT-2 alphabet; <|endoftext|> is id 256
+
+
+def _flags_without(flags, *names):
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+            continue
+        if flag in names:
+            skip = flag != "--mock-data"
+            continue
+        out.append(flag)
+    return out
+
+
+# TINY_MOE on files: the tokenizer and data flags are the test's own
+ON_FILES = _flags_without(TINY_MOE, "--mock-data", "--tokenizer-type", "--vocab-size")
+
+
+def write_indexed_dataset(prefix, documents, seed):
+    """An indexed dataset (.bin/.idx) of random tokens written by megatron-core's builder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    generator = numpy.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.uint16)
+    for _ in range(documents):
+        length = int(generator.integers(20, 80))
+        builder.add_document(torch.from_numpy(generator.integers(0, VOCAB, length).astype(numpy.int64)), [length])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two datasets and GPT-2 BPE files with the byte alphabet only (no merges)."""
+    root = tmp_path_factory.mktemp("data")
+    from megatron_moe.preprocessing.text_tokenizers import _gpt2_byte_alphabet
+
+    _, byte_order = _gpt2_byte_alphabet()
+    char_of = {b: c for c, b in _gpt2_byte_alphabet()[0].items()}
+    vocab = {char_of[b]: i for i, b in enumerate(byte_order)}
+    vocab["<|endoftext|>"] = VOCAB
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return {
+        "a": write_indexed_dataset(root / "a_text_document", 60, 1),
+        "b": write_indexed_dataset(root / "b_text_document", 60, 2),
+        "empty": write_indexed_dataset(root / "empty_text_document", 0, 3),
+        "tokenizer": ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(root / "vocab.json"),
+                      "--merge-file", str(root / "merges.txt")],
+        "root": root,
+    }
+
+
+def launch(args, timeout=300):
+    """python pretrain_gpt_moe.py ARGS, one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "pretrain_gpt_moe.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pretrain_gpt_moe.py: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_weighted_blend_of_indexed_datasets_trains(files, tmp_path):
+    cache = tmp_path / "cache"
+    flags = ON_FILES + files["tokenizer"] + [
+        "--data-path", "0.3", files["a"], "0.7", files["b"], "--split", "90,10,0",
+        "--data-cache-path", str(cache), "--eval-interval", "2", "--lr", "1e-2"]
+    losses = train_losses(1, flags, tmp_path, 6)
+    assert len(losses) == 6 and all(numpy.isfinite(losses))
+    assert losses[-1] < losses[0]
+    assert any(cache.rglob("*.npy")), "the sample index caches go to --data-cache-path"
+
+
+def test_missing_prefix_is_one_line_error(files):
+    result = launch(ON_FILES + files["tokenizer"] + ["--data-path", files["a"], files["a"] + "_nope", "--train-iters", "1"])
+    assert_one_line_error(result, "_nope.bin and .idx not found")
+
+
+def test_empty_dataset_is_one_line_error(files):
+    result = launch(ON_FILES + files["tokenizer"] + ["--data-path", files["empty"], "--train-iters", "1"])
+    assert_one_line_error(result, files["empty"])
+
+
+def test_load_from_incompatible_config_names_the_fields(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert launch(TINY_MOE + ["--train-iters", "1", "--save", str(ckpt)]).returncode == 0
+    changed = TINY_MOE + ["--train-iters", "2", "--load", str(ckpt), "--num-experts", "8", "--hidden-size", "128"]
+    result = launch(changed)
+    assert_one_line_error(result, "different config", "hidden_size (checkpoint 64, now 128)",
+                          "num_experts (checkpoint 4, now 8)")
+
+
+def test_nan_loss_stops_with_iteration_and_rank_or_is_skipped():
+    # lr 1e30: the first update makes the weights ~1e30, so the second forward overflows
+    diverging = TINY_MOE + ["--train-iters", "3", "--lr", "1e30"]
+    stopped = launch(diverging)
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        "pretrain_gpt_moe.py: error: iteration 2: a gradient is NaN/Inf on rank 0"), stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+
+    skipped = launch(diverging + ["--skip-nan-iterations"])
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    last = [line for line in skipped.stdout.splitlines() if line.startswith(" iteration        3/")][0]
+    assert "number of skipped iterations:   2 |" in last and "number of nan iterations:   2 |" in last, last
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    process = subprocess.Popen([sys.executable, "pretrain_gpt_moe.py", *TINY_MOE, "--train-iters", "100000",
+                                "--save", str(ckpt), "--exit-signal-handler"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if line.startswith(" iteration        2/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 0
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 2 and (ckpt / f"iter_{saved:07d}" / "common.pt").is_file()
+    assert f"SIGTERM: saved iteration {saved}" in rest
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--save-interval", "5"], "--save-interval needs --save"),
+    (["--exit-signal-handler"], "needs --save"),
+    (["--split", "a,b"], "--split 'a,b'"),
+    (["--data-path", "x"], "--mock-data and --data-path exclude each other"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "needs --vocab-file and --merge-file"),
+])
+def test_conflicting_flags_are_config_errors(extra, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+        parse_args(TINY_MOE + ["--train-iters", "1"] + extra)
+
+
+def test_tensorboard_scalars_and_expert_load(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install tensorboard to test --tensorboard-dir")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    result = launch(TINY_MOE + ["--train-iters", "2", "--tensorboard-dir", str(board)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(board)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "load_balancing_loss", "grad-norm", "learning-rate"} <= tags
+    fractions = [events.Scalars(f"expert-load/layer_01/expert_{e:03d}_fraction")[-1].value for e in range(4)]
+    assert sum(fractions) == pytest.approx(1.0)
+    imbalance = events.Scalars("expert-load/layer_01/max_over_mean")[-1].value
+    assert imbalance == pytest.approx(max(fractions) * 4, rel=1e-5)
