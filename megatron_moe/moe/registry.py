@@ -19,6 +19,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_moe.moe import comm_stats
+
 
 def _no_options(args: argparse.Namespace) -> None:
     return None
@@ -44,7 +46,9 @@ TOPK = RoutingScheme(name="topk", router=TopKRouter)
 
 
 def _registered_schemes() -> Dict[str, RoutingScheme]:
-    return {scheme.name: scheme for scheme in (TOPK,)}
+    from megatron_moe.moe import base, sam
+
+    return {scheme.name: scheme for scheme in (TOPK, base.routing_scheme(), sam.routing_scheme())}
 
 
 ROUTING_SCHEMES: Dict[str, RoutingScheme] = _registered_schemes()
@@ -72,3 +76,17 @@ class RoutedMoELayer(MoELayer):
             self.token_dispatcher = scheme.dispatcher(
                 self.num_local_experts, self.local_expert_indices, config=config, pg_collection=pg_collection
             )
+        comm_stats.track_layers(config.num_layers)
+
+    # The dispatcher's collectives happen in these two steps: count what they send (training forwards).
+    def dispatch(self, hidden_states, probs):
+        if not self.training:
+            return super().dispatch(hidden_states, probs)
+        with comm_stats.count(self.layer_number, "dispatch", self.token_dispatcher, (hidden_states, probs)):
+            return super().dispatch(hidden_states, probs)
+
+    def combine(self, output):
+        if not self.training:
+            return super().combine(output)
+        with comm_stats.count(self.layer_number, "combine", self.token_dispatcher, (output,)):
+            return super().combine(output)

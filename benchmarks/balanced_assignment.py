@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""balanced_assignment against the exact optimum, fairseq's BASE auction and megatron's sinkhorn.
+
+    PYTHONPATH=. python benchmarks/balanced_assignment.py [--seeds 3] [--tokens 1024 8192 32768]
+        [--experts 8 64 128] [--exact-max-tokens 8192] [--exact-max-tokens-skewed 1024]
+        [--sinkhorn-limit 3]
+
+For every size and score kind, over the seeds, it prints medians of:
+
+* ours: wall time; gap to the exact optimum; certified gap ``(U - ours) / U`` where U is the dual
+  upper bound ``sum_t max_e(s - p_e) + sum_e capacity_e * p_e`` from our prices (no exact solve
+  needed, so it is also given where the exact solver does not fit);
+* exact: scipy ``linear_sum_assignment`` on the T x T matrix of the experts' columns repeated
+  T/E times, its time and our speed-up over it. Only up to --exact-max-tokens (8192) tokens, and
+  1024 for the skewed scores, whose many equal columns and near-identical rows make it slow
+  (245 s for one 8192 x 8 skewed matrix here);
+* fairseq: our port of fairseq's auction (``fairseq/clib/libbase/balanced_assignment.cpp``: experts
+  bid for tokens, fixed eps = (max S - min S) / 50, no eps-scaling) with an iteration cap it does
+  not have (it never stops when E does not divide T), its gap and time;
+* sinkhorn: megatron-core's ``sinkhorn`` then top-1, as its "sinkhorn" load balancing routes: time
+  (with a per-call limit, since it loops until converged with a host sync per iteration),
+  iterations, max/mean expert load (1.00 = balanced) and its score gap. It is not balanced, so its
+  total may exceed the balanced optimum (a negative gap).
+
+Scores: ``gaussian`` = token embeddings h ~ N(0, 1/d) (d = 64) dot centroids c ~ N(0, 1);
+``skewed`` = tokens from 4 tight clusters with Zipf sizes (near-identical tokens competing for
+the same experts) plus a per-expert popularity bias ~ N(0, 2^2).
+
+One process, torch.set_num_threads(2), CPU. Times are wall-clock: the best of 3 runs for ours and
+fairseq (cheap), one run for scipy and sinkhorn (slow); on a shared machine they are noisy.
+"""
+
+import argparse
+import math
+import signal
+import statistics
+import time
+import warnings
+
+import torch
+
+from megatron_moe.moe.balanced_assignment import balanced_assignment, expert_capacities
+
+FAIRSEQ_MAX_ITERATIONS = 10_000
+
+
+def gaussian_scores(num_tokens, num_experts, seed, dim=64):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(num_tokens, dim, generator=generator) / math.sqrt(dim)
+    return tokens @ torch.randn(num_experts, dim, generator=generator).T
+
+
+def skewed_scores(num_tokens, num_experts, seed, dim=64, clusters=4):
+    generator = torch.Generator().manual_seed(seed)
+    zipf = 1.0 / torch.arange(1, clusters + 1, dtype=torch.float)
+    cluster = torch.multinomial(zipf, num_tokens, replacement=True, generator=generator)
+    centres = torch.randn(clusters, dim, generator=generator)
+    tokens = (centres[cluster] + 0.25 * torch.randn(num_tokens, dim, generator=generator)) / math.sqrt(dim)
+    popularity = 2.0 * torch.randn(num_experts, generator=generator)
+    return tokens @ torch.randn(num_experts, dim, generator=generator).T + popularity
+
+
+SCORES = {"gaussian": gaussian_scores, "skewed": skewed_scores}
+
+
+def total(scores, assignment):
+    return float(scores.double().gather(1, assignment[:, None]).sum())
+
+
+def dual_upper_bound(scores, prices):
+    scores, prices = scores.double(), prices.double()
+    capacities = expert_capacities(*scores.shape).double()
+    return float((scores - prices).amax(dim=1).sum() + (capacities * prices).sum())
+
+
+def timed(fn, *args, repeats=1):
+    """(result, best wall time over ``repeats`` runs): the best filters out other processes' noise."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def exact_assignment(scores):
+    from scipy.optimize import linear_sum_assignment
+
+    num_tokens, num_experts = scores.shape
+    columns = torch.arange(num_experts).repeat_interleave(expert_capacities(num_tokens, num_experts))
+    rows, picked = linear_sum_assignment(scores.double()[:, columns].numpy(), maximize=True)
+    assignment = torch.empty(num_tokens, dtype=torch.long)
+    assignment[torch.from_numpy(rows)] = columns[torch.from_numpy(picked)]
+    return assignment
+
+
+def fairseq_auction(scores, max_iterations=FAIRSEQ_MAX_ITERATIONS):
+    """Port of fairseq's auction (experts bid for their top T/E tokens, token prices rise, fixed
+    eps, a 'keep last round's items' bid for the first 100 iterations); returns (assignment,
+    iterations, capped). When the cap is hit, tokens nobody bid for keep their greedy argmax."""
+    worker_job = scores.T.contiguous()
+    num_experts, num_tokens = worker_job.shape
+    per_expert = num_tokens // num_experts
+    eps = ((worker_job.max() - worker_job.min()) / 50).clamp_min(1e-4)
+    value, cost, top_value = worker_job.clone(), torch.zeros(num_tokens), worker_job.max()
+    tokens = torch.arange(num_tokens)
+    won = None
+    for iteration in range(max_iterations + 1):
+        top_values, top_index = value.topk(per_expert + 1, dim=1)
+        increments = top_values[:, :per_expert] - top_values[:, per_expert:] + eps
+        bids = torch.zeros_like(worker_job).scatter_(1, top_index[:, :per_expert], increments)
+        if 0 < iteration < 100:
+            bids.view(-1)[won] = eps  # keep last round's items unless outbid
+        high_bid, high_bidder = bids.max(dim=0)
+        has_bid = high_bid > 0
+        if bool(has_bid.all()) or iteration == max_iterations:
+            break
+        cost += high_bid
+        value = worker_job - cost
+        won = (high_bidder * num_tokens + tokens)[has_bid]
+        value.view(-1)[won] = top_value if iteration < 100 else worker_job.view(-1)[won]
+    capped = not bool(has_bid.all())
+    assignment = scores.argmax(dim=1)
+    assignment[top_index[:, :per_expert].reshape(-1)] = torch.arange(num_experts).repeat_interleave(per_expert)
+    return assignment, iteration, capped
+
+
+class _Timeout(Exception):
+    pass
+
+
+def megatron_sinkhorn_top1(scores, limit_s):
+    """megatron-core's sinkhorn + top-1 (its 'sinkhorn' routing); (assignment or None on timeout,
+    iterations). Iterations are counted through torch.mean, which its loop calls once per pass."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.transformer.moe.moe_utils import sinkhorn
+    calls, mean = [0], torch.mean
+
+    def counting_mean(*args, **kwargs):
+        calls[0] += 1
+        return mean(*args, **kwargs)
+
+    def on_alarm(*_):
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    torch.mean = counting_mean
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    try:
+        return sinkhorn(scores.float()).argmax(dim=1), calls[0]
+    except _Timeout:
+        return None, calls[0]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        torch.mean = mean
+
+
+def run_case(num_tokens, num_experts, kind, seeds, args):
+    rows = []
+    for seed in range(seeds):
+        scores = SCORES[kind](num_tokens, num_experts, seed)
+        row = {}
+        balanced_assignment(scores[:64])  # warm-up outside the timing
+        (ours, prices), row["ours_s"] = timed(lambda s: balanced_assignment(s, return_prices=True), scores, repeats=3)
+        assert torch.equal(torch.bincount(ours, minlength=num_experts), expert_capacities(num_tokens, num_experts))
+        bound = dual_upper_bound(scores, prices)
+        row["ours"], row["bound"] = total(scores, ours), bound
+        if num_tokens <= (args.exact_max_tokens_skewed if kind == "skewed" else args.exact_max_tokens):
+            exact, row["exact_s"] = timed(exact_assignment, scores)
+            row["optimum"] = total(scores, exact)
+        (fairseq, iterations, capped), row["fairseq_s"] = timed(fairseq_auction, scores, repeats=3)
+        row["fairseq"], row["fairseq_iterations"], row["fairseq_capped"] = total(scores, fairseq), iterations, capped
+        (routed, sinkhorn_iterations), row["sinkhorn_s"] = timed(megatron_sinkhorn_top1, scores, args.sinkhorn_limit)
+        row["sinkhorn_iterations"] = sinkhorn_iterations
+        if routed is not None:
+            load = torch.bincount(routed, minlength=num_experts).double()
+            row["sinkhorn"], row["sinkhorn_load"] = total(scores, routed), float(load.max() / load.mean())
+        rows.append(row)
+    return rows
+
+
+def median(rows, key):
+    values = [row[key] for row in rows if key in row]
+    return statistics.median(values) if values else None
+
+
+def gap(rows, key, reference):
+    """Median relative shortfall of ``key`` below ``reference`` (optimum or bound), in %."""
+    values = [100 * (row[reference] - row[key]) / abs(row[reference])
+              for row in rows if key in row and reference in row]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 128])
+    parser.add_argument("--kinds", nargs="+", default=list(SCORES), choices=list(SCORES))
+    parser.add_argument("--exact-max-tokens", type=int, default=8192, help="largest T given to scipy")
+    parser.add_argument("--exact-max-tokens-skewed", type=int, default=1024, help="the same for skewed scores")
+    parser.add_argument("--sinkhorn-limit", type=float, default=3.0, help="seconds per sinkhorn call")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    header = (
+        "| T | E | scores | ours ms | gap to exact % | certified gap % | exact s | speed-up vs exact "
+        "| fairseq ms | fairseq gap % | fairseq iters | sinkhorn ms | sinkhorn iters | sinkhorn max/mean load "
+        "| sinkhorn gap % |"
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds, medians\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    started = time.perf_counter()
+    for num_tokens in args.tokens:
+        for num_experts in args.experts:
+            for kind in args.kinds:
+                rows = run_case(num_tokens, num_experts, kind, args.seeds, args)
+                has_exact = any("optimum" in row for row in rows)
+                reference = "optimum" if has_exact else "bound"
+                ours_s, exact_s = median(rows, "ours_s"), median(rows, "exact_s")
+                speedups = [row["exact_s"] / row["ours_s"] for row in rows if "exact_s" in row]
+                capped = sum(row["fairseq_capped"] for row in rows)
+                timeouts = sum("sinkhorn" not in row for row in rows)
+                # Gaps of the baselines are to the optimum where known, else to our certified bound.
+                mark = "" if has_exact else " (to bound)"
+                print(
+                    f"| {num_tokens} | {num_experts} | {kind} | {ours_s * 1e3:.1f} "
+                    f"| {fmt(gap(rows, 'ours', 'optimum'), '.4f')} "
+                    f"| {gap(rows, 'ours', 'bound'):.4f} | {fmt(exact_s, '.2f')} "
+                    f"| {fmt(statistics.median(speedups) if speedups else None, '.0f')}{'x' if speedups else ''} "
+                    f"| {median(rows, 'fairseq_s') * 1e3:.0f} | {gap(rows, 'fairseq', reference):.3f}{mark} "
+                    f"| {median(rows, 'fairseq_iterations'):.0f}{f' ({capped} capped)' if capped else ''} "
+                    f"| {median(rows, 'sinkhorn_s') * 1e3:.0f}{f' ({timeouts} timed out)' if timeouts else ''} "
+                    f"| {median(rows, 'sinkhorn_iterations'):.0f} | {fmt(median(rows, 'sinkhorn_load'), '.2f')} "
+                    f"| {fmt(gap(rows, 'sinkhorn', reference), '.3f')}{mark if timeouts < len(rows) else ''} |",
+                    flush=True,
+                )
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""BASE layers (Lewis et al. 2021, arXiv 2103.16716): every token goes to exactly one expert, and every
+expert gets exactly its share of the tokens, by solving a linear assignment.
+
+The whole idea, in the order a token meets it (``--moe-router-type base``):
+
+1. **Centroids.** Each expert ``e`` owns a learned centroid ``c_e`` (a row of ``BaseRouter.centroids``,
+   [E, H], replicated on every rank). A token's affinity to an expert is ``s[t, e] = h_t · c_e``.
+2. **Shuffle** (training only, ``--base-shuffle``, the default). A rank's tokens come from a few sequences,
+   and tokens of one sequence are alike: forced to share the experts evenly they would be split by an
+   arbitrary criterion. So the assignment is solved on a random sample of the expert-parallel group's
+   tokens: each rank sends an equal slice of a random permutation of its rows to every rank, solves, and
+   the answers travel back. Unlike fairseq we shuffle the affinity rows ([T, E]), not the hidden states
+   ([T, H]): the assignment needs nothing else, so the shuffle costs E/H of a token all-to-all, needs no
+   gradient and no un-shuffle of the expert output.
+3. **Assignment.** In training, :func:`balanced_assignment` maximises ``sum_t s[t, a(t)]`` subject to each
+   expert receiving ``expert_capacities(T, E)`` tokens of the batch it solves (T/E each when E divides T).
+   At evaluation (``model.eval()``) each token simply takes its best expert (greedy argmax), as in the
+   paper: inference must not depend on the other tokens of the batch.
+4. **Gate.** The expert output is scaled by ``sigmoid(h_t · c_a(t))``. This is the only path by which the
+   centroids receive a gradient (the assignment itself is not differentiable), and there is no auxiliary
+   loss: balance is a constraint, not a penalty. megatron's experts apply the gate (``probs``).
+5. **Dispatch.** :class:`BaseTokenDispatcher` is megatron's all-to-all dispatcher, except that when the
+   routing of every rank is balanced (training without shuffle) it computes all the all-to-all split
+   sizes from the number of local tokens and E alone: no count exchange and no device-to-host sync.
+   Otherwise (greedy routing at eval, or shuffled routing whose per-rank counts only the solver ranks know)
+   it exchanges counts exactly as megatron does.
+
+Differences from fairseq's ``BaseLayer``: any number of experts per expert-parallel rank (fairseq: one per
+data-parallel worker), tensor/sequence and pipeline parallelism, the shuffle moves scores instead of
+tokens, and the solver is exact-balance with a bounded round count for any T and E (fairseq's auction
+needs E to divide T).
+
+FP8: megatron-core 0.16's experts pad each expert's tokens to the FP8 alignment themselves
+(``SequentialMLP._pad_tensor_for_quantization``, ``TEGroupedMLP``'s ``Fp8Padding``), so the dispatcher
+hands them exact counts; ``tests/test_base_routing.py`` checks that megatron still does this.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_moe.moe.balanced_assignment import balanced_assignment, expert_capacities
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    shuffle: bool = True  # solve the assignment on a random sample of the expert-parallel group's tokens
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--base-shuffle", action=argparse.BooleanOptionalAction, default=True,
+                       help="base router: solve the balanced assignment on tokens shuffled across the "
+                            "expert-parallel group (the paper's default); --no-base-shuffle solves it on "
+                            "each rank's own tokens and lets the dispatcher skip the count exchange")
+
+
+def validate(args: argparse.Namespace) -> None:
+    from megatron_moe.arguments import ConfigError
+
+    if args.moe_router_topk != 1:
+        raise ConfigError(f"--moe-router-type base sends each token to exactly one expert: "
+                          f"pass --moe-router-topk 1 (got {args.moe_router_topk})")
+    if args.moe_aux_loss_coeff != 0:
+        raise ConfigError("--moe-router-type base balances loads exactly and has no auxiliary loss: "
+                          f"remove --moe-aux-loss-coeff {args.moe_aux_loss_coeff} (or set it to 0)")
+
+
+def options_from_args(args: argparse.Namespace) -> BaseOptions:
+    return BaseOptions(shuffle=args.base_shuffle)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# router
+# ----------------------------------------------------------------------------------------------------------
+
+
+def equal_shares(num_items: int, parts: int) -> List[int]:
+    """``num_items`` split into ``parts`` sizes differing by at most one, larger ones first."""
+    return expert_capacities(num_items, parts).tolist()
+
+
+def solve_on_shuffled_batch(
+    scores: torch.Tensor, group, solve: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``solve`` applied to a random sample of the group's score rows; returns this rank's answers.
+
+    Every rank permutes its T rows at random and sends the i-th of ``equal_shares(T, group size)``
+    slices to rank i (every rank holds the same T). Each rank solves the batch it received, and the
+    answers travel back along the same routes. Returns (answer per local row, the answers this rank
+    computed for its received batch).
+    """
+    sizes = equal_shares(scores.size(0), dist.get_world_size(group))
+    received_sizes = [sizes[dist.get_rank(group)]] * len(sizes)
+    order = torch.randperm(scores.size(0), device=scores.device)
+    received = scores.new_empty(sum(received_sizes), scores.size(1))
+    dist.all_to_all_single(received, scores[order].contiguous(), received_sizes, sizes, group=group)
+    solved = solve(received)
+    answers = solved.new_empty(scores.size(0))
+    dist.all_to_all_single(answers, solved, sizes, received_sizes, group=group)
+    return torch.empty_like(answers).index_copy_(0, order, answers), solved
+
+
+class BaseRouter(MegatronModule):
+    """megatron-core router protocol: ``forward(hidden[, padding_mask]) -> (probs [T, E], routing_map [T, E])``.
+
+    ``tokens_per_expert`` (LongTensor [E], on the hidden states' device) holds, after every forward,
+    how many tokens of the batch this rank solved went to each expert: exactly ``expert_capacities(T, E)``
+    in training (with shuffle, T is the size of the shuffled batch), the greedy counts at evaluation.
+    Padding tokens are assigned like any other token.
+    """
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config)
+        self.num_experts = config.num_moe_experts
+        self.options: BaseOptions = config.moe_routing_options or BaseOptions()
+        self.ep_group = pg_collection.ep if pg_collection is not None else None
+        self.layer_number = None
+        # Drawn by megatron_moe.model.initialize_weights like every matrix; a placeholder until then.
+        self.centroids = torch.nn.Parameter(
+            torch.empty(self.num_experts, config.hidden_size, dtype=config.params_dtype)
+        )
+        torch.nn.init.normal_(self.centroids, std=config.init_method_std)
+        # Replicated; under sequence parallelism each tensor-parallel rank sees other tokens, so its
+        # gradient is a partial sum that finalize_model_grads all-reduces over the TP group.
+        setattr(self.centroids, "sequence_parallel", config.sequence_parallel)
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def _shuffles(self) -> bool:
+        return self.options.shuffle and self.ep_group is not None and dist.get_world_size(self.ep_group) > 1
+
+    @torch.no_grad()
+    def assign(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert per token: balanced assignment in training, greedy argmax at evaluation."""
+        if not self.training:
+            experts = scores.argmax(dim=-1)
+            self.tokens_per_expert = torch.bincount(experts, minlength=self.num_experts)
+            return experts
+        if self._shuffles():
+            experts, solved = solve_on_shuffled_batch(scores, self.ep_group, balanced_assignment)
+        else:
+            experts = solved = balanced_assignment(scores)
+        self.tokens_per_expert = torch.bincount(solved, minlength=self.num_experts)
+        return experts
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        tokens = hidden_states.reshape(-1, hidden_states.size(-1))
+        centroids = self.centroids.to(tokens.dtype)
+        experts = self.assign(tokens.detach().float() @ centroids.detach().float().t())
+        gate = torch.sigmoid((tokens * centroids[experts]).sum(dim=-1).float())
+        chosen = experts.unsqueeze(1)
+        probs = torch.zeros(tokens.size(0), self.num_experts, dtype=gate.dtype, device=tokens.device)
+        probs = probs.scatter(1, chosen, gate.unsqueeze(1))
+        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, chosen, True)
+        if self.training and not self._shuffles():
+            mark_balanced(routing_map)
+        return probs, routing_map
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatcher
+# ----------------------------------------------------------------------------------------------------------
+
+# The router tells the dispatcher that this routing gives every expert exactly expert_capacities(T, E) of
+# every rank's T tokens. An attribute on the routing map travels with it through megatron's MoELayer and is
+# lost by anything that rebuilds the map (e.g. megatron's quantization padding), which then safely falls
+# back to counting.
+_BALANCED = "base_balanced_per_rank"
+
+
+def mark_balanced(routing_map: torch.Tensor) -> None:
+    setattr(routing_map, _BALANCED, True)
+
+
+def is_balanced(routing_map: torch.Tensor) -> bool:
+    return getattr(routing_map, _BALANCED, False)
+
+
+class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all dispatcher whose split sizes come from the balance guarantee when it holds.
+
+    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the tensor x
+    expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
+    every rank sends expert ``e`` exactly ``expert_capacities(T, E)[e]`` tokens, where T is the number of
+    tokens each rank holds (the same on every rank of the group, as megatron's fixed micro-batch shape
+    guarantees), so all those sizes are known on the host without communication.
+    """
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        if not is_balanced(routing_map):
+            return super().preprocess(routing_map)
+        num_tokens = routing_map.size(0)
+        per_expert = expert_capacities(num_tokens, self.num_experts)
+        local = per_expert[self.local_expert_indices[0]: self.local_expert_indices[-1] + 1]
+        # [source TP rank, source EP rank, local expert]: every source rank sends the same counts.
+        per_source = local.expand(self.tp_size, self.ep_size, self.num_local_experts)
+        self.num_out_tokens = num_tokens
+        if self.ep_size > 1 or self.tp_size > 1:
+            self.input_splits = per_expert.reshape(self.ep_size, self.num_local_experts).sum(dim=1).numpy()
+            per_source_rank = per_source.sum(dim=2)
+            self.output_splits = per_source_rank[self.tp_rank].numpy()
+            self.output_splits_tp = per_source_rank.sum(dim=1).numpy()
+        if self.num_local_experts > 1:
+            self.num_global_tokens_per_local_expert = per_source.reshape(-1, self.num_local_experts)
+        return per_source.sum(dim=(0, 1))
+
+
+def routing_scheme():
+    """The ``base`` entry of megatron_moe.moe.registry (imported there lazily: the registry imports us)."""
+    from megatron_moe.moe.registry import RoutingScheme
+
+    return RoutingScheme(name="base", router=BaseRouter, dispatcher=BaseTokenDispatcher, add_arguments=add_arguments,
+                         validate=validate, options_from_args=options_from_args)

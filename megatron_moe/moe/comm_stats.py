@@ -1,0 +1,160 @@
+"""Rows and bytes the MoE token dispatchers put on the network, per layer, for every dispatcher.
+
+``RoutedMoELayer`` wraps its ``dispatch`` and ``combine`` steps (the dispatcher's ``token_dispatch`` and
+``token_combine``, where all the MoE collectives happen) in :func:`count`. Per layer and forward pass we
+add up:
+
+- ``tokens``: tokens the layer routed on this rank;
+- ``rows``: rows handed to the dispatch collective (token copies placed; for an all-to-all this includes
+  the rows that stay on this rank): SAM 1 per token, megatron's alltoall k per token;
+- ``remote_rows``: rows that leave this rank (dispatch and combine);
+- ``bytes`` / ``remote_bytes``: the same for every tensor of both collectives (hidden rows, gates,
+  routing metadata), dispatch plus combine.
+
+Backward sends the same rows in the opposite direction (the all-to-all's gradient is the reverse
+all-to-all), so forward counts describe both. Only the expert-parallel collectives are counted: with
+TP > 1 megatron's alltoall dispatcher adds a tensor-parallel all-gather that is not included.
+
+:func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
+``{name: float}`` scalars; it is registered with ``megatron_moe.metrics`` so the training log and
+TensorBoard show it. ``timing = True`` also records wall seconds spent in the collectives (synchronising
+the device around them; used by ``benchmarks/moe_dispatch.py``, off in training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import utils
+
+FIELDS = ("tokens", "rows", "remote_rows", "bytes", "remote_bytes", "seconds")
+_TOKENS, _ROWS, _REMOTE_ROWS, _BYTES, _REMOTE_BYTES, _SECONDS = range(len(FIELDS))
+
+timing = False
+_counts: Dict[int, list] = {}  # layer number -> FIELDS
+_num_layers = 0
+
+
+def track_layers(num_layers: int) -> None:
+    """Called by each MoE layer: the size of the table every rank reduces."""
+    global _num_layers
+    _num_layers = max(_num_layers, num_layers)
+
+
+def _row_bytes(tensors) -> int:
+    return sum(t[0].numel() * t.element_size() if t.shape[0] else 0 for t in tensors if t is not None)
+
+
+def _local_rows(dispatcher, splits) -> Optional[int]:
+    """Rows of an all-to-all that stay on this rank (None when the dispatcher does not all-to-all)."""
+    if splits is None:
+        return None
+    return int(splits[utils.get_pg_rank(dispatcher.ep_group)])
+
+
+def _sent(dispatcher, step: str, tensors):
+    """(rows, remote rows, bytes, remote bytes) one collective of ``dispatcher`` sends."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    rows = tensors[0].shape[0]
+    row_bytes = _row_bytes(tensors)
+    if isinstance(dispatcher, MoEAllGatherTokenDispatcher):
+        # all-gather (dispatch) / reduce-scatter (combine) over TP x EP: each row reaches the other ranks
+        others = utils.get_pg_size(dispatcher.tp_ep_group) - 1
+        remote = rows * others if step == "dispatch" else rows * others // (others + 1)
+    else:
+        # all-to-all dispatchers (ours, megatron's alltoall): the combine reverses the dispatch splits
+        splits = getattr(dispatcher, "input_splits" if step == "dispatch" else "output_splits", None)
+        local = _local_rows(dispatcher, splits)
+        remote = 0 if local is None else rows - local
+    return rows, remote, rows * row_bytes, remote * row_bytes
+
+
+@contextlib.contextmanager
+def count(layer_number: int, step: str, dispatcher, tensors):
+    """Counts what ``dispatcher``'s ``step`` ("dispatch" or "combine") sends; ``tensors`` are its inputs.
+
+    The split sizes of an all-to-all are known only inside the step, so the rows are read afterwards.
+    """
+    start = None
+    if timing:
+        _synchronize(tensors[0])
+        start = time.perf_counter()
+    yield
+    if timing:
+        _synchronize(tensors[0])
+    row = _counts.setdefault(layer_number, [0.0] * len(FIELDS))
+    rows, remote, nbytes, remote_bytes = _sent(dispatcher, step, tensors)
+    if step == "dispatch":
+        row[_TOKENS] += math.prod(dispatcher.hidden_shape[:-1])
+        row[_ROWS] += rows
+    row[_REMOTE_ROWS] += remote
+    row[_BYTES] += nbytes
+    row[_REMOTE_BYTES] += remote_bytes
+    if start is not None:
+        row[_SECONDS] += time.perf_counter() - start
+
+
+def _synchronize(tensor: torch.Tensor) -> None:
+    if tensor.device.type == "cuda":
+        torch.cuda.synchronize(tensor.device)
+
+
+def local_counts() -> Dict[int, Dict[str, float]]:
+    """This rank's counts per layer since the last reset (no communication)."""
+    return {layer: dict(zip(FIELDS, row)) for layer, row in sorted(_counts.items())}
+
+
+def reset() -> None:
+    _counts.clear()
+
+
+def snapshot_and_reset() -> Dict[str, float]:
+    """Counts summed over all ranks, as log scalars: per layer ``moe-comm/layer_NN/<field>`` plus totals
+    ``moe-comm/rows_per_token`` and ``moe-comm/remote_bytes_per_token``. Collective; resets the counts."""
+    if not dist.is_initialized():
+        table = torch.tensor([_counts.get(layer, [0.0] * len(FIELDS)) for layer in range(1, _num_layers + 1)],
+                             dtype=torch.float64).reshape(-1, len(FIELDS))
+    else:
+        # pipeline stages without MoE layers know no layer count: agree on it first
+        size = torch.tensor([_num_layers], dtype=torch.float64, device=_device())
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)
+        num_layers = int(size.item())
+        table = torch.zeros(num_layers, len(FIELDS), dtype=torch.float64)
+        for layer, row in _counts.items():
+            table[layer - 1] = torch.tensor(row, dtype=torch.float64)
+        table = table.to(_device())
+        dist.all_reduce(table)
+        table = table.cpu()
+    reset()
+    scalars: Dict[str, float] = {}
+    for index, row in enumerate(table.tolist()):
+        if row[_TOKENS] > 0:
+            for field, value in zip(FIELDS, row):
+                if field != "seconds" or timing:
+                    scalars[f"moe-comm/layer_{index + 1:02d}/{field}"] = value
+    totals = table.sum(0).tolist() if table.numel() else [0.0] * len(FIELDS)
+    if totals[_TOKENS] > 0:
+        scalars["moe-comm/rows_per_token"] = totals[_ROWS] / totals[_TOKENS]
+        scalars["moe-comm/remote_bytes_per_token"] = totals[_REMOTE_BYTES] / totals[_TOKENS]
+    return scalars
+
+
+def _device() -> torch.device:
+    # NCCL reduces only device tensors; gloo only host ones
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _register_with_metrics() -> None:
+    from megatron_moe import metrics
+
+    metrics.register_scalar_source(snapshot_and_reset)
+
+
+_register_with_metrics()

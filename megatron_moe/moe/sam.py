@@ -1,0 +1,318 @@
+"""SAM routing (``--moe-router-type sam``): switch to one expert group, mix k experts inside it, and send
+each token over the network once.
+
+SAM ("switch and mixture", Jiang et al. 2021, arXiv 2110.07431). The paper's text is not available to us;
+the formulation follows the one public implementation, a third-party one in Hetu
+(``python/hetu/layers/SAMGate.py``, ``sam_layer.py``). For a token with router logits ``z`` over E experts
+split into G equal, contiguous groups:
+
+- ``p = softmax(z)`` over all E experts (one softmax);
+- switch: group score ``s_g = sum of p over group g's experts``; the token goes to ``argmax_g s_g``;
+- mixture: the k experts with the largest ``p`` inside that group;
+- gates: their raw ``p`` (Hetu's choice), or with ``--sam-renormalize-gates`` ``p / sum of the k p``.
+
+The rule is deterministic (no noise), so training and evaluation route alike; evaluation is greedy.
+
+Losses (each has its own coefficient, is attached to the probs with megatron's ``MoEAuxLossAutoScaler`` so
+it back-propagates, and is logged under its own name by megatron's aux-loss tracker). All are means over
+this micro batch's tokens on this rank, as megatron's own aux loss is:
+
+- ``sam_group_balance_loss``: Switch balance over groups, ``G * sum_g mean_t(s_g) * fraction_t(group = g)``
+  (1 when balanced);
+- ``sam_expert_balance_loss``: Switch balance of the experts inside each group, over the tokens that chose
+  that group, with the in-group distribution ``p_e / s_g``; averaged over groups (1 when balanced). Hetu
+  balances all E experts globally instead; we balance inside groups because the group loss already
+  balances across them;
+- ``sam_alignment_loss``: Hetu's, ``sum over experts j outside the chosen group of max(0, p_j - p_kth)``
+  where ``p_kth`` is the smallest selected gate: no expert left behind should outrank a chosen one.
+
+Unlike Hetu (which places k copies of a token and allows k <= 2) :class:`SAMDispatcher` sends each token
+ONCE: groups are laid out so that each expert-parallel rank holds whole groups; the token travels to the
+rank of its group, is expanded there to its k local experts, the k outputs are combined with the gates on
+that rank, and one vector per token comes back. Same code on CPU/gloo and GPU/NCCL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import utils
+from megatron.core.tensor_parallel import all_to_all
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.router import Router
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+
+@dataclass(frozen=True)
+class SAMOptions:
+    num_groups: int
+    renormalize_gates: bool = False
+    group_balance_loss_coeff: float = 0.0
+    expert_balance_loss_coeff: float = 0.0
+    alignment_loss_coeff: float = 0.0
+    capacity_factor: Optional[float] = None  # None: dropless
+
+
+# ----------------------------------------------------------------------------------------------------------
+# router
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _token_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens (dim 0) of the valid (weight 1) tokens."""
+    return (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0) / weights.sum().clamp(min=1)
+
+
+def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: bool):
+    """The SAM rule on ``logits [T, E]``: returns ``p [T, E]`` (softmax), ``group [T]``, ``experts [T, k]``
+    (global ids, ascending), ``gates [T, k]``."""
+    tokens, num_experts = logits.shape
+    width = num_experts // num_groups
+    p = torch.softmax(logits.float(), dim=-1)
+    group = p.view(tokens, num_groups, width).sum(-1).argmax(-1)
+    in_group = p.view(tokens, num_groups, width)[torch.arange(tokens, device=p.device), group]
+    _, slot = torch.topk(in_group, topk, dim=-1)
+    experts = (group.unsqueeze(1) * width + slot).sort(-1).values
+    gates = p.gather(1, experts)
+    if renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return p, group, experts, gates
+
+
+def sam_losses(p: torch.Tensor, group: torch.Tensor, experts: torch.Tensor, num_groups: int,
+               valid: torch.Tensor):
+    """(group balance, expert balance inside groups, alignment) on ``valid`` tokens; see the module doc."""
+    tokens, num_experts = p.shape
+    width, topk = num_experts // num_groups, experts.shape[1]
+    group_score = p.view(tokens, num_groups, width).sum(-1)
+    chosen = torch.nn.functional.one_hot(group, num_groups).to(p.dtype)
+    group_balance = num_groups * (_token_mean(group_score, valid) * _token_mean(chosen, valid)).sum()
+
+    selected = torch.zeros_like(p).scatter(1, experts, 1.0)
+    in_chosen_group = chosen.repeat_interleave(width, dim=1)  # [T, E]: expert's group is the token's
+    weights = valid.to(p.dtype).unsqueeze(1) * in_chosen_group
+    tokens_in_group = weights.sum(0).clamp(min=1)  # per expert: tokens that chose its group
+    in_group_share = p / group_score.repeat_interleave(width, dim=1)
+    mean_share = (in_group_share * weights).sum(0) / tokens_in_group
+    fraction = (selected * weights).sum(0) / (topk * tokens_in_group)
+    expert_balance = (width / num_groups) * (mean_share * fraction).sum()
+
+    kth_gate = p.gather(1, experts).min(-1, keepdim=True).values
+    outside = 1.0 - in_chosen_group
+    alignment = _token_mean((torch.relu(p - kth_gate) * outside).sum(-1), valid.to(p.dtype))
+    return group_balance, expert_balance, alignment
+
+
+class SAMRouter(Router):
+    """Switch to one group, mix k experts inside it (megatron's router protocol: ``(probs, routing_map)``)."""
+
+    LOSS_NAMES = ("sam_group_balance_loss", "sam_expert_balance_loss", "sam_alignment_loss")
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.options: SAMOptions = config.moe_routing_options
+        self.topk = config.moe_router_topk
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        opts = self.options
+        p, group, experts, gates = sam_route(logits, opts.num_groups, self.topk, opts.renormalize_gates)
+        probs = torch.zeros_like(p).scatter(1, experts, gates)
+        routing_map = torch.zeros_like(p, dtype=torch.bool).scatter(1, experts, True)
+        if self.training and torch.is_grad_enabled():
+            valid = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+            if padding_mask is not None:
+                valid = padding_mask.reshape(-1).to(p.dtype)
+            losses = sam_losses(p, group, experts, opts.num_groups, valid)
+            coeffs = (opts.group_balance_loss_coeff, opts.expert_balance_loss_coeff, opts.alignment_loss_coeff)
+            for name, loss, coeff in zip(self.LOSS_NAMES, losses, coeffs):
+                if coeff > 0:
+                    probs = MoEAuxLossAutoScaler.apply(probs, coeff * loss)
+                    save_to_aux_losses_tracker(name, loss, self.layer_number, self.config.num_layers,
+                                               avg_group=self.tp_dp_cp_group)
+        return probs, routing_map
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        logits = self.gating(input).view(-1, self.config.num_moe_experts)
+        return self.routing(logits, padding_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatcher
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """How many rows each rank will send us, given how many we send each (one int per rank)."""
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)
+    return received
+
+
+class SAMDispatcher(MoETokenDispatcher):
+    """One copy of each token per expert-parallel rank: all-to-all to its group's rank, expand to its k local
+    experts (sorted by expert for megatron's experts, which apply the gates), combine the k outputs there,
+    all-to-all one vector back, restore the token order.
+
+    Rows on the wire per token: 1 (dispatch) + 1 (combine), whatever k, plus 2k floats of routing metadata
+    (gates and local expert ids). megatron's alltoall dispatcher sends k rows each way.
+    """
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.num_local_experts = num_local_experts
+        self.topk = config.moe_router_topk
+        self.options: SAMOptions = config.moe_routing_options
+        self.ep_rank = utils.get_pg_rank(self.ep_group)
+        # FP8 GEMMs need each expert's row count to be a multiple of 16
+        self.align = 16 if (config.fp8 or getattr(config, "fp4", None)) else 1
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        tokens = hidden.shape[0]
+        experts = routing_map.nonzero()[:, 1].view(tokens, self.topk)  # row-major: ascending per token
+        gates = probs.gather(1, experts)
+        rank = experts[:, 0] // self.num_local_experts  # a group (all k experts) lives on one rank
+        local_ids = experts - (rank * self.num_local_experts).unsqueeze(1)
+
+        order = self._send_order(rank, experts, gates)
+        self.order = order
+        self.num_tokens = tokens
+        self.send_counts = torch.bincount(rank[order], minlength=self.ep_size)
+        metadata = torch.cat([gates, local_ids.to(gates.dtype)], dim=1)
+        return hidden[order], metadata[order]
+
+    def _send_order(self, rank, experts, gates):
+        """Tokens grouped by destination rank (stable). With ``--sam-capacity-factor``, each group keeps at
+        most ``ceil(factor * tokens / groups)`` tokens of this rank, those with the largest gate sum."""
+        if self.options.capacity_factor is None:
+            return torch.argsort(rank, stable=True)
+        num_groups = self.options.num_groups
+        group = experts[:, 0] // (self.config.num_moe_experts // num_groups)
+        by_score = torch.argsort(gates.detach().sum(-1), descending=True, stable=True)
+        order = by_score[torch.argsort(group[by_score], stable=True)]
+        per_group = torch.bincount(group, minlength=num_groups)
+        starts = torch.cumsum(per_group, 0) - per_group
+        position = torch.arange(order.numel(), device=order.device) - starts[group[order]]
+        capacity = math.ceil(self.options.capacity_factor * rank.numel() / num_groups)
+        return order[position < capacity]  # groups are ordered by rank, so this is still by rank
+
+    def token_dispatch(self, hidden, metadata):
+        self.input_splits = self.send_counts.tolist()
+        self.output_splits = self.input_splits
+        if self.ep_size > 1:
+            self.output_splits = _exchange_counts(self.send_counts, self.ep_group).tolist()
+        hidden = all_to_all(self.ep_group, hidden, self.output_splits, self.input_splits)
+        metadata = all_to_all(self.ep_group, metadata, self.output_splits, self.input_splits)
+        return hidden, metadata
+
+    def dispatch_postprocess(self, hidden, metadata):
+        received = hidden.shape[0]
+        gates, local_ids = metadata[:, : self.topk], metadata[:, self.topk :].long()
+        expert_of_pair = local_ids.reshape(-1)
+        by_expert = torch.argsort(expert_of_pair, stable=True)
+        self.rows = torch.arange(received, device=hidden.device).repeat_interleave(self.topk)[by_expert]
+        self.num_received = received
+        tokens_per_expert = torch.bincount(expert_of_pair, minlength=self.num_local_experts)
+        expanded, expanded_gates = hidden[self.rows], gates.reshape(-1)[by_expert]
+        self.padded_positions = None
+        if self.align > 1:
+            expanded, expanded_gates, tokens_per_expert = self._pad_per_expert(
+                expanded, expanded_gates, tokens_per_expert)
+        return expanded, tokens_per_expert.cpu(), expanded_gates
+
+    def _pad_per_expert(self, rows, gates, tokens_per_expert):
+        """Zero rows (gate 0) after each expert's rows so that every count is a multiple of ``align``."""
+        padded = (tokens_per_expert + self.align - 1) // self.align * self.align
+        starts = torch.cumsum(padded, 0) - padded
+        firsts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        expert = torch.repeat_interleave(torch.arange(len(padded), device=rows.device), tokens_per_expert)
+        positions = starts[expert] + torch.arange(rows.shape[0], device=rows.device) - firsts[expert]
+        total = int(padded.sum())
+        self.padded_positions = positions
+        out_rows = rows.new_zeros(total, rows.shape[1]).index_copy(0, positions, rows)
+        out_gates = gates.new_zeros(total).index_copy(0, positions, gates)
+        return out_rows, out_gates, padded
+
+    def combine_preprocess(self, expert_output):
+        if self.padded_positions is not None:
+            expert_output = expert_output[self.padded_positions]
+        combined = expert_output.new_zeros(self.num_received, expert_output.shape[-1])
+        return combined.index_add(0, self.rows, expert_output)  # the k outputs were already gate-scaled
+
+    def token_combine(self, hidden):
+        return all_to_all(self.ep_group, hidden, self.input_splits, self.output_splits)
+
+    def combine_postprocess(self, hidden):
+        # tokens dropped by the capacity factor contribute nothing (the residual carries them)
+        out = hidden.new_zeros(self.num_tokens, hidden.shape[-1]).index_copy(0, self.order, hidden)
+        return out.view(self.hidden_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--sam-num-groups", type=int, default=None,
+                       help="SAM: expert groups (default: --expert-model-parallel-size); each EP rank holds "
+                            "whole groups; --moe-router-topk experts are used inside the chosen group")
+    group.add_argument("--sam-renormalize-gates", action="store_true",
+                       help="SAM: gates sum to 1 over the k chosen experts (default: raw softmax values)")
+    group.add_argument("--sam-group-balance-loss-coeff", type=float, default=0.01)
+    group.add_argument("--sam-expert-balance-loss-coeff", type=float, default=0.01)
+    group.add_argument("--sam-alignment-loss-coeff", type=float, default=0.01)
+    group.add_argument("--sam-capacity-factor", type=float, default=None,
+                       help="SAM: at most factor x tokens/groups tokens per group from each rank (default: dropless)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    from megatron_moe.arguments import ConfigError
+
+    ep, experts, k = args.expert_model_parallel_size, args.num_experts, args.moe_router_topk
+    groups = args.sam_num_groups or ep
+    if groups < 1 or experts % groups != 0:
+        raise ConfigError(f"--sam-num-groups {groups} must divide --num-experts {experts}")
+    if groups % ep != 0:
+        raise ConfigError(f"--sam-num-groups {groups} must be a multiple of --expert-model-parallel-size {ep} "
+                          "(each expert-parallel rank holds whole groups)")
+    if k > experts // groups:
+        raise ConfigError(f"--moe-router-topk {k} exceeds the {experts // groups} experts of a SAM group; "
+                          "lower it or use fewer --sam-num-groups")
+    if args.tensor_model_parallel_size != 1:
+        raise ConfigError("--moe-router-type sam supports --tensor-model-parallel-size 1 only for now")
+    if args.moe_router_num_groups is not None:
+        raise ConfigError("--moe-router-num-groups is megatron's group-limited topk routing; "
+                          "with --moe-router-type sam use --sam-num-groups")
+    if args.sam_capacity_factor is not None and args.sam_capacity_factor <= 0:
+        raise ConfigError(f"--sam-capacity-factor must be > 0, got {args.sam_capacity_factor}")
+    for name in ("group_balance", "expert_balance", "alignment"):
+        if getattr(args, f"sam_{name}_loss_coeff") < 0:
+            raise ConfigError(f"--sam-{name.replace('_', '-')}-loss-coeff must be >= 0")
+    args.sam_num_groups = groups
+
+
+def options_from_args(args: argparse.Namespace) -> SAMOptions:
+    return SAMOptions(
+        num_groups=args.sam_num_groups,
+        renormalize_gates=args.sam_renormalize_gates,
+        group_balance_loss_coeff=args.sam_group_balance_loss_coeff,
+        expert_balance_loss_coeff=args.sam_expert_balance_loss_coeff,
+        alignment_loss_coeff=args.sam_alignment_loss_coeff,
+        capacity_factor=args.sam_capacity_factor,
+    )
+
+
+def routing_scheme():
+    """``--moe-router-type sam`` (imported lazily: the registry imports this module while it loads)."""
+    from megatron_moe.moe.registry import RoutingScheme
+
+    return RoutingScheme(name="sam", router=SAMRouter, dispatcher=SAMDispatcher, add_arguments=add_arguments,
+                         validate=validate, options_from_args=options_from_args)

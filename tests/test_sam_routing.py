@@ -1,0 +1,147 @@
+"""SAM routing: the one-copy dispatcher equals one process, sends one row per token, k=1 is Switch, trains."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher import SCRIPTS, TINY_MOE, torchrun, train_losses
+from megatron_moe.arguments import ConfigError, parse_args
+from megatron_moe.moe.sam import sam_losses, sam_route
+
+TOKENS = 48
+# One MoE layer, 8 experts in 4 groups of 2, no aux losses (they average over each rank's tokens, so a
+# split batch would not match one process; the training parity test covers them).
+LAYER = TINY_MOE + ["--num-layers", "1", "--num-experts", "8", "--moe-router-type", "sam", "--sam-num-groups", "4",
+                    "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
+                    "--sam-alignment-loss-coeff", "0", "--train-iters", "1"]
+GROUP_LIMITED = TINY_MOE + ["--num-layers", "1", "--num-experts", "8", "--moe-aux-loss-coeff", "0",
+                            "--moe-router-num-groups", "2", "--moe-router-group-topk", "1", "--train-iters", "1"]
+
+
+def run_layer(tmp_path, nproc, flags):
+    """Per-rank results of tests/scripts/moe_layer_step.py, concatenated in rank order."""
+    torchrun(nproc, SCRIPTS / "moe_layer_step.py", [str(tmp_path), str(TOKENS), *flags])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
+    merged = {key: torch.cat([r[key] for r in ranks]) for key in ("tokens", "output", "input_grad")}
+    merged["router_grad"] = ranks[0]["router_grad"]
+    merged["router_weight"] = ranks[0]["router_weight"]
+    merged["experts"] = {i: w for r in ranks for i, w in r["experts"].items()}
+    merged["rows"] = sum(c["rows"] for r in ranks for c in r["counts"].values())
+    merged["tokens_counted"] = sum(c["tokens"] for r in ranks for c in r["counts"].values())
+    merged["bytes"] = sum(c["bytes"] for r in ranks for c in r["counts"].values())
+    return merged
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run_layer(tmp_path_factory.mktemp("sam_reference"), 1, LAYER + ["--moe-router-topk", "2"])
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_layer_equals_one_process_and_sends_each_token_once(ep, reference, tmp_path):
+    result = run_layer(tmp_path, ep, LAYER + ["--moe-router-topk", "2", "--expert-model-parallel-size", str(ep)])
+    assert torch.equal(result["tokens"], reference["tokens"])
+    torch.testing.assert_close(result["output"], reference["output"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result["input_grad"], reference["input_grad"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result["router_grad"], reference["router_grad"], rtol=1e-5, atol=1e-6)
+    assert result["output"].abs().sum() > 0 and result["router_grad"].abs().sum() > 0
+    assert result["tokens_counted"] == TOKENS
+    assert result["rows"] == TOKENS  # one row per token at k = 2
+
+
+def test_megatron_group_limited_alltoall_sends_k_rows_per_token(tmp_path):
+    result = run_layer(tmp_path, 2, GROUP_LIMITED + ["--moe-router-topk", "2", "--expert-model-parallel-size", "2"])
+    assert result["tokens_counted"] == TOKENS
+    assert result["rows"] == 2 * TOKENS
+
+
+def _swiglu_expert(weights, x):
+    gate, up = (x @ weights["linear_fc1.weight"].T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ weights["linear_fc2.weight"].T
+
+
+def test_top1_with_one_expert_per_group_is_a_switch_layer(tmp_path):
+    result = run_layer(tmp_path, 1, LAYER + ["--sam-num-groups", "8", "--moe-router-topk", "1"])
+    x = result["tokens"].reshape(TOKENS, -1)
+    # Switch Transformer: softmax over experts, the top-1 expert's output scaled by its probability
+    probs = torch.softmax(x @ result["router_weight"].T, dim=-1)
+    gate, expert = probs.max(dim=-1)
+    expected = torch.stack([gate[t] * _swiglu_expert(result["experts"][int(expert[t])], x[t]) for t in range(TOKENS)])
+    torch.testing.assert_close(result["output"].reshape(TOKENS, -1), expected, rtol=1e-5, atol=1e-6)
+    assert result["rows"] == TOKENS  # one row per token at k = 1 too
+
+
+def test_pretraining_with_sam_learns_and_ep2_equals_one_process(tmp_path):
+    flags = TINY_MOE + ["--moe-router-type", "sam", "--sam-num-groups", "2"]
+    one = train_losses(1, flags, tmp_path, 4)
+    ep2 = train_losses(2, flags + ["--expert-model-parallel-size", "2"], tmp_path, 4)
+    assert ep2 == pytest.approx(one, rel=1e-5)
+    assert ep2[-1] < ep2[0]
+
+
+# ---------------------------------------------------------------------------------------------- in process
+
+
+def test_route_picks_the_heaviest_group_then_its_top_experts():
+    # group 0 = experts 0,1 (sum .49); group 1 = experts 2,3 (sum .51): the single best expert (0) loses
+    p = torch.tensor([[0.44, 0.05, 0.27, 0.24]])
+    _, group, experts, gates = sam_route(p.log(), num_groups=2, topk=2, renormalize=False)
+    assert group.tolist() == [1] and experts.tolist() == [[2, 3]]
+    torch.testing.assert_close(gates, torch.tensor([[0.27, 0.24]]))
+    _, _, _, renormalized = sam_route(p.log(), num_groups=2, topk=2, renormalize=True)
+    torch.testing.assert_close(renormalized, torch.tensor([[0.27 / 0.51, 0.24 / 0.51]]))
+
+
+def test_losses_are_one_when_balanced_and_alignment_penalises_outranking_experts():
+    uniform = torch.full((4, 4), 0.25)
+    group = torch.tensor([0, 0, 1, 1])
+    experts = torch.tensor([[0, 1], [0, 1], [2, 3], [2, 3]])
+    g, e, a = sam_losses(uniform, group, experts, 2, torch.ones(4))
+    assert (g.item(), e.item(), a.item()) == pytest.approx((1.0, 1.0, 0.0))
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2]])  # chose group 1 (experts 2, 3) although expert 0 is best
+    _, _, a = sam_losses(p, torch.tensor([1]), torch.tensor([[2, 3]]), 2, torch.ones(1))
+    assert a.item() == pytest.approx(0.5 - 0.2)
+
+
+def test_losses_backpropagate_to_the_router_logits():
+    logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    p, group, experts, _ = sam_route(logits, num_groups=4, topk=2, renormalize=False)
+    for loss in sam_losses(p, group, experts, 4, torch.ones(16)):
+        (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        assert grad.abs().sum() > 0
+
+
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--vocab-size", "100",
+        "--moe-router-type", "sam", "--num-experts", "8"]
+
+
+@pytest.mark.parametrize("flags,world,message", [
+    (["--sam-num-groups", "3"], 1, "must divide --num-experts"),
+    (["--sam-num-groups", "2", "--expert-model-parallel-size", "4"], 4, "multiple of --expert-model-parallel-size"),
+    (["--sam-num-groups", "4", "--moe-router-topk", "3"], 1, "exceeds the 2 experts"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2, "tensor-model-parallel-size 1 only"),
+    (["--moe-router-num-groups", "2"], 1, "use --sam-num-groups"),
+    (["--sam-capacity-factor", "0"], 1, "must be > 0"),
+])
+def test_bad_flags_are_one_line_errors(flags, world, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(BASE + flags, world_size=world)
+
+
+def test_groups_default_to_the_expert_parallel_size():
+    args = parse_args(BASE + ["--expert-model-parallel-size", "2"], world_size=2)
+    assert args.sam_num_groups == 2
+
+
+def test_fp8_padding_makes_every_expert_count_a_multiple_of_16_and_combine_drops_it():
+    from megatron_moe.moe.sam import SAMDispatcher
+
+    dispatcher = SAMDispatcher.__new__(SAMDispatcher)  # only the padding state is used
+    dispatcher.align = 16
+    rows = torch.arange(7 * 2, dtype=torch.float32).view(7, 2)
+    padded_rows, padded_gates, counts = dispatcher._pad_per_expert(rows, torch.ones(7), torch.tensor([3, 0, 4]))
+    assert counts.tolist() == [16, 0, 16] and padded_rows.shape == (32, 2)
+    assert torch.equal(padded_rows[:3], rows[:3]) and torch.equal(padded_rows[16:20], rows[3:])
+    assert padded_gates.sum() == 7 and padded_rows[3:16].abs().sum() == 0
+    assert torch.equal(padded_rows[dispatcher.padded_positions], rows)
