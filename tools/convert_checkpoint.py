@@ -1,0 +1,64 @@
+"""Converts checkpoints between megatron-moe and Hugging Face transformers.
+
+    python tools/convert_checkpoint.py export --load CKPT_DIR --output HF_DIR [--overwrite] [-- MODEL FLAGS]
+    python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite]
+
+``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration); flags after ``--``
+are our training flags for what the checkpoint does not record (e.g. the tokenizer files). ``import``
+writes iteration 0 of a checkpoint that ``pretrain_gpt_moe.py --load CKPT_DIR --finetune`` starts from.
+Needs the optional extra: ``pip install .[hf]``.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="our checkpoint -> Hugging Face folder")
+    export.add_argument("--load", required=True, help="a --save directory of pretrain_gpt_moe.py")
+    export.add_argument("--output", required=True, help="the Hugging Face folder to write")
+    export.add_argument("--max-shard-size-mb", type=int, default=5120, help="safetensors shard size")
+    importer = sub.add_parser("import", help="Hugging Face folder -> our checkpoint")
+    importer.add_argument("--hf", required=True, help="a Hugging Face Mixtral or Qwen2-MoE folder")
+    importer.add_argument("--save", required=True, help="the checkpoint directory to write")
+    for command in (export, importer):
+        command.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # conversion runs on the CPU, one process
+    from megatron_moe.arguments import ConfigError
+    from megatron_moe.conversion.hf_layout import ConversionError
+
+    try:
+        if args.command == "export":
+            from megatron_moe.conversion.hf_export import export
+
+            lines = export(args.load, args.output, args.overwrite, overrides, args.max_shard_size_mb * 2**20)
+        else:
+            from megatron_moe.conversion.hf_import import import_hf
+
+            lines = import_hf(args.hf, args.save, args.overwrite, overrides)
+    except ImportError as error:
+        print(f"convert_checkpoint.py: error: {error.name or error} is not installed: pip install '.[hf]'",
+              file=sys.stderr)
+        return 2
+    except (ConversionError, ConfigError) as error:
+        print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
