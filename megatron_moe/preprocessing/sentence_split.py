@@ -117,6 +117,23 @@ def _keep_newlines_language_vars(punkt):
     return KeepNewlinesLanguageVars()
 
 
+def write_punkt_tab(nltk_data_root, lang: str = "english") -> str:
+    """Writes ``lang``'s Punkt parameters as nltk's ``punkt_tab`` files under ``nltk_data_root``, the form in
+    which nltk (and so Megatron-LM's tool) loads them; returns the language directory. For comparisons and
+    benchmarks against nltk's own loader: our splitter reads the parameters directly."""
+    model = importlib.import_module(f"punkt.data.{lang}")
+    directory = os.path.join(str(nltk_data_root), "tokenizers", "punkt_tab", lang)
+    os.makedirs(directory, exist_ok=True)
+    tables = {"abbrev_types.txt": sorted(model.ABBREV_TYPES),
+              "collocations.tab": sorted("\t".join(c) for c in model.COLLOCATIONS),
+              "sent_starters.txt": sorted(model.SENT_STARTERS),
+              "ortho_context.tab": [f"{k}\t{v}" for k, v in sorted(model.ORTHO_CONTEXT.items())]}
+    for name, lines in tables.items():
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return directory
+
+
 class SentenceSplitter:
     """Splits a document into sentences exactly as Megatron-LM's preprocess_data.py does."""
 
