@@ -43,7 +43,7 @@ def residual_std(scores):
     return float(residual.std(correction=0))
 
 
-def assert_near_optimal(scores, assignment, eps=1e-2, relative_gap=None):
+def assert_near_optimal(scores, assignment, eps=3e-3, relative_gap=None):
     """Within the documented bound T * eps * residual std of the exact optimum (never above it)
     and, where given, within ``relative_gap`` of it."""
     optimum, ours = exact_optimum(scores), total(scores, assignment)
@@ -54,8 +54,9 @@ def assert_near_optimal(scores, assignment, eps=1e-2, relative_gap=None):
 
 
 def dominant_expert(num_tokens, num_experts, seed):
+    """Expert 3 is every token's first choice by far, by a different amount for each token."""
     scores = affinities(num_tokens, num_experts, seed)
-    scores[:, 3] += 50.0  # every token's first choice by far
+    scores[:, 3] += 50.0 * (1 + torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed)))
     return scores
 
 
@@ -90,7 +91,7 @@ def test_adversarial_affinities_are_balanced_and_near_optimal(make, num_tokens, 
     scores = make(num_tokens, num_experts, seed=0)
     assignment = balanced_assignment(scores)
     assert_balanced(assignment, num_tokens, num_experts)
-    assert_near_optimal(scores, assignment)
+    assert_near_optimal(scores, assignment, relative_gap=1e-4)
 
 
 def test_extra_tokens_go_to_the_lowest_index_experts():
@@ -123,7 +124,7 @@ def test_round_bound_keeps_exact_balance(max_rounds):
     scores = dominant_expert(300, 12, seed=1)
     assignment = balanced_assignment(scores, max_rounds=max_rounds)
     assert_balanced(assignment, 300, 12)
-    assert_near_optimal(scores, assignment)
+    assert_near_optimal(scores, assignment, relative_gap=1e-4)  # the fallback is not a greedy fill
 
 
 def test_sync_free_checks_give_a_valid_near_optimal_answer():
@@ -141,7 +142,7 @@ def test_prices_certify_the_gap():
     upper_bound = float((scores - prices).amax(dim=1).sum() + (capacities * prices).sum())
     optimum, ours = exact_optimum(scores), total(scores, assignment)
     assert ours <= optimum * (1 + 1e-12) and optimum <= upper_bound * (1 + 1e-12)
-    assert upper_bound - ours <= 2048 * 1e-2 * residual_std(scores)
+    assert upper_bound - ours <= 2048 * 3e-3 * residual_std(scores)
 
 
 def test_non_finite_scores_are_replaced_by_extreme_finite_ones():
@@ -170,8 +171,10 @@ def test_low_precision_inputs_are_solved_in_fp32(dtype):
 
 def test_deterministic():
     scores = integer_ties(777, 16, seed=8)  # many exact ties
+    original = scores.clone()
     first = balanced_assignment(scores)
     assert all(torch.equal(first, balanced_assignment(scores)) for _ in range(3))
+    assert torch.equal(scores, original)  # the input is left alone
     assert torch.equal(balanced_assignment(scores, check_every=5), balanced_assignment(scores, check_every=5))
 
 
@@ -193,5 +196,9 @@ def test_degenerate_shapes():
 def test_bad_inputs_get_a_one_line_error(bad, message):
     with pytest.raises(ValueError, match=message):
         balanced_assignment(bad)
-    with pytest.raises(ValueError, match="eps > 0"):
-        balanced_assignment(torch.randn(8, 2), eps=0)
+
+
+@pytest.mark.parametrize("options", [{"eps": 0}, {"max_rounds": -1}, {"check_every": 0}])
+def test_bad_options_get_a_one_line_error(options):
+    with pytest.raises(ValueError, match="need eps > 0, max_rounds >= 0, check_every >= 1"):
+        balanced_assignment(torch.randn(8, 2), **options)
