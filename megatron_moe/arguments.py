@@ -184,6 +184,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Checks the parallel layout and model shape; fills in derived values. Raises ConfigError."""
     from megatron_moe.moe.registry import ROUTING_SCHEMES
 
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
+        _require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     for name, size in (("tensor", tp), ("pipeline", pp), ("expert", ep)):
         _require(size >= 1, f"--{name}-model-parallel-size must be >= 1, got {size}")

@@ -14,28 +14,43 @@ A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states of
 of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Two fixes are needed
 for megatron-core 0.16.1's DistributedOptimizer with torch's AdamW (no TE/apex FusedAdam); both are here,
 in :func:`_create_missing_adam_state` and :func:`_unshare_adam_steps`, and explained there.
+
+Resharding: a checkpoint loads into another TP/PP/EP layout (tests/test_convert_checkpoint.py), optimizer
+included unless ``--use-distributed-optimizer`` (whose dp_reshardable state only changes the data-parallel
+size). Tensors are stored under layout-independent names: the save passes megatron-LM's sharded-state-dict
+metadata :data:`SHARDED_METADATA` (``chained_optim_avoid_prefix``: with EP > 1 megatron chains a dense and an
+expert optimizer and would otherwise prefix their keys ``chained_N.``) and stores it in the checkpoint
+(``content_metadata``); the load builds its template with the metadata the checkpoint was written with, so
+checkpoints written before it existed (prefixed keys) still resume in their own layout. What the optimizer
+keeps outside tensors (param groups, the common Adam step) is regrouped by :func:`_regroup_optimizer_state`
+when the number of chained optimizers changes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe.arguments import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.json"
+# megatron-LM's sharded-state-dict metadata: optimizer keys without the chained_N. prefix (the same in every
+# expert-parallel layout), one sharded tensor per expert weight tensor (not one per local expert)
+SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}
 # dp_reshardable: the one DistributedOptimizer format that saves on megatron-core 0.16.1 and loads
 # exactly (with the fixes below). The default, fully_sharded_model_space, fails to save.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+DISTRIBUTED_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 # Flags that fix the shapes or meaning of the saved tensors: loading across a difference is an error.
 MODEL_FIELDS = (
@@ -47,6 +62,12 @@ MODEL_FIELDS = (
 # The distributed optimizer's dp_reshardable state can change the data-parallel size, not the others.
 DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                 "expert_model_parallel_size")
+# Recorded, not compared: what else rebuilding the model needs (tools/convert_checkpoint.py export).
+DESCRIPTIVE_FIELDS = (
+    "norm_epsilon", "rotary_base", "rotary_percent", "moe_router_topk", "moe_router_num_groups",
+    "moe_router_group_topk", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
+    "make_vocab_size_divisible_by", "padded_vocab_size", "init_method_std",
+)
 
 
 def checkpoint_dir(root: str, iteration: int) -> Path:
@@ -65,11 +86,26 @@ def read_tracker(root: str):
 
 
 def run_config(args) -> Dict[str, object]:
-    """What a checkpoint records about the run that wrote it."""
-    config = {field: getattr(args, field, None) for field in MODEL_FIELDS + DISTRIBUTED_OPTIMIZER_FIELDS}
+    """What a checkpoint records about the run that wrote it (``moe_routing_flags``: the routing scheme's
+    own flags by destination, e.g. ``sam_num_groups``)."""
+    fields = MODEL_FIELDS + DISTRIBUTED_OPTIMIZER_FIELDS + DESCRIPTIVE_FIELDS
+    config = {field: getattr(args, field, None) for field in fields}
+    config["moe_routing_flags"] = {action.dest: getattr(args, action.dest, None)
+                                   for action in routing_scheme_actions(args.moe_router_type)}
     config["use_distributed_optimizer"] = args.use_distributed_optimizer
     config["world_size"] = dist.get_world_size()
     return config
+
+
+def routing_scheme_actions(name: str) -> List[argparse.Action]:
+    """The argparse actions of routing scheme ``name``'s own flags (none for topk)."""
+    from megatron_moe.moe.registry import ROUTING_SCHEMES
+
+    parser = argparse.ArgumentParser(add_help=False)
+    scheme = ROUTING_SCHEMES.get(name)
+    if scheme is not None and scheme.add_arguments is not None:
+        scheme.add_arguments(parser.add_argument_group())
+    return parser._actions
 
 
 def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, where: Path) -> None:
@@ -113,11 +149,18 @@ def _sub_optimizers(optimizer):
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
-def _sharded_state_dict(job, is_loading: bool, with_optimizer: bool, with_rng: bool) -> Dict[str, object]:
-    model_state = job.model.module.sharded_state_dict()
+def sharded_metadata(args) -> Dict[str, object]:
+    """The sharded-state-dict metadata a checkpoint of this run is written with."""
+    if args.use_distributed_optimizer:
+        return {**SHARDED_METADATA, **DISTRIBUTED_OPTIMIZER_METADATA}
+    return dict(SHARDED_METADATA)
+
+
+def _sharded_state_dict(job, metadata: Optional[dict], is_loading: bool, with_optimizer: bool,
+                        with_rng: bool) -> Dict[str, object]:
+    model_state = job.model.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_state}
     if with_optimizer:
-        metadata = OPTIMIZER_METADATA if job.args.use_distributed_optimizer else None
         state["optimizer"] = job.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
         state["scheduler"] = job.scheduler.state_dict()
     if with_rng:
@@ -173,10 +216,10 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    state = _sharded_state_dict(job, is_loading=False, with_optimizer=True, with_rng=True)
+    metadata = sharded_metadata(args)
+    state = _sharded_state_dict(job, metadata, is_loading=False, with_optimizer=True, with_rng=True)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
-    metadata = OPTIMIZER_METADATA if args.use_distributed_optimizer else None
     dist_checkpointing.save(state, str(directory), content_metadata=metadata)
     _stop_writer_result_manager()
     if dist.get_rank() == 0:
@@ -229,15 +272,25 @@ def load_checkpoint(job) -> Tuple[int, int]:
     load_optimizer = not (args.finetune or args.no_load_optim)
     load_rng = not (args.finetune or args.no_load_rng) and saved.get("world_size") == dist.get_world_size()
     check_compatible(saved, args, load_optimizer, directory)
-    if load_optimizer:
-        _create_missing_adam_state(job.optimizer)
-    template = _sharded_state_dict(job, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng)
-    loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
+    try:
+        # written with: None before checkpoints recorded it (keys then carry the chained_N. prefix)
+        metadata = dist_checkpointing.load_content_metadata(str(directory))
+        if load_optimizer:
+            _create_missing_adam_state(job.optimizer)
+        template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer,
+                                       with_rng=load_rng)
+        loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
+        if load_optimizer:  # its non-tensor part as saved (param groups, step), see _regroup_optimizer_state
+            saved_optimizer = dist_checkpointing.load_common_state_dict(str(directory))["optimizer"]
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is no Exception
+        raise ConfigError(f"--load {args.load}: cannot read {directory} ({_first_failure(error)}); the "
+                          "checkpoint is damaged or incomplete: load another iteration or save it again") from error
 
     job.model.module.load_state_dict(loaded["model"])
     if load_optimizer:
+        optimizer_state = _regroup_optimizer_state(loaded["optimizer"], saved_optimizer, job.optimizer, directory)
         with torch.no_grad():
-            job.optimizer.load_state_dict(loaded["optimizer"])
+            job.optimizer.load_state_dict(optimizer_state)
         _unshare_adam_steps(job.optimizer, args.use_distributed_optimizer)
         job.scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
@@ -245,3 +298,40 @@ def load_checkpoint(job) -> Tuple[int, int]:
     if args.finetune:
         return 0, 0
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def _first_failure(error: BaseException) -> str:
+    """One line naming what went wrong; a CheckpointException holds every rank's (exception, traceback)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _regroup_optimizer_state(loaded, saved, optimizer, directory: Path):
+    """The loaded optimizer state in this run's chaining of optimizers.
+
+    With EP > 1 megatron chains a dense and an expert optimizer; with EP = 1 there is one. Their tensors load
+    into this run's template whatever the saved chaining (layout-independent keys), but what the optimizer
+    keeps outside tensors (``param_groups``, Adam's ``common_step``) comes back as it was saved. When the
+    number of optimizers differs, every current optimizer takes its own param groups (their hyperparameters
+    come from this run's flags, the learning rate from the scheduler) and the saved step, which megatron
+    keeps equal across chained optimizers.
+    """
+    current = _sub_optimizers(optimizer)
+    saved_subs = [saved] if "param_groups" in saved else [saved[key] for key in sorted(saved)]
+    if len(saved_subs) == len(current):
+        return loaded
+    if any("fp32_from_fp16_params" in sub or "param_state" in sub for sub in saved_subs + [loaded]):
+        raise ConfigError(f"--load {directory}: changing the expert-parallel size of a checkpoint with a bf16/fp16 "
+                          "or distributed optimizer is not supported; pass --no-load-optim")
+    step = saved_subs[0]["state"].get("common_step")
+    views = [loaded] if len(current) == 1 else [loaded[i] for i in range(len(current))]
+    regrouped = []
+    for sub, view in zip(current, views):
+        state = {key: value for key, value in view["state"].items() if key != "common_step"}
+        if step is not None:
+            state["common_step"] = step
+        regrouped.append({"state": state, "param_groups": sub.state_dict()["param_groups"]})
+    return regrouped[0] if len(regrouped) == 1 else dict(enumerate(regrouped))

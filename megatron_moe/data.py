@@ -44,9 +44,23 @@ def build_tokenizer(args):
         tokenizer = text_tokenizers.build_tokenizer(args.tokenizer_type, **files)
     except Exception as error:  # missing/corrupt local files: a user error, one line
         raise ConfigError(f"--tokenizer-type {args.tokenizer_type}: {error}") from error
-    # GPTDataset names its index caches after these
-    tokenizer.unique_identifiers = {"class": args.tokenizer_type, **files}
-    return tokenizer
+    return DatasetTokenizer(tokenizer, {"class": args.tokenizer_type, **files})
+
+
+class DatasetTokenizer:
+    """A preprocessing tokenizer as megatron-core's GPTDataset / MockGPTDataset read one: ``eod``,
+    ``vocab_size`` and ``unique_identifiers`` (what the index caches are named after); everything else
+    (``encode``, ``decode``, ...) is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer, unique_identifiers: Dict[str, object]):
+        self.tokenizer = tokenizer
+        self.eod, self.vocab_size = tokenizer.eod, tokenizer.vocab_size
+        self.unique_identifiers = unique_identifiers
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "tokenizer":  # copy/pickle probe before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
 
 
 def parse_blend(data_path: List[str]):

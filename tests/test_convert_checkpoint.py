@@ -1,10 +1,12 @@
 """Export to / import from Hugging Face transformers, and resharding between parallel layouts.
 
-One dense+MoE model (exported as Qwen2-MoE) is trained 3 iterations in one process, saving at 2 and 3.
-TP=2, PP=2 and EP=2 runs load its iteration-2 checkpoint (1 -> 2 resharding), train iteration 3 with
-the same loss as the one process, and save; each of their checkpoints is exported (2 -> 1 resharding)
-and the Hugging Face model's logits must equal the one-process model's. A top-2 all-MoE model with GQA,
-untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through import.
+One dense+MoE model (exported as Qwen2-MoE) is trained 5 iterations in one process, saving at 2. For
+each axis, a TP=2, PP=2 or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with
+the one process's losses and saves every iteration; one process loads the 2-process iteration-3 checkpoint
+(2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the optimizer state).
+The export of each 2-process checkpoint must give the one-process model's logits. A top-2 all-MoE model
+with GQA, untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through
+import. BASE and SAM models trained with EP=2 go to our own modeling code (trust_remote_code).
 """
 
 import json
@@ -32,10 +34,13 @@ LAYOUTS = {
 TOLERANCE = 1e-4
 
 
+CONVERT_ENV = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+               "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+
+
 def convert(*argv, check=True):
     result = subprocess.run([sys.executable, str(TOOL), *argv], cwd=REPO, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                                 "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"})
+                            env=CONVERT_ENV)
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -53,32 +58,39 @@ def hf_logits(folder, tokens):
         return model, model(tokens).logits
 
 
+def checkpoint_at(root: Path, iteration: int, dest: Path) -> Path:
+    """A --save directory holding only ``root``'s checkpoint of ``iteration``."""
+    name = f"iter_{iteration:07d}"
+    shutil.copytree(root / name, dest / name)
+    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return dest
+
+
+# the learning-rate schedule must not depend on --train-iters: runs of different lengths are compared
+RESHARD = MIX + ["--train-iters", "5", "--lr-decay-iters", "10"]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    result = train(tmp, "one", 1, MIX + ["--train-iters", "3", "--save-interval", "2", "--save", str(tmp / "ckpt")])
-    at2 = tmp / "ckpt_at_2"  # the same run's iteration-2 checkpoint on its own
-    at2.mkdir()
-    shutil.copytree(tmp / "ckpt" / "iter_0000002", at2 / "iter_0000002")
-    (at2 / "latest_checkpointed_iteration.txt").write_text("2")
+    result = train(tmp, "one", 1, RESHARD + ["--save-interval", "2", "--save", str(tmp / "ckpt")])
+    checkpoint_at(tmp / "ckpt", 2, tmp / "ckpt_at_2")
     return tmp, result
 
 
-# EP>1 chains two optimizers ("chained_0.optimizer..." keys), one process saves "optimizer...":
-# megatron_moe.checkpointing cannot yet load a 1-process optimizer state into EP=2 (KeyError).
-EP_OPTIMIZER_RESHARD = pytest.mark.xfail(strict=True, reason="checkpointing: optimizer keys differ when EP>1 chains")
-
-
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=EP_OPTIMIZER_RESHARD) if name == "EP2" else name
-                                    for name in sorted(LAYOUTS)])
-def test_reshard_and_export_from_layout(layout, reference, tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     ref_dir, ref = reference
-    flags = MIX + LAYOUTS[layout] + ["--train-iters", "3", "--load", str(ref_dir / "ckpt_at_2"),
-                                     "--save", str(tmp_path / "ckpt")]
-    result = train(tmp_path, layout, 2, flags)
-    # 1 -> 2: the resharded iteration-2 state trains iteration 3 exactly as the one process did
-    assert result["losses"] == pytest.approx(ref["losses"][2:], rel=1e-5)
-    # 2 -> 1: the export reassembles the full model
+    two = train(tmp_path, layout, 2, RESHARD + LAYOUTS[layout] + [
+        "--load", str(ref_dir / "ckpt_at_2"), "--save", str(tmp_path / "ckpt"), "--save-interval", "1"])
+    # 1 -> 2: the resharded iteration-2 state (model and optimizer) trains on as the one process did
+    print(f"{layout}: 1 -> 2 losses {two['losses']} (one process {ref['losses'][2:]})")
+    assert two["losses"] == pytest.approx(ref["losses"][2:], rel=1e-5)
+    # 2 -> 1: one process resumes the 2-process iteration-3 checkpoint as the 2 processes went on
+    back = train(tmp_path, "back", 1, RESHARD + ["--load", str(checkpoint_at(tmp_path / "ckpt", 3, tmp_path / "at3"))])
+    print(f"{layout}: 2 -> 1 losses {back['losses']} (2 processes {two['losses'][1:]})")
+    assert back["losses"] == pytest.approx(two["losses"][1:], rel=1e-5)
+    # the export reassembles the full model of the 2-process checkpoint
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
     model, logits = hf_logits(tmp_path / "hf", ref["tokens"])
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
@@ -118,6 +130,37 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
     convert("export", "--load", str(tmp_path / "imported"), "--output", str(tmp_path / "hf2"))
     _, round_trip = hf_logits(tmp_path / "hf2", ref["tokens"])
     assert torch.equal(round_trip, logits)
+
+
+ROUTED = {
+    "BASE": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
+             "--moe-layer-freq", "[0,1,1,1]"],
+    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-renormalize-gates"],
+}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTED))
+def test_remote_code_export_from_ep2(router, tmp_path):
+    """BASE (greedy argmax at inference, sigmoid gate) and SAM (group switch, top-k inside) have no
+    transformers class: the folder carries our modeling code, loaded with trust_remote_code."""
+    flags = TINY_MOE + ROPE + ROUTED[router] + ["--expert-model-parallel-size", "2", "--train-iters", "2",
+                                               "--save", str(tmp_path / "ckpt")]
+    train(tmp_path, router, 2, flags)
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
+    ours = tmp_path / "ours.pt"  # our model from the same checkpoint, evaluation mode (BASE: greedy)
+    subprocess.run([sys.executable, str(SCRIPTS / "checkpoint_logits.py"), str(ours), str(tmp_path / "ckpt")],
+                   cwd=REPO, check=True, capture_output=True, env=dict(CONVERT_ENV, PYTHONPATH=str(REPO)))
+    ref = torch.load(ours)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                              trust_remote_code=True).eval()
+    assert type(model).__name__ == "MegatronMoeForCausalLM" and model.config.moe_router_type == router.lower()
+    with torch.no_grad():
+        diff = (model(ref["tokens"]).logits - ref["logits"]).abs().max().item()
+    print(f"{router}: max abs logit diff {diff:.3e}")
+    assert diff <= TOLERANCE
+    prompt = torch.tensor([ref["greedy"][:4]])
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+    assert generated == ref["greedy"][:len(generated)] and len(generated) > 4
 
 
 def test_bad_inputs_fail_in_one_line_and_write_nothing(reference, tmp_path):

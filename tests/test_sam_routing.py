@@ -1,4 +1,5 @@
-"""SAM routing: the one-copy dispatcher equals one process, sends one row per token, k=1 is Switch, trains."""
+"""SAM routing: the one-copy dispatcher equals one process (also with expert tensor parallelism), sends one
+row per token, k=1 is Switch, trains."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ TOKENS = 48
 LAYER = TINY_MOE + ["--num-layers", "1", "--num-experts", "8", "--moe-router-type", "sam", "--sam-num-groups", "4",
                     "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
                     "--sam-alignment-loss-coeff", "0", "--train-iters", "1"]
+TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 GROUP_LIMITED = TINY_MOE + ["--num-layers", "1", "--num-experts", "8", "--moe-aux-loss-coeff", "0",
                             "--moe-router-num-groups", "2", "--moe-router-group-topk", "1", "--train-iters", "1"]
 
@@ -37,9 +39,14 @@ def reference(tmp_path_factory):
     return run_layer(tmp_path_factory.mktemp("sam_reference"), 1, LAYER + ["--moe-router-topk", "2"])
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_layer_equals_one_process_and_sends_each_token_once(ep, reference, tmp_path):
-    result = run_layer(tmp_path, ep, LAYER + ["--moe-router-topk", "2", "--expert-model-parallel-size", str(ep)])
+# moe_layer_step gives every rank its own tokens: under TP x EP that is each TP rank's sequence shard
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["--expert-model-parallel-size", "2"]),
+    (4, ["--expert-model-parallel-size", "4"]),
+    (4, TP2 + ["--expert-model-parallel-size", "2"]),
+], ids=["EP2", "EP4", "TP2xEP2"])
+def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, reference, tmp_path):
+    result = run_layer(tmp_path, nproc, LAYER + ["--moe-router-topk", "2", *layout])
     assert torch.equal(result["tokens"], reference["tokens"])
     torch.testing.assert_close(result["output"], reference["output"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result["input_grad"], reference["input_grad"], rtol=1e-5, atol=1e-6)
@@ -71,12 +78,25 @@ def test_top1_with_one_expert_per_group_is_a_switch_layer(tmp_path):
     assert result["rows"] == TOKENS  # one row per token at k = 1 too
 
 
-def test_pretraining_with_sam_learns_and_ep2_equals_one_process(tmp_path):
-    flags = TINY_MOE + ["--moe-router-type", "sam", "--sam-num-groups", "2"]
-    one = train_losses(1, flags, tmp_path, 4)
-    ep2 = train_losses(2, flags + ["--expert-model-parallel-size", "2"], tmp_path, 4)
-    assert ep2 == pytest.approx(one, rel=1e-5)
-    assert ep2[-1] < ep2[0]
+# SAM's three aux losses are on (their default coefficients): under sequence parallelism each TP rank
+# routes half of every sequence, and the losses must still be those of the whole micro batch.
+PRETRAIN = TINY_MOE + ["--moe-router-type", "sam", "--sam-num-groups", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    return train_losses(1, PRETRAIN, tmp_path_factory.mktemp("sam_pretrain"), 4)
+
+
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["--expert-model-parallel-size", "2"]),
+    (2, TP2),
+    (4, TP2 + ["--expert-model-parallel-size", "2"]),
+], ids=["EP2", "TP2", "TP2xEP2"])
+def test_pretraining_with_sam_learns_and_equals_one_process(nproc, layout, one_process_losses, tmp_path):
+    losses = train_losses(nproc, PRETRAIN + layout, tmp_path, 4)
+    assert losses == pytest.approx(one_process_losses, rel=1e-5)
+    assert losses[-1] < losses[0]
 
 
 # ---------------------------------------------------------------------------------------------- in process
@@ -120,7 +140,6 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
     (["--sam-num-groups", "3"], 1, "must divide --num-experts"),
     (["--sam-num-groups", "2", "--expert-model-parallel-size", "4"], 4, "multiple of --expert-model-parallel-size"),
     (["--sam-num-groups", "4", "--moe-router-topk", "3"], 1, "exceeds the 2 experts"),
-    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2, "tensor-model-parallel-size 1 only"),
     (["--moe-router-num-groups", "2"], 1, "use --sam-num-groups"),
     (["--sam-capacity-factor", "0"], 1, "must be > 0"),
 ])
@@ -145,3 +164,24 @@ def test_fp8_padding_makes_every_expert_count_a_multiple_of_16_and_combine_drops
     assert torch.equal(padded_rows[:3], rows[:3]) and torch.equal(padded_rows[16:20], rows[3:])
     assert padded_gates.sum() == 7 and padded_rows[3:16].abs().sum() == 0
     assert torch.equal(padded_rows[dispatcher.padded_positions], rows)
+
+
+def test_loss_shares_of_sequence_shards_add_up_to_the_whole_batch_loss(monkeypatch):
+    """Under sequence parallelism each rank sums the token counts over its group and keeps its own sums of p."""
+    from megatron_moe.moe import sam
+
+    logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    p, group, experts, _ = sam_route(logits, num_groups=4, topk=2, renormalize=False)
+    valid = torch.ones(16)
+    shards = [(p[:7], group[:7], experts[:7], valid[:7]), (p[7:], group[7:], experts[7:], valid[7:])]
+    local_counts = []
+    monkeypatch.setattr(sam, "_summed_over", lambda counts, group: local_counts.append(counts) or counts)
+    for shard_p, shard_group, shard_experts, shard_valid in shards:
+        sam_losses(shard_p, shard_group, shard_experts, 4, shard_valid, reduce_group="tp")
+    monkeypatch.setattr(sam, "_summed_over", lambda counts, group: sum(local_counts))
+    shares = [sam_losses(*shard[:3], 4, shard[3], reduce_group="tp") for shard in shards]
+    monkeypatch.undo()
+    whole = sam_losses(p, group, experts, 4, valid)
+    for index, loss in enumerate(whole):
+        torch.testing.assert_close(shares[0][index] + shares[1][index], loss)
+        assert shares[0][index] != loss  # one shard alone is not the whole batch

@@ -3,13 +3,16 @@
     python tools/convert_checkpoint.py export --load CKPT_DIR --output HF_DIR [--overwrite] [-- MODEL FLAGS]
     python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite]
 
-``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration); flags after ``--``
-are our training flags for what the checkpoint does not record (e.g. the tokenizer files). ``import``
+``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration) and rebuilds the model
+from the run config it records; flags after ``--`` are training flags that override it (e.g. another
+tokenizer). top-k routing exports to transformers' Mixtral / Qwen2-MoE; BASE and SAM to our modeling code
+in the folder (``trust_remote_code=True``). ``import``
 writes iteration 0 of a checkpoint that ``pretrain_gpt_moe.py --load CKPT_DIR --finetune`` starts from.
 Needs the optional extra: ``pip install .[hf]``.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -32,10 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the optional [hf] extra: checked before anything runs, so that an ImportError inside them is a bug report
+HF_PACKAGES = ("transformers", "safetensors", "tokenizers")
+
+
+def missing_hf_packages():
+    return [name for name in HF_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    missing = missing_hf_packages()
+    if missing:
+        print(f"convert_checkpoint.py: error: {', '.join(missing)} not installed: pip install '.[hf]'", file=sys.stderr)
+        return 2
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # conversion runs on the CPU, one process
     from megatron_moe.arguments import ConfigError
     from megatron_moe.conversion.hf_layout import ConversionError
@@ -49,10 +64,6 @@ def main(argv=None) -> int:
             from megatron_moe.conversion.hf_import import import_hf
 
             lines = import_hf(args.hf, args.save, args.overwrite, overrides)
-    except ImportError as error:
-        print(f"convert_checkpoint.py: error: {error.name or error} is not installed: pip install '.[hf]'",
-              file=sys.stderr)
-        return 2
     except (ConversionError, ConfigError) as error:
         print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
         return 2

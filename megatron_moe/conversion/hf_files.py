@@ -16,17 +16,21 @@ from typing import Dict, Iterator, List
 
 import torch
 
-from megatron_moe.conversion.hf_layout import ConversionError
+from megatron_moe.conversion.hf_layout import REMOTE_CODE_DIR, ConversionError
 
 SAFE_INDEX = "model.safetensors.index.json"
+
+
+def refuse_existing(destination: str, overwrite: bool, flag: str) -> None:
+    if Path(destination).exists() and not overwrite:
+        raise ConversionError(f"{flag} {destination} already exists; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
 def atomic_directory(destination: str, overwrite: bool, flag: str) -> Iterator[Path]:
     """Yields an empty temporary folder that becomes ``destination`` when the block succeeds."""
+    refuse_existing(destination, overwrite, flag)
     target = Path(destination).resolve()
-    if target.exists() and not overwrite:
-        raise ConversionError(f"{flag} {destination} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -87,6 +91,14 @@ def read_safetensors(folder: Path) -> Dict[str, torch.Tensor]:
             raise ConversionError(f"--hf {folder}: shard {shard} named in {SAFE_INDEX} is missing")
         tensors.update(load_file(str(folder / shard)))
     return tensors
+
+
+def copy_remote_code(folder: Path) -> List[str]:
+    """Our modeling code for the routing schemes no transformers class has (config.json's ``auto_map``)."""
+    names = sorted(path.name for path in REMOTE_CODE_DIR.glob("*_megatron_moe.py"))
+    for name in names:
+        shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
+    return names
 
 
 def write_json(path: Path, value) -> None:

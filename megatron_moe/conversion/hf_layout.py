@@ -9,6 +9,10 @@ RoPE over the whole head, SwiGLU, no linear biases):
   the softmax over all experts without renormalising, Qwen2-MoE's ``norm_topk_prob=False``). Its shared
   expert is given zero width, so it adds exactly zero.
 
+BASE and SAM routing (``--moe-router-type base|sam``) have no transformers class: they are exported as
+``MegatronMoeForCausalLM``, our own modeling code (``remote_code/``: Qwen2-MoE with our MoE block) that the
+export copies into the folder and registers through ``auto_map`` (``trust_remote_code=True`` loads it).
+
 Tensors are written in the per-expert layout of the published Mixtral / Qwen checkpoints, which every
 transformers version loads. Everything here works on plain ``{name: tensor}`` dicts of the one-process
 model (global layer and expert numbers, full tensors); nothing imports transformers.
@@ -17,16 +21,23 @@ model (global layer and expert numbers, full tensors); nothing imports transform
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
 
 MIXTRAL = "MixtralForCausalLM"
 QWEN2_MOE = "Qwen2MoeForCausalLM"
+REMOTE = "MegatronMoeForCausalLM"  # our modeling code, shipped in the folder
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
+REMOTE_AUTO_MAP = {"AutoConfig": "configuration_megatron_moe.MegatronMoeConfig",
+                   "AutoModelForCausalLM": "modeling_megatron_moe.MegatronMoeForCausalLM"}
 
 # (block holding the router and experts, gate, up, down) of each class's per-expert checkpoint layout
-_EXPERT_NAMES = {MIXTRAL: ("block_sparse_moe", "w1", "w3", "w2"), QWEN2_MOE: ("mlp", "gate_proj", "up_proj", "down_proj")}
-_MODEL_TYPES = {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe"}
+_EXPERT_NAMES = {MIXTRAL: ("block_sparse_moe", "w1", "w3", "w2"), QWEN2_MOE: ("mlp", "gate_proj", "up_proj", "down_proj"),
+                 REMOTE: ("mlp", "gate_proj", "up_proj", "down_proj")}
+_MODEL_TYPES = {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe", REMOTE: "megatron_moe"}
+EXPORTED_ROUTERS = ("topk", "base", "sam")
 
 
 class ConversionError(ValueError):
@@ -53,8 +64,10 @@ def query_groups(args) -> int:
 def check_exportable(args) -> None:
     """Raises ConversionError naming the first flag no transformers built-in class reproduces."""
     _require(args.num_experts is not None, "--num-experts is unset: only MoE models are exported")
-    _require(args.moe_router_type == "topk",
-             f"--moe-router-type {args.moe_router_type}: no transformers built-in class routes this way")
+    _require(args.moe_router_type in EXPORTED_ROUTERS,
+             f"--moe-router-type {args.moe_router_type}: export supports {', '.join(EXPORTED_ROUTERS)}")
+    _require(getattr(args, "moe_router_load_balancing_type", "aux_loss") != "sinkhorn",
+             "--moe-router-load-balancing-type sinkhorn: its routing has no exported equivalent")
     _require(args.position_embedding_type == "rope",
              f"--position-embedding-type {args.position_embedding_type}: the exported classes need rope")
     _require(args.rotary_percent == 1.0, f"--rotary-percent {args.rotary_percent}: the exported classes need 1.0")
@@ -65,6 +78,8 @@ def check_exportable(args) -> None:
 
 
 def hf_architecture(args) -> str:
+    if args.moe_router_type != "topk":
+        return REMOTE
     all_moe = all(args.moe_layer_pattern)
     return MIXTRAL if all_moe and args.moe_router_topk >= 2 else QWEN2_MOE
 
@@ -98,12 +113,16 @@ def hf_config(args, vocab_size: int, eos_token_id) -> Dict:
     if arch == MIXTRAL:
         config.update(num_local_experts=args.num_experts, intermediate_size=args.moe_ffn_hidden_size,
                       sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
-    else:
-        config.update(num_experts=args.num_experts, intermediate_size=args.ffn_hidden_size,
-                      moe_intermediate_size=args.moe_ffn_hidden_size, shared_expert_intermediate_size=0,
-                      decoder_sparse_step=1, norm_topk_prob=args.moe_router_topk > 1, qkv_bias=False,
-                      mlp_only_layers=[i for i, moe in enumerate(args.moe_layer_pattern) if not moe],
-                      use_sliding_window=False, sliding_window=None, output_router_logits=False)
+        return config
+    config.update(num_experts=args.num_experts, intermediate_size=args.ffn_hidden_size,
+                  moe_intermediate_size=args.moe_ffn_hidden_size, shared_expert_intermediate_size=0,
+                  decoder_sparse_step=1, norm_topk_prob=args.moe_router_topk > 1, qkv_bias=False,
+                  mlp_only_layers=[i for i, moe in enumerate(args.moe_layer_pattern) if not moe],
+                  use_sliding_window=False, sliding_window=None, output_router_logits=False)
+    if arch == REMOTE:
+        config.update(auto_map=REMOTE_AUTO_MAP, moe_router_type=args.moe_router_type)
+        if args.moe_router_type == "sam":
+            config.update(sam_num_groups=args.sam_num_groups, sam_renormalize_gates=args.sam_renormalize_gates)
     return config
 
 
@@ -186,7 +205,9 @@ def _layer_pairs(args, arch: str, layer: int) -> List[Tuple[str, str]]:
         (ours + "self_attention.linear_proj.weight", theirs + "self_attn.o_proj.weight"),
         (ours + "pre_mlp_layernorm.weight", theirs + "post_attention_layernorm.weight"),
     ]
-    if args.moe_layer_pattern[layer]:
+    if args.moe_layer_pattern[layer] and args.moe_router_type == "base":
+        pairs.append((ours + "mlp.router.centroids", theirs + "mlp.centroids"))
+    elif args.moe_layer_pattern[layer]:
         pairs.append((ours + "mlp.router.weight", theirs + f"{block}.gate.weight"))
     return pairs
 

@@ -13,7 +13,8 @@ add up:
 
 Backward sends the same rows in the opposite direction (the all-to-all's gradient is the reverse
 all-to-all), so forward counts describe both. Only the expert-parallel collectives are counted: with
-TP > 1 megatron's alltoall dispatcher adds a tensor-parallel all-gather that is not included.
+TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and a reduce-scatter (combine)
+inside the expert tensor-parallel group (usually within a node) that are not included.
 
 :func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
 ``{name: float}`` scalars; it is registered with ``megatron_moe.metrics`` so the training log and

@@ -15,7 +15,9 @@ The rule is deterministic (no noise), so training and evaluation route alike; ev
 
 Losses (each has its own coefficient, is attached to the probs with megatron's ``MoEAuxLossAutoScaler`` so
 it back-propagates, and is logged under its own name by megatron's aux-loss tracker). All are means over
-this micro batch's tokens on this rank, as megatron's own aux loss is:
+this micro batch's tokens, as megatron's own aux loss is; under sequence (or context) parallelism the
+micro batch's tokens are spread over the tensor (x context) parallel ranks, so token counts are summed over
+them and each rank attaches its share of the loss (see :func:`sam_losses`):
 
 - ``sam_group_balance_loss``: Switch balance over groups, ``G * sum_g mean_t(s_g) * fraction_t(group = g)``
   (1 when balanced);
@@ -29,7 +31,10 @@ this micro batch's tokens on this rank, as megatron's own aux loss is:
 Unlike Hetu (which places k copies of a token and allows k <= 2) :class:`SAMDispatcher` sends each token
 ONCE: groups are laid out so that each expert-parallel rank holds whole groups; the token travels to the
 rank of its group, is expanded there to its k local experts, the k outputs are combined with the gates on
-that rank, and one vector per token comes back. Same code on CPU/gloo and GPU/NCCL.
+that rank, and one vector per token comes back. With tensor parallelism (expert TP = TP, sequence
+parallel) the tensor-parallel ranks of an expert all-gather the tokens they received and reduce-scatter the
+combined vectors, inside their TP group: each token still crosses the expert-parallel network once each
+way. Same code on CPU/gloo and GPU/NCCL.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import utils
-from megatron.core.tensor_parallel import all_to_all
+from megatron.core.tensor_parallel import (
+    all_to_all,
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
@@ -64,11 +73,6 @@ class SAMOptions:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _token_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens (dim 0) of the valid (weight 1) tokens."""
-    return (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0) / weights.sum().clamp(min=1)
-
-
 def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: bool):
     """The SAM rule on ``logits [T, E]``: returns ``p [T, E]`` (softmax), ``group [T]``, ``experts [T, k]``
     (global ids, ascending), ``gates [T, k]``."""
@@ -85,27 +89,44 @@ def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: boo
     return p, group, experts, gates
 
 
+def _summed_over(counts: torch.Tensor, group) -> torch.Tensor:
+    """``counts`` summed over the ranks of ``group`` (no gradient: they are token counts)."""
+    counts = counts.detach().clone()
+    if group is not None and utils.get_pg_size(group) > 1:
+        dist.all_reduce(counts, group=group)
+    return counts
+
+
 def sam_losses(p: torch.Tensor, group: torch.Tensor, experts: torch.Tensor, num_groups: int,
-               valid: torch.Tensor):
-    """(group balance, expert balance inside groups, alignment) on ``valid`` tokens; see the module doc."""
+               valid: torch.Tensor, reduce_group=None):
+    """(group balance, expert balance inside groups, alignment) on ``valid`` tokens; see the module doc.
+
+    With sequence (or context) parallelism this rank holds a shard of the micro batch's tokens and the
+    other shards are on ``reduce_group``. Token counts are then summed over it while the sums of ``p``
+    stay local, so each loss is this rank's share of the micro batch's loss: the shares add up to it and
+    each rank's gradient is the gradient of the whole loss with respect to its own tokens (megatron's
+    TopKRouter splits its aux loss the same way)."""
     tokens, num_experts = p.shape
     width, topk = num_experts // num_groups, experts.shape[1]
+    valid = valid.to(p.dtype).unsqueeze(1)
     group_score = p.view(tokens, num_groups, width).sum(-1)
-    chosen = torch.nn.functional.one_hot(group, num_groups).to(p.dtype)
-    group_balance = num_groups * (_token_mean(group_score, valid) * _token_mean(chosen, valid)).sum()
+    chosen = torch.nn.functional.one_hot(group, num_groups).to(p.dtype) * valid
+    selected = torch.zeros_like(p).scatter(1, experts, 1.0) * valid
+    counts = _summed_over(torch.cat([valid.sum(0), chosen.sum(0), selected.sum(0)]), reduce_group)
+    num_tokens, per_group, per_expert = counts[0].clamp(min=1), counts[1 : 1 + num_groups], counts[1 + num_groups :]
 
-    selected = torch.zeros_like(p).scatter(1, experts, 1.0)
-    in_chosen_group = chosen.repeat_interleave(width, dim=1)  # [T, E]: expert's group is the token's
-    weights = valid.to(p.dtype).unsqueeze(1) * in_chosen_group
-    tokens_in_group = weights.sum(0).clamp(min=1)  # per expert: tokens that chose its group
+    group_balance = num_groups * ((group_score * valid).sum(0) / num_tokens * per_group / num_tokens).sum()
+
+    in_chosen_group = chosen.repeat_interleave(width, dim=1)  # [T, E]: a valid token of the expert's group
+    tokens_in_group = per_group.repeat_interleave(width).clamp(min=1)
     in_group_share = p / group_score.repeat_interleave(width, dim=1)
-    mean_share = (in_group_share * weights).sum(0) / tokens_in_group
-    fraction = (selected * weights).sum(0) / (topk * tokens_in_group)
+    mean_share = (in_group_share * in_chosen_group).sum(0) / tokens_in_group
+    fraction = per_expert / (topk * tokens_in_group)
     expert_balance = (width / num_groups) * (mean_share * fraction).sum()
 
     kth_gate = p.gather(1, experts).min(-1, keepdim=True).values
-    outside = 1.0 - in_chosen_group
-    alignment = _token_mean((torch.relu(p - kth_gate) * outside).sum(-1), valid.to(p.dtype))
+    outside = valid - in_chosen_group  # [T, E]: a valid token, the expert outside its group
+    alignment = (torch.relu(p - kth_gate) * outside).sum() / num_tokens
     return group_balance, expert_balance, alignment
 
 
@@ -128,13 +149,15 @@ class SAMRouter(Router):
             valid = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
             if padding_mask is not None:
                 valid = padding_mask.reshape(-1).to(p.dtype)
-            losses = sam_losses(p, group, experts, opts.num_groups, valid)
+            # under sequence/context parallelism the micro batch's other tokens are on tp_cp_group
+            losses = sam_losses(p, group, experts, opts.num_groups, valid, reduce_group=self.tp_cp_group)
             coeffs = (opts.group_balance_loss_coeff, opts.expert_balance_loss_coeff, opts.alignment_loss_coeff)
             for name, loss, coeff in zip(self.LOSS_NAMES, losses, coeffs):
                 if coeff > 0:
                     probs = MoEAuxLossAutoScaler.apply(probs, coeff * loss)
+                    # logged: the shares summed over tp_cp_group, then averaged over data-parallel ranks
                     save_to_aux_losses_tracker(name, loss, self.layer_number, self.config.num_layers,
-                                               avg_group=self.tp_dp_cp_group)
+                                               reduce_group=self.tp_cp_group)
         return probs, routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -159,8 +182,14 @@ class SAMDispatcher(MoETokenDispatcher):
     experts (sorted by expert for megatron's experts, which apply the gates), combine the k outputs there,
     all-to-all one vector back, restore the token order.
 
-    Rows on the wire per token: 1 (dispatch) + 1 (combine), whatever k, plus 2k floats of routing metadata
-    (gates and local expert ids). megatron's alltoall dispatcher sends k rows each way.
+    Rows on the expert-parallel network per token: 1 (dispatch) + 1 (combine), whatever k, plus 2k floats
+    of routing metadata (gates and local expert ids). megatron's alltoall dispatcher sends k rows each way.
+
+    With expert tensor parallelism (TP > 1, sequence parallel: each TP rank routes its own shard of the
+    sequence) every TP rank of an expert holds a slice of its weights and must see all of its tokens, as in
+    megatron's alltoall dispatcher: after the all-to-all the TP ranks all-gather what they received (one
+    row per token, inside the TP group), compute their partial expert outputs, combine the k of them per
+    token, and reduce-scatter the sums back so each TP rank returns its own tokens through the all-to-all.
     """
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
@@ -213,6 +242,9 @@ class SAMDispatcher(MoETokenDispatcher):
         return hidden, metadata
 
     def dispatch_postprocess(self, hidden, metadata):
+        self.tp_splits, self.gate_dtype = None, metadata.dtype
+        if self.tp_size > 1:
+            hidden, metadata = self._gather_over_tensor_parallel(hidden, metadata)
         received = hidden.shape[0]
         gates, local_ids = metadata[:, : self.topk], metadata[:, self.topk :].long()
         expert_of_pair = local_ids.reshape(-1)
@@ -226,6 +258,16 @@ class SAMDispatcher(MoETokenDispatcher):
             expanded, expanded_gates, tokens_per_expert = self._pad_per_expert(
                 expanded, expanded_gates, tokens_per_expert)
         return expanded, tokens_per_expert.cpu(), expanded_gates
+
+    def _gather_over_tensor_parallel(self, hidden, metadata):
+        """What every rank of this expert-TP group received, in TP-rank order (each rank's own tokens are
+        the ``tp_splits[tp_rank]`` rows after the earlier ranks')."""
+        received = torch.tensor([hidden.shape[0]], device=hidden.device)
+        self.tp_splits = gather_from_sequence_parallel_region(received, group=self.tp_group).tolist()
+        hidden = gather_from_sequence_parallel_region(hidden, group=self.tp_group, output_split_sizes=self.tp_splits)
+        metadata = gather_from_sequence_parallel_region(metadata, group=self.tp_group,
+                                                        output_split_sizes=self.tp_splits)
+        return hidden, metadata
 
     def _pad_per_expert(self, rows, gates, tokens_per_expert):
         """Zero rows (gate 0) after each expert's rows so that every count is a multiple of ``align``."""
@@ -244,7 +286,14 @@ class SAMDispatcher(MoETokenDispatcher):
         if self.padded_positions is not None:
             expert_output = expert_output[self.padded_positions]
         combined = expert_output.new_zeros(self.num_received, expert_output.shape[-1])
-        return combined.index_add(0, self.rows, expert_output)  # the k outputs were already gate-scaled
+        combined = combined.index_add(0, self.rows, expert_output)  # the k outputs were already gate-scaled
+        if self.tp_splits is not None:
+            # each TP rank holds partial sums (row-parallel fc2): add them up in the gates' precision (as
+            # megatron's alltoall dispatcher does), keep this rank's tokens
+            combined = reduce_scatter_to_sequence_parallel_region(
+                combined.to(self.gate_dtype), group=self.tp_group, input_split_sizes=self.tp_splits
+            ).to(combined.dtype)
+        return combined
 
     def token_combine(self, hidden):
         return all_to_all(self.ep_group, hidden, self.input_splits, self.output_splits)
@@ -286,8 +335,6 @@ def validate(args: argparse.Namespace) -> None:
     if k > experts // groups:
         raise ConfigError(f"--moe-router-topk {k} exceeds the {experts // groups} experts of a SAM group; "
                           "lower it or use fewer --sam-num-groups")
-    if args.tensor_model_parallel_size != 1:
-        raise ConfigError("--moe-router-type sam supports --tensor-model-parallel-size 1 only for now")
     if args.moe_router_num_groups is not None:
         raise ConfigError("--moe-router-num-groups is megatron's group-limited topk routing; "
                           "with --moe-router-type sam use --sam-num-groups")

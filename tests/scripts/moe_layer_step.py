@@ -1,9 +1,10 @@
 """torchrun tests/scripts/moe_layer_step.py OUT_DIR TOTAL_TOKENS <pretrain flags for a 1-layer model>
 
 Runs the model's MoE layer alone, forward and backward, on fixed tokens: TOTAL_TOKENS drawn from a seeded
-generator and split evenly over the ranks (one process runs all of them: the reference). Each rank saves
-OUT_DIR/rank{r}.pt: its tokens, output, input gradient, the router weight gradient summed over ranks, the
-global weights of its experts, and the comm_stats counts of the layer.
+generator and split evenly over the ranks (one process runs all of them: the reference); with tensor
+parallelism a rank's tokens are its sequence-parallel shard. Each rank saves OUT_DIR/rank{r}.pt: its
+tokens, output, input gradient, the router weight gradient summed over ranks, the weights of its experts by
+global index (this rank's slices when TP > 1), and the comm_stats counts of the layer.
 """
 
 import os

@@ -1,0 +1,84 @@
+"""Hugging Face model of a megatron-moe model routed by BASE or SAM (inference rules).
+
+Written into every exported folder by megatron-moe's tools/convert_checkpoint.py, loaded with
+``trust_remote_code=True``. The model is Qwen2-MoE's (attention, norms, rotary embedding, dense layers,
+KV cache, ``generate()``) with each MoE block replaced by :class:`MegatronMoeSparseBlock`, which computes
+what megatron-moe computes in evaluation mode.
+"""
+
+import torch
+from torch import nn
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeMLP, Qwen2MoeSparseMoeBlock
+
+from .configuration_megatron_moe import MegatronMoeConfig
+
+
+def base_route(hidden: torch.Tensor, centroids: torch.Tensor):
+    """BASE at inference: the expert of largest affinity ``h . c_e`` (greedy, no balancing), gate
+    ``sigmoid(h . c_e)``. Returns (experts [T, 1], gates [T, 1], fp32)."""
+    experts = (hidden.float() @ centroids.float().t()).argmax(-1, keepdim=True)
+    gates = torch.sigmoid((hidden * centroids[experts[:, 0]]).sum(-1, keepdim=True).float())
+    return experts, gates
+
+
+def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: bool):
+    """SAM: ``p = softmax(logits)`` over all experts; the group whose experts' ``p`` sum highest; its ``topk``
+    most probable experts, gated by their ``p`` (divided by the sum of the k with ``renormalize``)."""
+    tokens, num_experts = logits.shape
+    width = num_experts // num_groups
+    p = torch.softmax(logits.float(), dim=-1).view(tokens, num_groups, width)
+    group = p.sum(-1).argmax(-1)
+    in_group = p[torch.arange(tokens, device=p.device), group]
+    gates, slot = torch.topk(in_group, topk, dim=-1)
+    if renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return group.unsqueeze(1) * width + slot, gates
+
+
+class MegatronMoeSparseBlock(nn.Module):
+    """Routes each token to its experts (SwiGLU MLPs) and sums their outputs scaled by the gates."""
+
+    def __init__(self, config: MegatronMoeConfig):
+        super().__init__()
+        self.config = config
+        if config.moe_router_type == "base":
+            self.centroids = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        elif config.moe_router_type == "sam":
+            self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        else:
+            raise ValueError(f"moe_router_type {config.moe_router_type!r}: expected 'base' or 'sam'")
+        self.experts = nn.ModuleList(Qwen2MoeMLP(config, intermediate_size=config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
+
+    def route(self, hidden: torch.Tensor):
+        if self.config.moe_router_type == "base":
+            return base_route(hidden, self.centroids)
+        return sam_route(self.gate(hidden), self.config.sam_num_groups, self.config.num_experts_per_tok,
+                         self.config.sam_renormalize_gates)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        experts, gates = self.route(hidden)
+        out = torch.zeros_like(hidden)
+        for expert in experts.unique().tolist():
+            rows, slot = (experts == expert).nonzero(as_tuple=True)
+            scaled = self.experts[expert](hidden[rows]) * gates[rows, slot].unsqueeze(1).to(hidden.dtype)
+            out.index_add_(0, rows, scaled)
+        return out.view(hidden_states.shape)
+
+
+class MegatronMoeForCausalLM(Qwen2MoeForCausalLM):
+    config_class = MegatronMoeConfig
+
+    def __init__(self, config: MegatronMoeConfig):
+        super().__init__(config)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, Qwen2MoeSparseMoeBlock):
+                layer.mlp = MegatronMoeSparseBlock(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MegatronMoeSparseBlock) and hasattr(module, "centroids"):
+            with torch.no_grad():
+                module.centroids.normal_(mean=0.0, std=self.config.initializer_range)
