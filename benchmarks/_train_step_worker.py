@@ -60,7 +60,6 @@ def main(out_dir: Path, warmup: int, iters: int, argv) -> None:
         "model": {**{name: getattr(args, name) for name in MODEL_FACTS},
                   "dtype": str(job.config.params_dtype).removeprefix("torch.")},
     }))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ case "$ROUTER" in
     *) echo "ROUTER must be topk, base or sam" >&2; exit 2 ;;
 esac
 PARALLEL_ARGS=(--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2)
-# SAM supports tensor parallel size 1 only for now: experts spread over more ranks instead
-[ "$ROUTER" = sam ] && PARALLEL_ARGS=(--tensor-model-parallel-size 1 --expert-model-parallel-size 4)
 
 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 4 pretrain_gpt_moe.py \
     --device cpu \

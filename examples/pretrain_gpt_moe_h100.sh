@@ -20,8 +20,6 @@ case "$ROUTER" in
     *) echo "ROUTER must be topk, base or sam" >&2; exit 2 ;;
 esac
 PARALLEL_ARGS=(--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 4)
-# SAM supports tensor parallel size 1 only for now: experts spread over more ranks instead
-[ "$ROUTER" = sam ] && PARALLEL_ARGS=(--tensor-model-parallel-size 1 --expert-model-parallel-size 8)
 
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 8 \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" pretrain_gpt_moe.py \

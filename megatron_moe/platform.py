@@ -11,6 +11,7 @@ needs), and nothing else in the project patches megatron-core.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import inspect
@@ -73,6 +74,22 @@ def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
         timeout=datetime.timedelta(minutes=timeout_minutes),
         device_id=platform.device if platform.is_cuda else None,
     )
+    atexit.register(shutdown_distributed)
+
+
+def shutdown_distributed() -> None:
+    """Destroy megatron's groups and the default group while the interpreter is still whole.
+
+    A gloo process group left to interpreter finalisation may still hold finished work objects on its C++
+    threads; freeing them then needs the GIL, and the process dies with SIGABRT ("terminate called without
+    an active exception") after a successful run. NCCL asks for the same call on every normal exit.
+    """
+    if not dist.is_initialized():
+        return
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------

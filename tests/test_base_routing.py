@@ -115,8 +115,13 @@ def test_pretraining_loss_decreases_with_uniform_load(one_process_training):
     assert_uniform_load(one_process_training, 8 * 32)  # global batch 8 x 32 tokens per step
 
 
-def test_pretraining_expert_parallel_equals_one_process(one_process_training, tmp_path):
-    run = base_training(2, ["--no-base-shuffle", "--expert-model-parallel-size", "2"], tmp_path)
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["--expert-model-parallel-size", "2"]),
+    (2, ["--pipeline-model-parallel-size", "2"]),
+    (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
+], ids=["EP2", "PP2", "PP2xEP2"])
+def test_pretraining_parallel_equals_one_process(nproc, layout, one_process_training, tmp_path):
+    run = base_training(nproc, ["--no-base-shuffle", *layout], tmp_path)
     assert run["losses"] == pytest.approx(one_process_training["losses"], rel=1e-5)
     assert_uniform_load(run, 8 * 32)
 

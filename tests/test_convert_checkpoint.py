@@ -6,7 +6,8 @@ the one process's losses and saves every iteration; one process loads the 2-proc
 (2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the optimizer state).
 The export of each 2-process checkpoint must give the one-process model's logits. A top-2 all-MoE model
 with GQA, untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through
-import. BASE and SAM models trained with EP=2 go to our own modeling code (trust_remote_code).
+import. BASE and SAM models trained with TP=2, PP=2 or EP=2 go to our own modeling code
+(trust_remote_code).
 """
 
 import json
@@ -139,12 +140,13 @@ ROUTED = {
 }
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("router", sorted(ROUTED))
-def test_remote_code_export_from_ep2(router, tmp_path):
+def test_remote_code_export_from_layout(router, layout, tmp_path):
     """BASE (greedy argmax at inference, sigmoid gate) and SAM (group switch, top-k inside) have no
     transformers class: the folder carries our modeling code, loaded with trust_remote_code."""
-    flags = TINY_MOE + ROPE + ROUTED[router] + ["--expert-model-parallel-size", "2", "--train-iters", "2",
-                                               "--save", str(tmp_path / "ckpt")]
+    flags = TINY_MOE + ROPE + ROUTED[router] + LAYOUTS[layout] + ["--train-iters", "2",
+                                                                  "--save", str(tmp_path / "ckpt")]
     train(tmp_path, router, 2, flags)
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
     ours = tmp_path / "ours.pt"  # our model from the same checkpoint, evaluation mode (BASE: greedy)

@@ -47,5 +47,5 @@ def test_example_flags_parse(script, router, tmp_path):
     assert args.data_parallel_size * args.tensor_model_parallel_size == world_size
     if script.endswith("h100.sh"):
         assert world_size == 16 and options["--node_rank"] == "1"
-        assert args.bf16 and args.fp8_format == "hybrid" and (args.sequence_parallel or router == "sam")
+        assert args.bf16 and args.fp8_format == "hybrid" and args.sequence_parallel
         assert args.transformer_impl == "transformer_engine" and args.use_distributed_optimizer

@@ -92,7 +92,8 @@ def one_process_losses(tmp_path_factory):
     (2, ["--expert-model-parallel-size", "2"]),
     (2, TP2),
     (4, TP2 + ["--expert-model-parallel-size", "2"]),
-], ids=["EP2", "TP2", "TP2xEP2"])
+    (2, ["--pipeline-model-parallel-size", "2"]),
+], ids=["EP2", "TP2", "TP2xEP2", "PP2"])
 def test_pretraining_with_sam_learns_and_equals_one_process(nproc, layout, one_process_losses, tmp_path):
     losses = train_losses(nproc, PRETRAIN + layout, tmp_path, 4)
     assert losses == pytest.approx(one_process_losses, rel=1e-5)

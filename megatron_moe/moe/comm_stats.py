@@ -19,7 +19,8 @@ inside the expert tensor-parallel group (usually within a node) that are not inc
 :func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
 ``{name: float}`` scalars; it is registered with ``megatron_moe.metrics`` so the training log and
 TensorBoard show it. ``timing = True`` also records wall seconds spent in the collectives (synchronising
-the device around them; used by ``benchmarks/moe_dispatch.py``, off in training).
+the device around them and starting them together on every rank of the tensor x expert parallel group;
+used by ``benchmarks/moe_dispatch.py``, off in training).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def count(layer_number: int, step: str, dispatcher, tensors):
     start = None
     if timing:
         _synchronize(tensors[0])
+        # a collective's wall time otherwise includes waiting for the slowest rank to arrive
+        dist.barrier(group=dispatcher.tp_ep_group)
         start = time.perf_counter()
     yield
     if timing:

@@ -213,7 +213,12 @@ class SAMDispatcher(MoETokenDispatcher):
         order = self._send_order(rank, experts, gates)
         self.order = order
         self.num_tokens = tokens
-        self.send_counts = torch.bincount(rank[order], minlength=self.ep_size)
+        send_counts = torch.bincount(rank[order], minlength=self.ep_size)
+        # the split sizes are settled here, as megatron's alltoall dispatcher settles its own in
+        # preprocess, so that token_dispatch holds nothing but the token all-to-alls
+        self.input_splits = self.output_splits = send_counts.tolist()
+        if self.ep_size > 1:
+            self.output_splits = _exchange_counts(send_counts, self.ep_group).tolist()
         metadata = torch.cat([gates, local_ids.to(gates.dtype)], dim=1)
         return hidden[order], metadata[order]
 
@@ -233,10 +238,6 @@ class SAMDispatcher(MoETokenDispatcher):
         return order[position < capacity]  # groups are ordered by rank, so this is still by rank
 
     def token_dispatch(self, hidden, metadata):
-        self.input_splits = self.send_counts.tolist()
-        self.output_splits = self.input_splits
-        if self.ep_size > 1:
-            self.output_splits = _exchange_counts(self.send_counts, self.ep_group).tolist()
         hidden = all_to_all(self.ep_group, hidden, self.output_splits, self.input_splits)
         metadata = all_to_all(self.ep_group, metadata, self.output_splits, self.input_splits)
         return hidden, metadata
