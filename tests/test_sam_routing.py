@@ -24,7 +24,7 @@ def run_layer(tmp_path, nproc, flags):
     """Per-rank results of tests/scripts/moe_layer_step.py, concatenated in rank order."""
     torchrun(nproc, SCRIPTS / "moe_layer_step.py", [str(tmp_path), str(TOKENS), *flags])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
-    merged = {key: torch.cat([r[key] for r in ranks]) for key in ("tokens", "output", "input_grad")}
+    merged = {key: torch.cat([r[key] for r in ranks]) for key in ("tokens", "output", "input_grad", "eval_output")}
     merged["router_grad"] = ranks[0]["router_grad"]
     merged["router_weight"] = ranks[0]["router_weight"]
     merged["experts"] = {i: w for r in ranks for i, w in r["experts"].items()}
@@ -54,6 +54,30 @@ def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, refer
     assert result["output"].abs().sum() > 0 and result["router_grad"].abs().sum() > 0
     assert result["tokens_counted"] == TOKENS
     assert result["rows"] == TOKENS  # one row per token at k = 2
+    torch.testing.assert_close(result["eval_output"], reference["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_factor_drops_the_weakest_tokens_of_each_group_in_training_only(reference, tmp_path):
+    # 24 tokens per rank, 4 groups, factor 0.5: each rank routes at most 3 tokens to each group
+    result = run_layer(tmp_path, 2, LAYER + ["--moe-router-topk", "2", "--expert-model-parallel-size", "2",
+                                             "--sam-capacity-factor", "0.5"])
+    x = result["tokens"].reshape(TOKENS, -1)
+    p, group, _, gates = sam_route(x @ result["router_weight"].T, num_groups=4, topk=2, renormalize=False)
+    output = result["output"].reshape(TOKENS, -1)
+    kept = output.abs().sum(-1) > 0
+    for rank in (0, 1):
+        for g in range(4):
+            mine = torch.zeros(TOKENS, dtype=torch.bool)
+            mine[rank * 24:(rank + 1) * 24] = True
+            in_group = mine & (group == g)
+            assert int((in_group & kept).sum()) == min(3, int(in_group.sum()))
+            if (in_group & ~kept).any():  # every token dropped scores below every token kept
+                assert gates[in_group & ~kept].sum(-1).max() <= gates[in_group & kept].sum(-1).min()
+    assert 0 < int(kept.sum()) < TOKENS and result["rows"] == int(kept.sum())
+    torch.testing.assert_close(output[kept], reference["output"].reshape(TOKENS, -1)[kept], rtol=1e-5, atol=1e-6)
+    assert result["input_grad"].reshape(TOKENS, -1)[~kept].abs().sum() == 0  # dropped: no MoE gradient
+    # evaluation never drops: it equals the dropless layer
+    torch.testing.assert_close(result["eval_output"], reference["output"], rtol=1e-5, atol=1e-6)
 
 
 def test_megatron_group_limited_alltoall_sends_k_rows_per_token(tmp_path):

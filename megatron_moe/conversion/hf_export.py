@@ -146,7 +146,4 @@ def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[
     lines = [f"exported {directory} as {config['architectures'][0]} to {output} ({', '.join(written)})", tokenizer]
     if "auto_map" in config:
         lines.append("load it with trust_remote_code=True (its modeling code is in the folder)")
-    if getattr(args, "sam_capacity_factor", None) is not None:
-        lines.append(f"note: --sam-capacity-factor {args.sam_capacity_factor} is not applied: the exported model "
-                     "routes every token (dropless), as inference should not depend on the rest of the batch")
     return lines

@@ -12,6 +12,9 @@ split into G equal, contiguous groups:
 - gates: their raw ``p`` (Hetu's choice), or with ``--sam-renormalize-gates`` ``p / sum of the k p``.
 
 The rule is deterministic (no noise), so training and evaluation route alike; evaluation is greedy.
+``--sam-capacity-factor f`` lets each rank route at most ``ceil(f * tokens / G)`` of its tokens to each
+group in training (those with the largest gate sum; the others skip the layer through the residual).
+Evaluation is always dropless, so that a token's output does not depend on the rest of its batch.
 
 Losses (each has its own coefficient, is attached to the probs with megatron's ``MoEAuxLossAutoScaler`` so
 it back-propagates, and is logged under its own name by megatron's aux-loss tracker). All are means over
@@ -89,6 +92,19 @@ def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: boo
     return p, group, experts, gates
 
 
+def within_capacity(group: torch.Tensor, gates: torch.Tensor, num_groups: int, capacity_factor: float):
+    """Bool [T]: the tokens each group keeps, at most ``ceil(factor * T / G)`` per group, those with the
+    largest gate sum first (ties: the earlier token)."""
+    capacity = math.ceil(capacity_factor * group.numel() / num_groups)
+    by_score = torch.argsort(gates.detach().sum(-1), descending=True, stable=True)
+    ranked = by_score[torch.argsort(group[by_score], stable=True)]  # by group, best first inside each
+    per_group = torch.bincount(group, minlength=num_groups)
+    first_of_group = torch.cumsum(per_group, 0) - per_group
+    position = torch.empty_like(ranked)
+    position[ranked] = torch.arange(ranked.numel(), device=ranked.device) - first_of_group[group[ranked]]
+    return position < capacity
+
+
 def _summed_over(counts: torch.Tensor, group) -> torch.Tensor:
     """``counts`` summed over the ranks of ``group`` (no gradient: they are token counts)."""
     counts = counts.detach().clone()
@@ -145,6 +161,9 @@ class SAMRouter(Router):
         p, group, experts, gates = sam_route(logits, opts.num_groups, self.topk, opts.renormalize_gates)
         probs = torch.zeros_like(p).scatter(1, experts, gates)
         routing_map = torch.zeros_like(p, dtype=torch.bool).scatter(1, experts, True)
+        if self.training and opts.capacity_factor is not None:
+            kept = within_capacity(group, gates, opts.num_groups, opts.capacity_factor).unsqueeze(1)
+            probs, routing_map = probs * kept, routing_map & kept
         if self.training and torch.is_grad_enabled():
             valid = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
             if padding_mask is not None:
@@ -204,38 +223,25 @@ class SAMDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        tokens = hidden.shape[0]
-        experts = routing_map.nonzero()[:, 1].view(tokens, self.topk)  # row-major: ascending per token
-        gates = probs.gather(1, experts)
+        self.num_tokens = hidden.shape[0]
+        # tokens the router dropped (capacity factor) have no expert and are not sent
+        routed = routing_map.any(dim=-1).nonzero().squeeze(1)
+        experts = routing_map[routed].nonzero()[:, 1].view(-1, self.topk)  # row-major: ascending per token
+        gates = probs[routed].gather(1, experts)
         rank = experts[:, 0] // self.num_local_experts  # a group (all k experts) lives on one rank
         local_ids = experts - (rank * self.num_local_experts).unsqueeze(1)
 
-        order = self._send_order(rank, experts, gates)
-        self.order = order
-        self.num_tokens = tokens
-        send_counts = torch.bincount(rank[order], minlength=self.ep_size)
+        by_rank = torch.argsort(rank, stable=True)
+        self.order = routed[by_rank]
+        gates, local_ids = gates[by_rank], local_ids[by_rank]
+        send_counts = torch.bincount(rank, minlength=self.ep_size)
         # the split sizes are settled here, as megatron's alltoall dispatcher settles its own in
         # preprocess, so that token_dispatch holds nothing but the token all-to-alls
         self.input_splits = self.output_splits = send_counts.tolist()
         if self.ep_size > 1:
             self.output_splits = _exchange_counts(send_counts, self.ep_group).tolist()
         metadata = torch.cat([gates, local_ids.to(gates.dtype)], dim=1)
-        return hidden[order], metadata[order]
-
-    def _send_order(self, rank, experts, gates):
-        """Tokens grouped by destination rank (stable). With ``--sam-capacity-factor``, each group keeps at
-        most ``ceil(factor * tokens / groups)`` tokens of this rank, those with the largest gate sum."""
-        if self.options.capacity_factor is None:
-            return torch.argsort(rank, stable=True)
-        num_groups = self.options.num_groups
-        group = experts[:, 0] // (self.config.num_moe_experts // num_groups)
-        by_score = torch.argsort(gates.detach().sum(-1), descending=True, stable=True)
-        order = by_score[torch.argsort(group[by_score], stable=True)]
-        per_group = torch.bincount(group, minlength=num_groups)
-        starts = torch.cumsum(per_group, 0) - per_group
-        position = torch.arange(order.numel(), device=order.device) - starts[group[order]]
-        capacity = math.ceil(self.options.capacity_factor * rank.numel() / num_groups)
-        return order[position < capacity]  # groups are ordered by rank, so this is still by rank
+        return hidden[self.order], metadata
 
     def token_dispatch(self, hidden, metadata):
         hidden = all_to_all(self.ep_group, hidden, self.output_splits, self.input_splits)
@@ -300,7 +306,7 @@ class SAMDispatcher(MoETokenDispatcher):
         return all_to_all(self.ep_group, hidden, self.input_splits, self.output_splits)
 
     def combine_postprocess(self, hidden):
-        # tokens dropped by the capacity factor contribute nothing (the residual carries them)
+        # tokens the router dropped contribute nothing (the residual carries them)
         out = hidden.new_zeros(self.num_tokens, hidden.shape[-1]).index_copy(0, self.order, hidden)
         return out.view(self.hidden_shape)
 
@@ -320,7 +326,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--sam-expert-balance-loss-coeff", type=float, default=0.01)
     group.add_argument("--sam-alignment-loss-coeff", type=float, default=0.01)
     group.add_argument("--sam-capacity-factor", type=float, default=None,
-                       help="SAM: at most factor x tokens/groups tokens per group from each rank (default: dropless)")
+                       help="SAM, training: each rank routes at most factor x tokens/groups tokens to each group "
+                            "(default: dropless; evaluation is always dropless)")
 
 
 def validate(args: argparse.Namespace) -> None:

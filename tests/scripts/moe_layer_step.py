@@ -4,7 +4,8 @@ Runs the model's MoE layer alone, forward and backward, on fixed tokens: TOTAL_T
 generator and split evenly over the ranks (one process runs all of them: the reference); with tensor
 parallelism a rank's tokens are its sequence-parallel shard. Each rank saves OUT_DIR/rank{r}.pt: its
 tokens, output, input gradient, the router weight gradient summed over ranks, the weights of its experts by
-global index (this rank's slices when TP > 1), and the comm_stats counts of the layer.
+global index (this rank's slices when TP > 1), the comm_stats counts of the layer, and the output of an
+evaluation-mode forward on the same tokens.
 """
 
 import os
@@ -33,11 +34,16 @@ if __name__ == "__main__":
     output, _ = layer(tokens)
     (output * all_weights[mine].to(output.device)).sum().backward()
 
+    counts = comm_stats.local_counts()
+    layer.eval()
+    with torch.no_grad():
+        eval_output, _ = layer(tokens)
+
     router_grad = layer.router.weight.main_grad.clone()  # megatron DDP accumulates into main_grad
     dist.all_reduce(router_grad)
     experts = {global_index: {name: p.detach().cpu() for name, p in expert.named_parameters()}
                for global_index, expert in zip(layer.local_expert_indices, layer.experts.local_experts)}
     torch.save(dict(tokens=tokens.detach().cpu(), output=output.detach().cpu(), input_grad=tokens.grad.cpu(),
                     router_weight=layer.router.weight.detach().cpu(), router_grad=router_grad.cpu(),
-                    experts=experts, counts=comm_stats.local_counts()),
+                    experts=experts, counts=counts, eval_output=eval_output.cpu()),
                os.path.join(out_dir, f"rank{rank}.pt"))
