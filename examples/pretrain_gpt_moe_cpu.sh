@@ -17,7 +17,7 @@ fi
 case "$ROUTER" in
     topk) ROUTER_ARGS=(--moe-router-type topk --moe-router-topk 2 --moe-aux-loss-coeff 0.01) ;;
     base) ROUTER_ARGS=(--moe-router-type base --moe-router-topk 1) ;;
-    sam)  ROUTER_ARGS=(--moe-router-type sam --sam-num-groups 4 --moe-router-topk 1) ;;
+    sam)  ROUTER_ARGS=(--moe-router-type sam --sam-num-groups 2 --moe-router-topk 2) ;;
     *) echo "ROUTER must be topk, base or sam" >&2; exit 2 ;;
 esac
 PARALLEL_ARGS=(--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2)

@@ -29,6 +29,7 @@ def args_with(*flags, world_size=1):
         (["--num-attention-heads", "3"], 1, "not divisible by --num-attention-heads 3"),
         (["--moe-layer-freq", "[1,0]"], 1, "must hold 4 entries"),
         (["--fp8-format", "hybrid"], 1, "--fp8-format needs --transformer-impl transformer_engine"),
+        (["--lr-warmup-iters", "1"], 1, "--lr-warmup-iters 1 must be below the decay length 1"),
     ],
 )
 def test_impossible_layouts_are_one_line_errors(flags, world_size, message):
