@@ -11,19 +11,24 @@ on disk, and it is replaced atomically: a crash during a save leaves the previou
 ``--load`` resumes from.
 
 A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states of every rank and the number
-of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Two fixes are needed
-for megatron-core 0.16.1's DistributedOptimizer with torch's AdamW (no TE/apex FusedAdam); both are here,
-in :func:`_create_missing_adam_state` and :func:`_unshare_adam_steps`, and explained there.
+of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Three fixes are needed
+for megatron-core 0.16.1's DistributedOptimizer with torch's AdamW (no TE/apex FusedAdam); all are here,
+in :func:`_create_missing_adam_state`, :func:`_unshare_adam_steps` and :func:`_load_fully_reshardable`, and
+explained there.
 
-Resharding: a checkpoint loads into another TP/PP/EP layout (tests/test_convert_checkpoint.py), optimizer
-included unless ``--use-distributed-optimizer`` (whose dp_reshardable state only changes the data-parallel
-size). Tensors are stored under layout-independent names: the save passes megatron-LM's sharded-state-dict
-metadata :data:`SHARDED_METADATA` (``chained_optim_avoid_prefix``: with EP > 1 megatron chains a dense and an
-expert optimizer and would otherwise prefix their keys ``chained_N.``) and stores it in the checkpoint
-(``content_metadata``); the load builds its template with the metadata the checkpoint was written with, so
-checkpoints written before it existed (prefixed keys) still resume in their own layout. What the optimizer
-keeps outside tensors (param groups, the common Adam step) is regrouped by :func:`_regroup_optimizer_state`
-when the number of chained optimizers changes.
+Resharding: a checkpoint loads into another TP/PP/EP/DP layout, optimizer state included
+(tests/test_convert_checkpoint.py, tests/test_reshard_distributed_optimizer.py). With
+``--use-distributed-optimizer`` that needs ``--dist-ckpt-optim-fully-reshardable`` when saving (Megatron-LM's
+flag: the ``fully_reshardable`` format, which gathers each optimizer's state over its data-parallel group
+into model-shaped tensors); the default ``dp_reshardable`` format only changes the data-parallel size, and
+:func:`check_compatible` says so before loading. Tensors are stored under layout-independent names: the save
+passes megatron-LM's sharded-state-dict metadata (:data:`SHARDED_METADATA`, ``chained_optim_avoid_prefix``:
+with EP > 1 megatron chains a dense and an expert optimizer and would otherwise prefix their keys
+``chained_N.``, plus the distributed optimizer's format) and stores it in the checkpoint
+(``content_metadata``); the load builds its template with the metadata the checkpoint was written with,
+whatever this run's flags, so checkpoints written before it existed (prefixed keys) still resume in their
+own layout. What the optimizer keeps outside tensors (param groups, the common Adam step) is regrouped for
+this run's chaining of optimizers (:func:`_regroup_optimizer_state`, :func:`_load_fully_reshardable`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,6 +45,7 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moe.arguments import ConfigError
@@ -48,9 +55,10 @@ RUN_CONFIG = "run_config.json"
 # megatron-LM's sharded-state-dict metadata: optimizer keys without the chained_N. prefix (the same in every
 # expert-parallel layout), one sharded tensor per expert weight tensor (not one per local expert)
 SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}
-# dp_reshardable: the one DistributedOptimizer format that saves on megatron-core 0.16.1 and loads
-# exactly (with the fixes below). The default, fully_sharded_model_space, fails to save.
-DISTRIBUTED_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The DistributedOptimizer formats that save on megatron-core 0.16.1 and load exactly (with the fixes below):
+# dp_reshardable (its default) and, with --dist-ckpt-optim-fully-reshardable, fully_reshardable. megatron-core's
+# own default, fully_sharded_model_space, fails to save.
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
 # Flags that fix the shapes or meaning of the saved tensors: loading across a difference is an error.
 MODEL_FIELDS = (
@@ -59,7 +67,8 @@ MODEL_FIELDS = (
     "untie_embeddings_and_output_weights", "disable_bias_linear", "num_experts", "moe_ffn_hidden_size",
     "moe_layer_pattern", "moe_router_type", "tokenizer_vocab_size",
 )
-# The distributed optimizer's dp_reshardable state can change the data-parallel size, not the others.
+# The distributed optimizer's dp_reshardable state can change the data-parallel size, not these (its
+# fully_reshardable state, like every other optimizer's, can change them all).
 DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                 "expert_model_parallel_size")
 # Recorded, not compared: what else rebuilding the model needs (tools/convert_checkpoint.py export).
@@ -93,6 +102,7 @@ def run_config(args) -> Dict[str, object]:
     config["moe_routing_flags"] = {action.dest: getattr(args, action.dest, None)
                                    for action in routing_scheme_actions(args.moe_router_type)}
     config["use_distributed_optimizer"] = args.use_distributed_optimizer
+    config["distrib_optim_sharding_type"] = sharded_metadata(args).get("distrib_optim_sharding_type")
     config["world_size"] = dist.get_world_size()
     return config
 
@@ -109,18 +119,34 @@ def routing_scheme_actions(name: str) -> List[argparse.Action]:
 
 
 def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, where: Path) -> None:
-    """One-line ConfigError naming every model field that differs from the checkpoint's."""
+    """One-line ConfigError naming every field that differs from the checkpoint's and must not: the model's;
+    when the optimizer is loaded, its kind; and the parallel sizes when its state is dp_reshardable."""
+    checks = [(MODEL_FIELDS, "use the checkpoint's model flags")]
+    if loading_optimizer:
+        checks.append((("use_distributed_optimizer",),
+                       "give --use-distributed-optimizer as the checkpoint was saved, or pass --no-load-optim"))
+        if saved_sharding_type(saved) == DP_RESHARDABLE:
+            checks.append((DISTRIBUTED_OPTIMIZER_FIELDS,
+                           "its distributed-optimizer state is dp_reshardable (only the data-parallel size may "
+                           "change): resume it in its own layout with --dist-ckpt-optim-fully-reshardable to save "
+                           "a fully reshardable one, or pass --no-load-optim"))
     current = run_config(args)
-    fields = list(MODEL_FIELDS)
-    if loading_optimizer and args.use_distributed_optimizer and saved.get("use_distributed_optimizer"):
-        fields += DISTRIBUTED_OPTIMIZER_FIELDS
-    differing = [f for f in fields if _json(saved.get(f)) != _json(current[f])]
+    differing, hints = [], []
+    for fields, hint in checks:
+        found = [f for f in fields if _json(saved.get(f)) != _json(current[f])]
+        differing += found
+        hints += [hint] if found else []
     if differing:
-        hint = "use the checkpoint's model flags"
-        if set(differing) & set(DISTRIBUTED_OPTIMIZER_FIELDS):
-            hint += " (another parallel layout with --use-distributed-optimizer needs --no-load-optim)"
         listed = "; ".join(f"{f} (checkpoint {saved.get(f)!r}, now {current[f]!r})" for f in differing)
-        raise ConfigError(f"--load {where} was saved with a different config: {listed}; {hint}")
+        raise ConfigError(f"--load {where} was saved with a different config: {listed}; {'; '.join(hints)}")
+
+
+def saved_sharding_type(saved: Dict[str, object]) -> Optional[str]:
+    """The distributed optimizer's checkpoint format a run config records (None: another optimizer).
+    Checkpoints written before it was recorded are dp_reshardable."""
+    if not saved.get("use_distributed_optimizer"):
+        return None
+    return saved.get("distrib_optim_sharding_type", DP_RESHARDABLE)
 
 
 def _json(value):
@@ -152,7 +178,8 @@ def _sub_optimizers(optimizer):
 def sharded_metadata(args) -> Dict[str, object]:
     """The sharded-state-dict metadata a checkpoint of this run is written with."""
     if args.use_distributed_optimizer:
-        return {**SHARDED_METADATA, **DISTRIBUTED_OPTIMIZER_METADATA}
+        sharding = FULLY_RESHARDABLE if args.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
+        return {**SHARDED_METADATA, "distrib_optim_sharding_type": sharding}
     return dict(SHARDED_METADATA)
 
 
@@ -187,14 +214,16 @@ def _create_missing_adam_state(optimizer) -> None:
 
 
 @torch.no_grad()
-def _unshare_adam_steps(optimizer, distributed: bool) -> None:
+def _unshare_adam_steps(optimizer) -> None:
     """Gives every parameter its own ``step`` tensor holding the checkpoint's value.
 
     DistributedOptimizer.load_state_dict assigns ONE step tensor to every parameter (AdamW's ``step += 1``
-    then advances it once per parameter), and dp_reshardable's parameter-state copy overwrites it with the
-    pre-load value. The loaded param_groups carry the right step; every parameter gets a copy of it.
+    then advances it once per parameter), dp_reshardable's parameter-state copy overwrites it with the
+    pre-load value and :func:`_load_fully_reshardable` removes it. The loaded param_groups carry the right
+    step; every parameter gets a copy of it.
     """
     for sub in _sub_optimizers(optimizer):
+        distributed = isinstance(sub, DistributedOptimizer)
         inner = sub.optimizer
         for group in inner.param_groups:
             for param in group["params"]:
@@ -220,8 +249,8 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     state = _sharded_state_dict(job, metadata, is_loading=False, with_optimizer=True, with_rng=True)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
+    _keep_write_results_in_process()
     dist_checkpointing.save(state, str(directory), content_metadata=metadata)
-    _stop_writer_result_manager()
     if dist.get_rank() == 0:
         (directory / RUN_CONFIG).write_text(json.dumps(run_config(args), indent=1))
     dist.barrier()  # every rank's shards are on disk: only now may the tracker name this iteration
@@ -234,19 +263,16 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     return directory
 
 
-def _stop_writer_result_manager() -> None:
-    """Stops the multiprocessing Manager server megatron-core's torch_dist writer starts on first save.
+def _keep_write_results_in_process() -> None:
+    """Hands megatron-core's torch_dist writer an in-process queue for its write results.
 
-    It would otherwise live for the rest of the run, and a rank killed by SIGKILL (a crashed node, the
-    scheduler) would leave it orphaned, holding the job's stdout open. The next save starts a new one.
+    Our saves are synchronous: the writer's results never leave this process. Without this, the writer
+    starts a multiprocessing Manager server for them (a spawned interpreter: ~3 s per save on CPU), which
+    would also outlive a rank killed by SIGKILL (a crashed node, the scheduler), holding the job's stdout open.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    queue = getattr(filesystem_async, "_results_queue", None)
-    manager = getattr(queue, "_manager", None)
-    if manager is not None:
-        manager.shutdown()
-    filesystem_async._results_queue = None
+    filesystem_async._results_queue = queue.Queue()
 
 
 def load_checkpoint(job) -> Tuple[int, int]:
@@ -288,10 +314,7 @@ def load_checkpoint(job) -> Tuple[int, int]:
 
     job.model.module.load_state_dict(loaded["model"])
     if load_optimizer:
-        optimizer_state = _regroup_optimizer_state(loaded["optimizer"], saved_optimizer, job.optimizer, directory)
-        with torch.no_grad():
-            job.optimizer.load_state_dict(optimizer_state)
-        _unshare_adam_steps(job.optimizer, args.use_distributed_optimizer)
+        _load_optimizer_state(job.optimizer, loaded["optimizer"], saved_optimizer, metadata)
         job.scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"], job.platform)
@@ -309,29 +332,86 @@ def _first_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _regroup_optimizer_state(loaded, saved, optimizer, directory: Path):
-    """The loaded optimizer state in this run's chaining of optimizers.
+def _load_optimizer_state(optimizer, loaded, saved, metadata: Optional[dict]) -> None:
+    """Restores the optimizer from ``loaded`` (this run's template filled from the checkpoint) and ``saved``
+    (the checkpoint's non-tensor optimizer state, in the chaining it was written with)."""
+    with torch.no_grad():
+        if (metadata or {}).get("distrib_optim_sharding_type") == FULLY_RESHARDABLE:
+            _load_fully_reshardable(optimizer, loaded, _chained(saved))
+        else:
+            optimizer.load_state_dict(_regroup_optimizer_state(loaded, saved, optimizer))
+    _unshare_adam_steps(optimizer)
+
+
+def _chained(state) -> list:
+    """The per-optimizer parts of an optimizer state dict: megatron keys a chain's by 0, 1, ..."""
+    if state and all(isinstance(key, int) for key in state):
+        return [state[key] for key in sorted(state)]
+    return [state]
+
+
+def _current_parts(loaded, count: int) -> list:
+    """Each of this run's ``count`` optimizers' part of the loaded dict: where its template put it (the
+    saved chain's non-tensor parts may lie beside it)."""
+    return [loaded] if count == 1 else [loaded[i] for i in range(count)]
+
+
+def _load_fully_reshardable(optimizer, loaded, saved_subs: list) -> None:
+    """Loads a fully_reshardable DistributedOptimizer checkpoint into any TP/PP/EP/DP layout.
+
+    The tensors (main params, Adam moments) come from this run's template, one ``param_state`` per current
+    optimizer. The param groups come from the checkpoint: each current group takes the saved group of
+    the same identity (megatron's ``param_group_identifier_keys``: weight-decay and lr multipliers, expert or
+    not), or, when the saved chaining has none (EP = 1 saved, EP > 1 now: the expert group), its own with
+    the saved Adam step. The step is popped from the per-parameter state before the tensor copy, which
+    megatron-core 0.16.1 would otherwise fail on (``KeyError: 'step'``, it only expects tensors to copy);
+    :func:`_unshare_adam_steps` puts it back.
+    """
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    def identity(group):
+        return tuple(group.get(key) for key in param_group_identifier_keys)
+
+    saved_groups = {identity(g): g for sub in saved_subs for g in sub["optimizer"]["param_groups"]}
+    step = next(g["step"] for g in saved_groups.values() if "step" in g)
+    current = _sub_optimizers(optimizer)
+    for sub, part in zip(current, _current_parts(loaded, len(current))):
+        groups = [saved_groups.get(identity(g), {**g, "step": step})
+                  for g in sub.state_dict()["optimizer"]["param_groups"]]
+        sub.load_state_dict({"optimizer": {"param_groups": groups}})
+        for state in sub.optimizer.state.values():
+            state.pop("step", None)
+        sub.load_parameter_state_from_fully_reshardable(part["param_state"])
+
+
+def _regroup_optimizer_state(loaded, saved, optimizer):
+    """The loaded optimizer state in this run's chaining of optimizers (all formats but fully_reshardable).
 
     With EP > 1 megatron chains a dense and an expert optimizer; with EP = 1 there is one. Their tensors load
     into this run's template whatever the saved chaining (layout-independent keys), but what the optimizer
     keeps outside tensors (``param_groups``, Adam's ``common_step``) comes back as it was saved. When the
     number of optimizers differs, every current optimizer takes its own param groups (their hyperparameters
     come from this run's flags, the learning rate from the scheduler) and the saved step, which megatron
-    keeps equal across chained optimizers.
+    keeps equal across chained optimizers. The bf16 optimizer nests torch's state under ``optimizer`` next
+    to its fp32 main params (``fp32_from_fp16_params``, loaded like the other tensors).
     """
     current = _sub_optimizers(optimizer)
-    saved_subs = [saved] if "param_groups" in saved else [saved[key] for key in sorted(saved)]
+    saved_subs = _chained(saved)
     if len(saved_subs) == len(current):
         return loaded
-    if any("fp32_from_fp16_params" in sub or "param_state" in sub for sub in saved_subs + [loaded]):
-        raise ConfigError(f"--load {directory}: changing the expert-parallel size of a checkpoint with a bf16/fp16 "
-                          "or distributed optimizer is not supported; pass --no-load-optim")
-    step = saved_subs[0]["state"].get("common_step")
-    views = [loaded] if len(current) == 1 else [loaded[i] for i in range(len(current))]
+    step = _torch_state(saved_subs[0])["state"].get("common_step")
     regrouped = []
-    for sub, view in zip(current, views):
-        state = {key: value for key, value in view["state"].items() if key != "common_step"}
+    for sub, view in zip(current, _current_parts(loaded, len(current))):
+        view = {key: value for key, value in view.items() if not isinstance(key, int)}  # not the saved chain's
+        torch_view = _torch_state(view)
+        state = {key: value for key, value in torch_view["state"].items() if key != "common_step"}
         if step is not None:
             state["common_step"] = step
-        regrouped.append({"state": state, "param_groups": sub.state_dict()["param_groups"]})
+        torch_view.update(state=state, param_groups=_torch_state(sub.state_dict())["param_groups"])
+        regrouped.append(view)
     return regrouped[0] if len(regrouped) == 1 else dict(enumerate(regrouped))
+
+
+def _torch_state(optimizer_state: dict) -> dict:
+    """The torch optimizer's state dict inside a megatron optimizer's (the bf16 optimizer nests it)."""
+    return optimizer_state.get("optimizer", optimizer_state)

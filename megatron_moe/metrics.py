@@ -39,6 +39,21 @@ def extra_scalars() -> Dict[str, float]:
     return scalars
 
 
+def _tracked_loss_names(args) -> List[str]:
+    """The names megatron's aux-loss tracker gets from this run's MoE layers (on the stages that have them)."""
+    names = []
+    if args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
+        names.append(_AUX_LOSS_NAMES[args.moe_router_load_balancing_type])
+    if args.moe_z_loss_coeff is not None:
+        names.append("z_loss")
+    if args.moe_router_type == "sam":
+        from megatron_moe.moe.sam import SAMRouter
+
+        coeffs = (args.sam_group_balance_loss_coeff, args.sam_expert_balance_loss_coeff, args.sam_alignment_loss_coeff)
+        names += [name for name, coeff in zip(SAMRouter.LOSS_NAMES, coeffs) if coeff > 0]
+    return names
+
+
 def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, float]:
     """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call.
 
@@ -47,11 +62,10 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
     if args.num_experts is None:
         return {}
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    expected = _AUX_LOSS_NAMES.get(args.moe_router_load_balancing_type)
-    if expected and args.moe_aux_loss_coeff > 0 and expected not in tracker:
-        # a pipeline stage without MoE layers must still join the reduction
-        tracker[expected] = {"values": torch.zeros(num_layers, device=device), "reduce_group": None, "avg_group": None,
-                             "reduce_group_has_dp": False}
+    for name in _tracked_loss_names(args):
+        if name not in tracker:  # a pipeline stage without MoE layers must still join the reduction
+            tracker[name] = {"values": torch.zeros(num_layers, device=device), "reduce_group": None,
+                             "avg_group": None, "reduce_group_has_dp": False}
     if not tracker:
         return {}
     names = sorted(tracker)

@@ -85,6 +85,10 @@ def build_model(config: GPTMoEConfig, args) -> GPTModel:
         rotary_base=args.rotary_base,
     )
     initialize_weights(model, config, args.seed)
+    if config.bf16:
+        # what Megatron-LM's Float16Module does to the parameters: a few (the learned position embedding)
+        # are created in fp32 whatever params_dtype says
+        model = model.bfloat16()
     return model
 
 
@@ -94,6 +98,8 @@ def build_model(config: GPTMoEConfig, args) -> GPTModel:
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+# --moe-grouped-gemm: Transformer Engine's TEGroupedMLP holds local expert i's matrix as linear_fcN.weight{i}
+_GROUPED_EXPERT = re.compile(r"experts\.(linear_fc[12])\.weight(\d+)$")
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -110,11 +116,23 @@ def global_parameter_name(model: GPTModel, name: str) -> str:
     if expert_match is not None:
         expert = layer.mlp.local_expert_indices[int(expert_match.group(1))]
         name = _LOCAL_EXPERT.sub(f"local_experts.{expert}.", name, count=1)
+    grouped_match = _GROUPED_EXPERT.search(name)
+    if grouped_match is not None:  # named as SequentialMLP names it: both initialise the same experts
+        linear, local = grouped_match.groups()
+        expert = layer.mlp.local_expert_indices[int(local)]
+        name = _GROUPED_EXPERT.sub(f"experts.local_experts.{expert}.{linear}.weight", name)
     return name
 
 
-def _tensor_parallel_slice(full: torch.Tensor, param: torch.nn.Parameter, rank: int, size: int, gated: bool):
-    dim = param.partition_dim
+def _partition_dim(name: str, param: torch.nn.Parameter) -> int:
+    grouped_match = _GROUPED_EXPERT.search(name)
+    if grouped_match is not None:
+        # TE marks every grouped weight as split on dim 0; megatron splits fc2 (row parallel) on dim 1
+        return 0 if grouped_match.group(1) == "linear_fc1" else 1
+    return param.partition_dim
+
+
+def _tensor_parallel_slice(full: torch.Tensor, dim: int, rank: int, size: int, gated: bool):
     if gated:
         # A gated (SwiGLU) fc1 keeps [gate; up] per rank: each half is sharded on its own.
         return torch.cat([half.chunk(size, dim)[rank] for half in full.chunk(2, dim)], dim)
@@ -143,10 +161,11 @@ def initialize_weights(model: GPTModel, config: TransformerConfig, seed: int) ->
         rank, size = etp if "experts" in name else tp
         shape = list(param.shape)
         if sharded:
-            shape[param.partition_dim] *= size
-        std = output_std if name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
+            dim = _partition_dim(name, param)
+            shape[dim] *= size
+        std = output_std if global_name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
         full = torch.randn(shape, generator=generator, dtype=torch.float32) * std
         if sharded:
-            gated = config.gated_linear_unit and name.endswith("linear_fc1.weight")
-            full = _tensor_parallel_slice(full, param, rank, size, gated)
+            gated = config.gated_linear_unit and global_name.endswith("linear_fc1.weight")
+            full = _tensor_parallel_slice(full, dim, rank, size, gated)
         param.copy_(full)

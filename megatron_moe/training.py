@@ -55,6 +55,17 @@ def _set_seeds(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def ddp_config_from_args(args) -> DistributedDataParallelConfig:
+    """megatron-core's data-parallel gradient reduction and parameter gathering, as the flags describe."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        bucket_size=args.ddp_bucket_size,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
 def setup(argv: Optional[List[str]] = None) -> TrainingJob:
     """Parse, validate, join the process group, build model + DDP + optimizer + scheduler."""
     import os
@@ -62,8 +73,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = parse_args(argv, world_size=world_size)  # errors surface before any process group exists
     platform = select_platform(args.device)
-    args.transformer_impl = args.transformer_impl or ("transformer_engine" if platform.is_cuda else "local")
-    init_distributed(platform)
+    init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -78,15 +88,14 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
 
     config = transformer_config_from_args(args)
     model = build_model(config, args).to(platform.device)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-    )
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config_from_args(args), module=model)
     # Without these, megatron-core silently skips the data-parallel gradient all-reduce.
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
+    if args.overlap_grad_reduce:
+        # Megatron-LM's default (aligned grad reduce): later pipeline stages launch their reduction when
+        # their last backward ends instead of bucket by bucket.
+        config.grad_sync_func = model.start_grad_sync
 
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -101,6 +110,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
             bf16=args.bf16,
             params_dtype=config.params_dtype,
             use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_param_gather=args.overlap_param_gather,
         ),
         [model],
     )
@@ -247,6 +257,14 @@ def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float,
     )
 
 
+def _finish_param_gather(job: TrainingJob) -> None:
+    """With --overlap-param-gather the optimizer step leaves the all-gather of the updated parameters to the
+    next forward's hooks; whatever reads the parameters outside a forward (a checkpoint, the caller after
+    training) must have it done first."""
+    if job.model.use_forward_hook:
+        job.model.start_param_sync(force_sync=True)
+
+
 class _SigtermFlag:
     """--exit-signal-handler: SIGTERM sets a flag; the loop saves and exits at the next iteration end."""
 
@@ -309,6 +327,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
             _validate(job, valid_ds, iteration, writer)
         stop = _any_rank(sigterm.received, job.platform.device) if args.exit_signal_handler else False
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
+            _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
         if after_iteration is not None:
             after_iteration(iteration, losses)
@@ -316,6 +335,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
             print_rank_0(f"> SIGTERM: saved iteration {iteration} to {args.save}; exiting")
             break
     else:
+        _finish_param_gather(job)
         if args.save and not (args.save_interval and iteration % args.save_interval == 0) and iteration > start_iteration:
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
     if writer is not None:

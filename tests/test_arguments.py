@@ -1,5 +1,7 @@
 """Megatron-LM flags parse to the right config; layouts that cannot work fail with one line, before building."""
 
+import importlib.util
+import re
 import subprocess
 import sys
 
@@ -30,10 +32,74 @@ def args_with(*flags, world_size=1):
         (["--moe-layer-freq", "[1,0]"], 1, "must hold 4 entries"),
         (["--fp8-format", "hybrid"], 1, "--fp8-format needs --transformer-impl transformer_engine"),
         (["--lr-warmup-iters", "1"], 1, "--lr-warmup-iters 1 must be below the decay length 1"),
+        # data-parallel reduction and gathering
+        (["--overlap-param-gather", "--overlap-grad-reduce"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
+        (["--overlap-param-gather", "--use-distributed-optimizer"], 1, "--overlap-param-gather needs --overlap-grad-reduce"),
+        (["--ddp-bucket-size", "1000"], 1, "--ddp-bucket-size needs --overlap-grad-reduce"),
+        (["--overlap-grad-reduce", "--ddp-bucket-size", "0"], 1, "--ddp-bucket-size must be >= 1"),
+        (["--grad-reduce-in-bf16"], 1, "--grad-reduce-in-bf16 needs --bf16"),
+        (["--bf16", "--grad-reduce-in-bf16", "--accumulate-allreduce-grads-in-fp32"], 1,
+         "--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 exclude each other"),
+        # activation recomputation
+        (["--recompute-granularity", "full"], 1, "--recompute-granularity full needs --recompute-method"),
+        (["--recompute-granularity", "full", "--recompute-method", "block"], 1,
+         "needs --recompute-num-layers between 1 and the 4 layers of a pipeline stage, got None"),
+        (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "3",
+          "--pipeline-model-parallel-size", "2"], 2, "between 1 and the 2 layers of a pipeline stage, got 3"),
+        (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1,
+         "--recompute-method and --recompute-num-layers need --recompute-granularity full"),
+        (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity"),
+        (["--recompute-modules", "moe"], 1, "--recompute-modules needs --recompute-granularity"),
+        (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+          "--recompute-modules", "moe"], 1, "--recompute-modules needs --recompute-granularity selective"),
+        (["--recompute-granularity", "selective", "--recompute-modules", "moe_act"], 1,
+         "--recompute-modules moe_act needs --moe-grouped-gemm"),
+        (["--recompute-granularity", "selective", "--recompute-modules", "shared_experts"], 1,
+         "--recompute-modules shared_experts needs shared experts"),
+        pytest.param(["--recompute-granularity", "selective", "--recompute-modules", "layernorm"], 1,
+                     "--recompute-modules layernorm needs Transformer Engine installed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                                              reason="Transformer Engine is installed")),
+        (["--moe-layer-recompute", "--recompute-granularity", "full", "--recompute-method", "uniform",
+          "--recompute-num-layers", "1"], 1, "--moe-layer-recompute is selective recomputation; it contradicts"),
+        # topk router options
+        (["--moe-z-loss-coeff", "-1"], 1, "--moe-z-loss-coeff must be >= 0"),
+        (["--moe-expert-capacity-factor", "0"], 1, "--moe-expert-capacity-factor must be > 0"),
+        (["--moe-pad-expert-input-to-capacity"], 1, "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
+        (["--moe-token-drop-policy", "position"], 1, "--moe-token-drop-policy needs --moe-expert-capacity-factor"),
+        (["--moe-expert-capacity-factor", "1", "--moe-router-load-balancing-type", "sinkhorn"], 1,
+         "--moe-expert-capacity-factor does not work with --moe-router-load-balancing-type sinkhorn"),
+        (["--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs --transformer-impl transformer_engine"),
+        (["--moe-permute-fusion"], 1, "--moe-permute-fusion needs --transformer-impl transformer_engine"),
+        # ... which the other routing schemes do not have
+        (["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
+          "--moe-expert-capacity-factor", "1"], 1, "--moe-expert-capacity-factor does not apply to --moe-router-type base"),
+        (["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
+          "--moe-z-loss-coeff", "1e-3"], 1, "--moe-z-loss-coeff does not apply to --moe-router-type base"),
+        (["--moe-router-type", "sam", "--moe-z-loss-coeff", "1e-3"], 1,
+         "--moe-z-loss-coeff does not apply to --moe-router-type sam"),
+        (["--moe-router-type", "sam", "--moe-expert-capacity-factor", "1"], 1,
+         "--moe-expert-capacity-factor does not apply to --moe-router-type sam: SAM caps each group with --sam-capacity-factor"),
+        (["--moe-router-type", "sam", "--moe-router-score-function", "sigmoid"], 1,
+         "--moe-router-score-function does not apply to --moe-router-type sam"),
+        (["--moe-router-type", "sam", "--moe-router-dtype", "fp64"], 1,
+         "--moe-router-dtype fp64 does not apply to --moe-router-type sam"),
+        (["--moe-router-type", "sam", "--transformer-impl", "transformer_engine", "--moe-permute-fusion"], 1,
+         "--moe-permute-fusion does not apply to --moe-router-type sam"),
+        # runtime
+        (["--distributed-backend", "nccl"], 1, "--distributed-backend nccl needs the cuda device"),
+        (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be >= 1"),
+        (["--attention-backend", "flash"], 1, "--attention-backend flash needs --transformer-impl transformer_engine"),
+        (["--use-flash-attn"], 1, "--use-flash-attn (= --attention-backend flash) needs --transformer-impl transformer_engine"),
+        (["--transformer-impl", "transformer_engine", "--use-flash-attn", "--attention-backend", "fused"], 1,
+         "--use-flash-attn means --attention-backend flash; it contradicts --attention-backend fused"),
+        (["--transformer-impl", "transformer_engine", "--attention-backend", "local"], 1,
+         "--attention-backend local needs --transformer-impl local"),
+        (["--ckpt-format", "torch"], 1, "--ckpt-format torch: checkpoints are megatron-core distributed checkpoints only"),
     ],
 )
 def test_impossible_layouts_are_one_line_errors(flags, world_size, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("+", r"\+")) as error:
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
         args_with(*flags, world_size=world_size)
     assert "\n" not in str(error.value)
 
@@ -55,6 +121,65 @@ def test_config_carries_megatron_moe_requirements():
     assert config.moe_router_pre_softmax  # megatron's top-1 routing requires it
     assert not config.add_bias_linear  # SequentialMLP experts fail in autograd with biases
     assert config.num_moe_experts == 4 and config.moe_router_type == "topk"
+
+
+def test_data_parallel_flags_reach_megatron_ddp_config():
+    from megatron_moe.training import ddp_config_from_args
+
+    plain = ddp_config_from_args(args_with())
+    assert (plain.overlap_grad_reduce, plain.overlap_param_gather, plain.bucket_size) == (False, False, None)
+    assert plain.grad_reduce_in_fp32 and not plain.use_distributed_optimizer
+    overlapped = ddp_config_from_args(args_with("--use-distributed-optimizer", "--overlap-grad-reduce",
+                                                "--overlap-param-gather", "--ddp-bucket-size", "5000"))
+    assert (overlapped.overlap_grad_reduce, overlapped.overlap_param_gather, overlapped.bucket_size) == (True, True, 5000)
+    assert overlapped.use_distributed_optimizer
+    # Megatron-LM: bf16 gradients are accumulated and reduced in fp32 unless --grad-reduce-in-bf16
+    assert ddp_config_from_args(args_with("--bf16")).grad_reduce_in_fp32
+    assert ddp_config_from_args(args_with("--bf16", "--accumulate-allreduce-grads-in-fp32")).grad_reduce_in_fp32
+    assert not ddp_config_from_args(args_with("--bf16", "--grad-reduce-in-bf16")).grad_reduce_in_fp32
+
+
+def test_recompute_flags_reach_transformer_config():
+    full = transformer_config_from_args(args_with("--recompute-granularity", "full", "--recompute-method", "block",
+                                                  "--recompute-num-layers", "2"))
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == ("full", "block", 2)
+    selective = transformer_config_from_args(args_with("--recompute-granularity", "selective", "--recompute-modules",
+                                                       "moe", "core_attn"))
+    assert (selective.recompute_granularity, selective.recompute_modules) == ("selective", ["moe", "core_attn"])
+    # deprecated Megatron-LM spellings
+    moe_layer = transformer_config_from_args(args_with("--moe-layer-recompute"))
+    assert (moe_layer.recompute_granularity, moe_layer.recompute_modules) == ("selective", ["core_attn", "moe"])
+    assert args_with("--recompute-activations").recompute_granularity == "selective"
+    assert transformer_config_from_args(args_with()).recompute_granularity is None
+
+
+def test_router_flags_reach_transformer_config():
+    config = transformer_config_from_args(args_with(
+        "--moe-z-loss-coeff", "1e-3", "--moe-router-dtype", "fp32", "--moe-router-score-function", "sigmoid",
+        "--moe-router-pre-softmax", "--moe-expert-capacity-factor", "1.5", "--moe-token-drop-policy", "position",
+        "--moe-pad-expert-input-to-capacity"))
+    assert (config.moe_z_loss_coeff, config.moe_router_dtype, config.moe_router_score_function) == (1e-3, "fp32", "sigmoid")
+    assert (config.moe_expert_capacity_factor, config.moe_token_drop_policy) == (1.5, "position")
+    assert config.moe_pad_expert_input_to_capacity and config.moe_router_pre_softmax
+    default = transformer_config_from_args(args_with())
+    assert not default.moe_router_pre_softmax and default.moe_expert_capacity_factor is None
+    assert default.moe_z_loss_coeff is None and default.moe_router_dtype is None
+    assert not transformer_config_from_args(args_with("--moe-router-topk", "1", "--moe-router-score-function",
+                                                      "sigmoid")).moe_router_pre_softmax
+    assert args_with("--moe-z-loss-coeff", "0").moe_z_loss_coeff is None  # off (megatron logs z-loss / coeff)
+    sam = args_with("--moe-router-type", "sam", "--moe-router-dtype", "fp32")  # its router GEMM honours it
+    assert transformer_config_from_args(sam).moe_router_dtype == "fp32"
+
+
+def test_runtime_flags():
+    from megatron.core.transformer.enums import AttnBackend
+
+    assert transformer_config_from_args(args_with("--attention-backend", "unfused")).attention_backend == AttnBackend.unfused
+    assert transformer_config_from_args(args_with()).attention_backend == AttnBackend.auto
+    assert args_with("--transformer-impl", "transformer_engine", "--use-flash-attn").attention_backend == "flash"
+    args = args_with("--distributed-backend", "gloo", "--distributed-timeout-minutes", "30", "--log-throughput",
+                     "--ckpt-format", "torch_dist")
+    assert (args.distributed_backend, args.distributed_timeout_minutes) == ("gloo", 30)
 
 
 def test_unknown_flag_is_named():

@@ -49,3 +49,7 @@ def test_example_flags_parse(script, router, tmp_path):
         assert world_size == 16 and options["--node_rank"] == "1"
         assert args.bf16 and args.fp8_format == "hybrid" and args.sequence_parallel
         assert args.transformer_impl == "transformer_engine" and args.use_distributed_optimizer
+        assert args.overlap_grad_reduce and args.overlap_param_gather and args.distributed_timeout_minutes == 60
+        # megatron's kernels and router options where megatron's router and dispatcher run
+        topk = router == "topk"
+        assert (args.moe_grouped_gemm, args.moe_permute_fusion, args.moe_router_dtype) == (topk, topk, "fp32" if topk else None)

@@ -22,6 +22,8 @@ CASES = {
     "TP2-dropout-distributed-optimizer": TP2 + ["--use-distributed-optimizer"],
     "EP2": EP2,
     "EP2-distributed-optimizer": EP2 + ["--use-distributed-optimizer"],
+    "EP2-distributed-optimizer-fully-reshardable": EP2 + ["--use-distributed-optimizer",
+                                                         "--dist-ckpt-optim-fully-reshardable"],
 }
 
 

@@ -71,6 +71,18 @@ def validate(args: argparse.Namespace) -> None:
     if args.moe_aux_loss_coeff != 0:
         raise ConfigError("--moe-router-type base balances loads exactly and has no auxiliary loss: "
                           f"remove --moe-aux-loss-coeff {args.moe_aux_loss_coeff} (or set it to 0)")
+    from megatron_moe.arguments import reject_flags_that_do_not_apply
+
+    exact = "every expert gets exactly its share of the tokens, none is dropped"
+    reject_flags_that_do_not_apply(args, "base", {
+        "moe_z_loss_coeff": "its assignment is solved, not read from logits",
+        "moe_router_dtype": "its token-centroid affinities are always computed in fp32",
+        "moe_router_score_function": "its gate is sigmoid(token . centroid) of the assigned expert",
+        "moe_router_pre_softmax": "its gate is sigmoid(token . centroid) of the assigned expert",
+        "moe_expert_capacity_factor": exact,
+        "moe_token_drop_policy": exact,
+        "moe_pad_expert_input_to_capacity": exact,
+    })
 
 
 def options_from_args(args: argparse.Namespace) -> BaseOptions:

@@ -351,6 +351,21 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("group_balance", "expert_balance", "alignment"):
         if getattr(args, f"sam_{name}_loss_coeff") < 0:
             raise ConfigError(f"--sam-{name.replace('_', '-')}-loss-coeff must be >= 0")
+    from megatron_moe.arguments import reject_flags_that_do_not_apply
+
+    own_capacity = "SAM caps each group with --sam-capacity-factor"
+    reject_flags_that_do_not_apply(args, "sam", {
+        "moe_z_loss_coeff": "SAM's router losses are the --sam-*-loss-coeff ones",
+        "moe_router_score_function": "SAM takes the softmax over all experts, then switches to a group",
+        "moe_router_pre_softmax": "SAM takes the softmax over all experts, then switches to a group",
+        "moe_expert_capacity_factor": own_capacity,
+        "moe_token_drop_policy": own_capacity,
+        "moe_pad_expert_input_to_capacity": own_capacity,
+        "moe_permute_fusion": "SAM's dispatcher does its own permutation",
+    })
+    if args.moe_router_dtype == "fp64":
+        raise ConfigError("--moe-router-dtype fp64 does not apply to --moe-router-type sam: its routing softmax "
+                          "is fp32; use --moe-router-dtype fp32 (fp32 router GEMM)")
     args.sam_num_groups = groups
 
 
