@@ -23,9 +23,6 @@ from megatron.core.transformer.moe import moe_utils
 ScalarSource = Callable[[], Dict[str, float]]
 _SCALAR_SOURCES: List[ScalarSource] = []
 
-# megatron-core's tracker name for each --moe-router-load-balancing-type that adds a loss
-_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
-
 
 def register_scalar_source(source: ScalarSource) -> None:
     """Adds ``source() -> {name: float}`` to what is logged every ``--log-interval`` iterations."""
@@ -39,21 +36,6 @@ def extra_scalars() -> Dict[str, float]:
     return scalars
 
 
-def _tracked_loss_names(args) -> List[str]:
-    """The names megatron's aux-loss tracker gets from this run's MoE layers (on the stages that have them)."""
-    names = []
-    if args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
-        names.append(_AUX_LOSS_NAMES[args.moe_router_load_balancing_type])
-    if args.moe_z_loss_coeff is not None:
-        names.append("z_loss")
-    if args.moe_router_type == "sam":
-        from megatron_moe.moe.sam import SAMRouter
-
-        coeffs = (args.sam_group_balance_loss_coeff, args.sam_expert_balance_loss_coeff, args.sam_alignment_loss_coeff)
-        names += [name for name, coeff in zip(SAMRouter.LOSS_NAMES, coeffs) if coeff > 0]
-    return names
-
-
 def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, float]:
     """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call.
 
@@ -62,7 +44,9 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
     if args.num_experts is None:
         return {}
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    for name in _tracked_loss_names(args):
+    from megatron_moe.moe.registry import ROUTING_SCHEMES
+
+    for name in ROUTING_SCHEMES[args.moe_router_type].tracked_losses(args):
         if name not in tracker:  # a pipeline stage without MoE layers must still join the reduction
             tracker[name] = {"values": torch.zeros(num_layers, device=device), "reduce_group": None,
                              "avg_group": None, "reduce_group_has_dp": False}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -30,6 +30,10 @@ def _no_validation(args: argparse.Namespace) -> None:
     return None
 
 
+def _no_losses(args: argparse.Namespace) -> List[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class RoutingScheme:
     name: str
@@ -40,9 +44,25 @@ class RoutingScheme:
     validate: Callable[[argparse.Namespace], None] = _no_validation
     # The scheme's options object, stored as config.moe_routing_options for its router and dispatcher.
     options_from_args: Callable[[argparse.Namespace], Any] = _no_options
+    # The names its router records in megatron's aux-loss tracker with these flags. Every rank joins the
+    # tracker's reduction under each name, also a pipeline stage without MoE layers.
+    tracked_losses: Callable[[argparse.Namespace], List[str]] = _no_losses
 
 
-TOPK = RoutingScheme(name="topk", router=TopKRouter)
+# megatron-core's tracker name for each --moe-router-load-balancing-type that adds a loss
+_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
+
+
+def _topk_losses(args: argparse.Namespace) -> List[str]:
+    names = []
+    if args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
+        names.append(_AUX_LOSS_NAMES[args.moe_router_load_balancing_type])
+    if args.moe_z_loss_coeff is not None:
+        names.append("z_loss")
+    return names
+
+
+TOPK = RoutingScheme(name="topk", router=TopKRouter, tracked_losses=_topk_losses)
 
 
 def _registered_schemes() -> Dict[str, RoutingScheme]:

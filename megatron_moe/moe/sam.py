@@ -380,9 +380,14 @@ def options_from_args(args: argparse.Namespace) -> SAMOptions:
     )
 
 
+def tracked_losses(args: argparse.Namespace) -> list:
+    coeffs = (args.sam_group_balance_loss_coeff, args.sam_expert_balance_loss_coeff, args.sam_alignment_loss_coeff)
+    return [name for name, coeff in zip(SAMRouter.LOSS_NAMES, coeffs) if coeff > 0]
+
+
 def routing_scheme():
     """``--moe-router-type sam`` (imported lazily: the registry imports this module while it loads)."""
     from megatron_moe.moe.registry import RoutingScheme
 
     return RoutingScheme(name="sam", router=SAMRouter, dispatcher=SAMDispatcher, add_arguments=add_arguments,
-                         validate=validate, options_from_args=options_from_args)
+                         validate=validate, options_from_args=options_from_args, tracked_losses=tracked_losses)
