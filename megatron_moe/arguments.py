@@ -268,13 +268,11 @@ def reject_flags_that_do_not_apply(args: argparse.Namespace, router_type: str, r
                               f"{why}; remove it")
 
 
-def _uses_cuda(args: argparse.Namespace) -> bool:
-    return args.device == "cuda" if args.device else torch.cuda.is_available()
-
-
 def _validate_runtime(args: argparse.Namespace) -> None:
     """Device, backend, attention kernels and the checkpoint format. Fills in --transformer-impl."""
-    device = "cuda" if _uses_cuda(args) else "cpu"
+    from megatron_moe.platform import wants_cuda
+
+    device = "cuda" if wants_cuda(args.device) else "cpu"
     args.transformer_impl = args.transformer_impl or ("transformer_engine" if device == "cuda" else "local")
     if args.distributed_backend is not None:
         wanted = "cuda" if args.distributed_backend == "nccl" else "cpu"

@@ -41,11 +41,11 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
 
     Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
     """
+    from megatron_moe.moe.registry import ROUTING_SCHEMES
+
     if args.num_experts is None:
         return {}
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    from megatron_moe.moe.registry import ROUTING_SCHEMES
-
     for name in ROUTING_SCHEMES[args.moe_router_type].tracked_losses(args):
         if name not in tracker:  # a pipeline stage without MoE layers must still join the reduction
             tracker[name] = {"values": torch.zeros(num_layers, device=device), "reduce_group": None,

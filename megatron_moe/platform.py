@@ -38,11 +38,16 @@ class Platform:
         return self.device.type == "cuda"
 
 
+def wants_cuda(requested: Optional[str]) -> bool:
+    """Whether ``--device`` (None: whatever is visible) asks for CUDA."""
+    return torch.cuda.is_available() if requested is None else requested == "cuda"
+
+
 def select_platform(requested: Optional[str] = None) -> Platform:
     """CUDA + NCCL if a GPU is visible (or ``requested == "cuda"``), else CPU + gloo."""
     if requested not in (None, "cpu", "cuda"):
         raise ValueError(f"--device must be 'cpu' or 'cuda', got {requested!r}")
-    use_cuda = torch.cuda.is_available() if requested is None else requested == "cuda"
+    use_cuda = wants_cuda(requested)
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but torch sees no GPU; use --device cpu")
     if use_cuda:

@@ -122,17 +122,16 @@ def reset() -> None:
 def snapshot_and_reset() -> Dict[str, float]:
     """Counts summed over all ranks, as log scalars: per layer ``moe-comm/layer_NN/<field>`` plus totals
     ``moe-comm/rows_per_token`` and ``moe-comm/remote_bytes_per_token``. Collective; resets the counts."""
-    if not dist.is_initialized():
-        table = torch.tensor([_counts.get(layer, [0.0] * len(FIELDS)) for layer in range(1, _num_layers + 1)],
-                             dtype=torch.float64).reshape(-1, len(FIELDS))
-    else:
+    num_layers = _num_layers
+    if dist.is_initialized():
         # pipeline stages without MoE layers know no layer count: agree on it first
         size = torch.tensor([_num_layers], dtype=torch.float64, device=_device())
         dist.all_reduce(size, op=dist.ReduceOp.MAX)
         num_layers = int(size.item())
-        table = torch.zeros(num_layers, len(FIELDS), dtype=torch.float64)
-        for layer, row in _counts.items():
-            table[layer - 1] = torch.tensor(row, dtype=torch.float64)
+    table = torch.zeros(num_layers, len(FIELDS), dtype=torch.float64)
+    for layer, row in _counts.items():
+        table[layer - 1] = torch.tensor(row, dtype=torch.float64)
+    if dist.is_initialized():
         table = table.to(_device())
         dist.all_reduce(table)
         table = table.cpu()
