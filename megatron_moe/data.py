@@ -3,7 +3,9 @@
 ``--data-path`` takes Megatron-LM's forms: one prefix, several prefixes (weighted by size), or a weighted
 blend ``0.3 PREFIX_A 0.7 PREFIX_B``; ``--split`` divides every dataset into train/valid/test documents;
 ``--data-cache-path`` is where the sample-index caches go (default: next to the data). ``--mock-data``
-gives megatron-core's synthetic MockGPTDataset.
+gives megatron-core's synthetic MockGPTDataset. ``check_datasets`` runs at start, on every rank: a
+truncated or mismatched .bin/.idx pair, or a token id beyond the vocabulary, is one line before the
+first step instead of a crash inside it.
 
 Batches are a pure function of the global sample index, so every layout reads the same global batch:
 micro batch ``j`` of data-parallel rank ``d`` holds samples ``(j * dp + d) * mbs ...`` of the global batch,
@@ -24,6 +26,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_moe.arguments import ConfigError
+from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset
 
 
 def build_tokenizer(args):
@@ -79,6 +82,20 @@ def parse_blend(data_path: List[str]):
             raise ConfigError(f"--data-path: {prefix} is an empty dataset (no tokens); preprocess some text "
                               "into it or leave it out")
     return prefixes, weights
+
+
+def check_datasets(args, vocab_size: int) -> None:
+    """Every ``--data-path`` dataset's .bin holds what its .idx describes, and its token ids are below
+    ``vocab_size``; else a ConfigError naming the file. Reads the indexes and each dataset's recorded
+    largest token id (a scan of the .bin for datasets without one)."""
+    if args.mock_data:
+        return
+    prefixes, _ = parse_blend(args.data_path)
+    for prefix in prefixes:
+        try:
+            check_dataset(prefix, vocab_size)
+        except DatasetError as error:
+            raise ConfigError(f"--data-path: {error}") from None
 
 
 def _dataset_sizes(args) -> List[int]:

@@ -83,6 +83,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
     _set_seeds(args.seed)
     args.tokenizer = data.build_tokenizer(args)
     args.tokenizer_vocab_size = args.tokenizer.vocab_size
+    data.check_datasets(args, args.tokenizer.vocab_size)
     args.padded_vocab_size = padded_vocab_size(args.tokenizer.vocab_size, args)
     print_rank_0(format_arguments(args))
 
