@@ -9,8 +9,8 @@ import pytest
 
 from megatron_moe.arguments import ConfigError
 from megatron_moe.data import check_datasets
-from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset
-from megatron_moe.preprocessing.stats_sidecar import STATS_SUFFIX, record_max_token_id
+from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset, scan_max_token_id
+from megatron_moe.preprocessing.stats_sidecar import STATS_SUFFIX, record_max_token_id, recorded_max_token_id
 from test_training_job import ON_FILES, VOCAB, assert_one_line_error, files, launch, write_indexed_dataset  # noqa: F401
 
 
@@ -71,3 +71,4 @@ def test_recorded_largest_id_is_used_while_it_matches_the_bin(files, tmp_path):
     stats = json.loads(open(prefix + STATS_SUFFIX).read())
     os.utime(prefix + ".bin", ns=(stats["bin_mtime_ns"] + 1, stats["bin_mtime_ns"] + 1))  # rewritten since
     check_dataset(prefix, VOCAB + 1)  # the stale record is ignored and the .bin scanned
+    assert recorded_max_token_id(prefix) == scan_max_token_id(prefix, numpy.uint16) <= VOCAB  # and recorded

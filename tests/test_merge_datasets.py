@@ -156,7 +156,7 @@ def test_merge_records_the_largest_token_id(tmp_path):
     for seed, name in enumerate("ab"):  # written by megatron-core: no record, so they are scanned
         build_dataset(shards / name, np.random.default_rng(seed), np.uint16)
     assert merge("--input", shards, "--output-prefix", tmp_path / "m").returncode == 0
-    largest = max(scan_max_token_id(shards / name, np.uint16) for name in "ab")
+    largest = max(scan_max_token_id(str(shards / name), np.uint16) for name in "ab")
     assert recorded_max_token_id(str(tmp_path / "m")) == largest > 0
 
 

@@ -6,8 +6,10 @@ the vocabulary (else the embedding fails: IndexError on CPU, a device-side asser
 
 The size check reads only the .idx. The largest id is the one our tools record beside the dataset
 (stats_sidecar.py); for any other dataset (e.g. one written by Megatron-LM's tool, or copied
-without its times) the .bin is scanned in chunks of a memory map: about 25 GB/s from the page
-cache, disk speed otherwise (see README).
+without its times) the .bin is scanned in chunks of a memory map -- 6 to 25 GB/s from the page
+cache, disk speed otherwise (benchmarks/dataset_check.py) -- and the result recorded, when the
+directory is writable, as megatron-core writes its index caches beside the data. The whole .bin is
+read: a sample could miss the one id that breaks the embedding.
 """
 
 import os
@@ -15,7 +17,7 @@ import os
 import numpy as np
 
 from .indexed_writer import IndexArrays, read_index
-from .stats_sidecar import recorded_max_token_id
+from .stats_sidecar import record_max_token_id, recorded_max_token_id
 
 _SCAN_ELEMENTS = 1 << 24  # tokens per chunk of the scan: memory stays small whatever the corpus
 NO_TOKENS = -1  # the largest token id of a dataset without tokens
@@ -56,16 +58,25 @@ def scan_max_token_id(prefix: str, dtype) -> int:
                for start in range(0, len(tokens), _SCAN_ELEMENTS))
 
 
-def max_token_id(prefix: str, dtype: np.dtype) -> int:
-    """The largest token id of PREFIX: recorded if a matching record exists, else scanned."""
+def max_token_id(prefix: str, dtype, remember: bool = False) -> int:
+    """The largest token id of PREFIX: recorded if a matching record exists, else scanned and, with
+    `remember`, recorded where the directory allows, so that only the first start pays for the scan."""
     recorded = recorded_max_token_id(prefix)
-    return recorded if recorded is not None else scan_max_token_id(prefix, dtype)
+    if recorded is not None:
+        return recorded
+    largest = scan_max_token_id(prefix, dtype)
+    if remember:
+        try:
+            record_max_token_id(prefix, largest)
+        except OSError:  # a read-only data directory: scan again next time
+            pass
+    return largest
 
 
 def check_dataset(prefix: str, vocab_size: int) -> None:
     """Raise DatasetError unless PREFIX's .bin matches its .idx and every token id is below vocab_size."""
     index = check_sizes(prefix)
-    largest = max_token_id(prefix, index.dtype)
+    largest = max_token_id(prefix, index.dtype, remember=True)
     if largest >= vocab_size:
         raise DatasetError(f"{prefix}.bin holds token id {largest} but the tokenizer's vocabulary has "
                            f"{vocab_size} ids: preprocess it with the tokenizer you train with "
