@@ -497,7 +497,7 @@ def killed_run(tmp_path_factory):
     try:
         assert proc.stderr.readline().startswith("Processed")  # mid-run: workers are busy
         workers = _children(proc.pid)
-        assert len(workers) == 2, workers
+        assert len(workers) >= 2, workers  # the two workers (and a resource tracker on some Pythons)
         proc.kill()
         proc.wait()
         killed = time.monotonic()
