@@ -27,6 +27,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_moe.arguments import ConfigError
 from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset
+from megatron_moe.preprocessing.indexed_writer import read_index
 
 
 def build_tokenizer(args):
@@ -108,6 +109,20 @@ def _dataset_sizes(args) -> List[int]:
     ]
 
 
+def _check_split_ranges(prefixes: List[str], split_matrix, sizes: List[int], split: str) -> None:
+    """Every split that must give samples gets at least one sequence of every dataset: megatron-core
+    loops forever counting the epochs of a split without tokens."""
+    for prefix in prefixes:
+        sequences = len(read_index(prefix + ".idx").sequence_lengths)
+        for name, bounds, size in zip(("train", "validation", "test"), split_matrix, sizes):
+            # megatron-core's rounding (BlendedMegatronDatasetBuilder._build_megatron_dataset_splits)
+            if size and bounds is not None and \
+                    int(round(bounds[0] * float(sequences))) == int(round(bounds[1] * float(sequences))):
+                raise ConfigError(f"--split {split}: the {name} split of {prefix} gets none of its {sequences} "
+                                  f"sequences, yet {size} {name} samples are needed; give that split a larger "
+                                  "share or use more data")
+
+
 def build_datasets(args, tokenizer):
     """(train, valid, test) datasets sized for the whole run; a missing or empty dataset is a ConfigError."""
     blend = None if args.mock_data else parse_blend(args.data_path)
@@ -125,6 +140,8 @@ def build_datasets(args, tokenizer):
         mmap_bin_files=True,
     )
     dataset_class = MockGPTDataset if args.mock_data else GPTDataset
+    if blend is not None:
+        _check_split_ranges(blend[0], config.split_matrix, _dataset_sizes(args), args.split)
     try:
         datasets = BlendedMegatronDatasetBuilder(dataset_class, _dataset_sizes(args), lambda: True, config).build()
     except (AssertionError, ValueError, IndexError) as error:

@@ -72,3 +72,11 @@ def test_recorded_largest_id_is_used_while_it_matches_the_bin(files, tmp_path):
     os.utime(prefix + ".bin", ns=(stats["bin_mtime_ns"] + 1, stats["bin_mtime_ns"] + 1))  # rewritten since
     check_dataset(prefix, VOCAB + 1)  # the stale record is ignored and the .bin scanned
     assert recorded_max_token_id(prefix) == scan_max_token_id(prefix, numpy.uint16) <= VOCAB  # and recorded
+
+
+def test_split_without_sequences_is_one_line_instead_of_a_hang(files):
+    """megatron-core counts the epochs of a split without tokens forever: 60 sequences leave the default
+    test split (0.1%) empty."""
+    result = launch(ON_FILES + files["tokenizer"] + ["--data-path", files["a"], "--train-iters", "1"], timeout=120)
+    assert_one_line_error(result, f"the test split of {files['a']} gets none of its 60 sequences",
+                          "samples are needed")
