@@ -35,7 +35,8 @@ def check_sizes(prefix: str) -> IndexArrays:
     except ValueError as error:
         raise DatasetError(f"{error}; write the dataset again (tools/preprocess_data.py)") from None
     sequences = len(index.sequence_lengths)
-    if index.document_indices[0] != 0 or index.document_indices[-1] != sequences:
+    documents = index.document_indices
+    if len(documents) == 0 or documents[0] != 0 or documents[-1] != sequences:
         raise DatasetError(f"{idx_path} is damaged: its document index does not span its {sequences} "
                            "sequences; write the dataset again (tools/preprocess_data.py)")
     tokens = int(index.sequence_lengths.sum(dtype=np.int64))
