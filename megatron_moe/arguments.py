@@ -10,8 +10,8 @@ in :data:`DERIVED`. Validation never mutates the parsed namespace: each ``_valid
 config so far and returns the values it fills in (defaults that depend on other flags, derived sizes).
 Every invalid combination is one :class:`ConfigError` line naming the offender and the fix.
 
-This module imports neither megatron-core nor the routing schemes' models, so argument errors appear
-before the seconds that importing megatron-core takes.
+This module imports neither megatron-core nor the routing schemes' models (nor torch, until the last
+checks need the device), so argument errors appear before the seconds those imports take.
 
 What a checkpoint's config means for ``--load`` and export is a category per argument group (a field's
 ``metadata["category"]``):
@@ -32,7 +32,6 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from megatron_moe.errors import ConfigError  # re-exported: `from megatron_moe.arguments import ConfigError`
 from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
-from megatron_moe.platform import wants_cuda
 
 ARCHITECTURE, MODEL, TOKENIZER, RUN = "architecture", "model", "tokenizer", "run"
 # megatron-core's AttnBackend names (tests/test_arguments.py checks them against megatron-core)
@@ -365,8 +364,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The RunConfig these parsed flags describe on ``world_size`` processes; ``args`` is left as parsed."""
     config = RunConfig(**vars(args), world_size=world_size)
     for step in (_validate_ranges, _validate_layout, _validate_model, _validate_moe, _validate_batch,
-                 _validate_lr_schedule, _validate_data, _validate_logging_and_checkpoints, _validate_runtime,
-                 _validate_data_parallel, _validate_recompute):
+                 _validate_lr_schedule, _validate_data, _validate_logging_and_checkpoints, _validate_data_parallel,
+                 _validate_recompute, _validate_runtime):
         filled = step(config)
         if filled:
             config = config.replace(**filled)
@@ -561,6 +560,9 @@ def _validate_logging_and_checkpoints(c: RunConfig) -> None:
 def _validate_runtime(c: RunConfig) -> Dict[str, Any]:
     """Device, backend, attention kernels and the checkpoint format. Fills in --transformer-impl and, for
     --use-flash-attn, --attention-backend."""
+    # the device rule needs torch: imported only here, so the cheaper checks come seconds earlier
+    from megatron_moe.platform import wants_cuda
+
     device = "cuda" if wants_cuda(c.device) else "cpu"
     transformer_impl = c.transformer_impl or ("transformer_engine" if device == "cuda" else "local")
     if c.distributed_backend is not None:
