@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import queue
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
