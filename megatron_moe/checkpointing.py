@@ -3,7 +3,8 @@
 Layout of ``--save DIR`` (Megatron-LM's)::
 
     DIR/iter_0000010/                 one dist_checkpointing directory per saved iteration
-    DIR/iter_0000010/run_config.json  the model config it holds (checked before anything is loaded)
+    DIR/iter_0000010/run_config.json  the whole run config that wrote it (megatron_moe.run_config; checked
+                                      before the model is built)
     DIR/latest_checkpointed_iteration.txt
 
 The tracker file is written by rank 0 only after a barrier that every rank reaches once its shards are
@@ -33,12 +34,10 @@ this run's chaining of optimizers (:func:`_regroup_optimizer_state`, :func:`_loa
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import queue
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,10 +47,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_moe.arguments import ConfigError
+from megatron_moe import run_config
+from megatron_moe.arguments import ARCHITECTURE, RunConfig
+from megatron_moe.errors import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
-RUN_CONFIG = "run_config.json"
+RUN_CONFIG = run_config.FILE_NAME
 # megatron-LM's sharded-state-dict metadata: optimizer keys without the chained_N. prefix (the same in every
 # expert-parallel layout), one sharded tensor per expert weight tensor (not one per local expert)
 SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}
@@ -60,23 +61,18 @@ SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards"
 # own default, fully_sharded_model_space, fails to save.
 DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
-# Flags that fix the shapes or meaning of the saved tensors: loading across a difference is an error.
-MODEL_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "max_position_embeddings", "position_embedding_type", "normalization", "swiglu",
-    "untie_embeddings_and_output_weights", "disable_bias_linear", "num_experts", "moe_ffn_hidden_size",
-    "moe_layer_pattern", "moe_router_type", "tokenizer_vocab_size",
-)
 # The distributed optimizer's dp_reshardable state can change the data-parallel size, not these (its
 # fully_reshardable state, like every other optimizer's, can change them all).
 DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                 "expert_model_parallel_size")
-# Recorded, not compared: what else rebuilding the model needs (tools/convert_checkpoint.py export).
-DESCRIPTIVE_FIELDS = (
-    "norm_epsilon", "rotary_base", "rotary_percent", "moe_router_topk", "moe_router_num_groups",
-    "moe_router_group_topk", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
-    "make_vocab_size_divisible_by", "padded_vocab_size", "init_method_std",
-)
+# megatron-core's OptimizerParamScheduler settings (its state-dict keys) -> the flags that set them
+SCHEDULER_SETTINGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size",
+    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "wd_incr_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "wd_incr_style": "constant",
+}
 
 
 def checkpoint_dir(root: str, iteration: int) -> Path:
@@ -94,35 +90,26 @@ def read_tracker(root: str):
     return int(text)
 
 
-def run_config(args) -> Dict[str, object]:
-    """What a checkpoint records about the run that wrote it (``moe_routing_flags``: the routing scheme's
-    own flags by destination, e.g. ``sam_num_groups``)."""
-    fields = MODEL_FIELDS + DISTRIBUTED_OPTIMIZER_FIELDS + DESCRIPTIVE_FIELDS
-    config = {field: getattr(args, field, None) for field in fields}
-    config["moe_routing_flags"] = {action.dest: getattr(args, action.dest, None)
-                                   for action in routing_scheme_actions(args.moe_router_type)}
-    config["use_distributed_optimizer"] = args.use_distributed_optimizer
-    config["distrib_optim_sharding_type"] = sharded_metadata(args).get("distrib_optim_sharding_type")
-    config["world_size"] = dist.get_world_size()
-    return config
+def find_checkpoint(args: RunConfig) -> Optional[Path]:
+    """The iteration directory ``--load`` resumes from; None without --load, or on a job's first launch
+    (--load == --save and nothing saved yet). A --load without a tracker is a ConfigError."""
+    if not args.load:
+        return None
+    iteration = read_tracker(args.load)
+    if iteration is None:
+        if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
+            raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
+                              "(or leave --load out to start from scratch)")
+        return None
+    return checkpoint_dir(args.load, iteration)
 
 
-def routing_scheme_actions(name: str) -> List[argparse.Action]:
-    """The argparse actions of routing scheme ``name``'s own flags (none for topk)."""
-    from megatron_moe.moe.registry import ROUTING_SCHEMES
-
-    parser = argparse.ArgumentParser(add_help=False)
-    scheme = ROUTING_SCHEMES.get(name)
-    if scheme is not None and scheme.add_arguments is not None:
-        scheme.add_arguments(parser.add_argument_group())
-    return parser._actions
-
-
-def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, where: Path) -> None:
-    """One-line ConfigError naming every field that differs from the checkpoint's and must not: the model's;
-    when the optimizer is loaded, its kind; and the parallel sizes when its state is dp_reshardable."""
-    checks = [(MODEL_FIELDS, "use the checkpoint's model flags")]
-    if loading_optimizer:
+def check_compatible(saved: RunConfig, args: RunConfig, where: Path) -> None:
+    """One-line ConfigError naming every field that differs from the checkpoint's and must not: the
+    architecture's (``arguments.ARCHITECTURE``); when the optimizer is loaded, its kind; and the parallel
+    sizes when its state is dp_reshardable."""
+    checks = [(sorted(RunConfig.names([ARCHITECTURE])), "use the checkpoint's model flags")]
+    if loads_optimizer(args):
         checks.append((("use_distributed_optimizer",),
                        "give --use-distributed-optimizer as the checkpoint was saved, or pass --no-load-optim"))
         if saved_sharding_type(saved) == DP_RESHARDABLE:
@@ -130,27 +117,40 @@ def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, wh
                            "its distributed-optimizer state is dp_reshardable (only the data-parallel size may "
                            "change): resume it in its own layout with --dist-ckpt-optim-fully-reshardable to save "
                            "a fully reshardable one, or pass --no-load-optim"))
-    current = run_config(args)
     differing, hints = [], []
     for fields, hint in checks:
-        found = [f for f in fields if _json(saved.get(f)) != _json(current[f])]
+        found = [f for f in fields if getattr(saved, f) != getattr(args, f)]
         differing += found
         hints += [hint] if found else []
     if differing:
-        listed = "; ".join(f"{f} (checkpoint {saved.get(f)!r}, now {current[f]!r})" for f in differing)
+        listed = "; ".join(f"{f} (checkpoint {getattr(saved, f)!r}, now {getattr(args, f)!r})" for f in differing)
         raise ConfigError(f"--load {where} was saved with a different config: {listed}; {'; '.join(hints)}")
 
 
-def saved_sharding_type(saved: Dict[str, object]) -> Optional[str]:
-    """The distributed optimizer's checkpoint format a run config records (None: another optimizer).
-    Checkpoints written before it was recorded are dp_reshardable."""
-    if not saved.get("use_distributed_optimizer"):
+def loads_optimizer(args: RunConfig) -> bool:
+    return not (args.finetune or args.no_load_optim)
+
+
+def check_scheduler(saved: Dict[str, object], scheduler, args: RunConfig, where: Path) -> None:
+    """Megatron-LM's rule for the LR schedule on resume: a setting that differs from the checkpoint's is a
+    one-line ConfigError unless --override-opt_param-scheduler (the flags win) or
+    --use-checkpoint-opt_param-scheduler (the checkpoint wins; megatron-core's scheduler applies both)."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    differing = [f"{name} (checkpoint {saved[name]!r}, now {getattr(scheduler, name)!r}: {flags})"
+                 for name, flags in SCHEDULER_SETTINGS.items()
+                 if name in saved and saved[name] != getattr(scheduler, name)]
+    if differing:
+        raise ConfigError(f"--load {where}: the LR schedule differs from the checkpoint's: {'; '.join(differing)}; "
+                          "pass --override-opt_param-scheduler to follow these flags or "
+                          "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+
+
+def saved_sharding_type(saved: RunConfig) -> Optional[str]:
+    """The distributed optimizer's checkpoint format a run config records (None: another optimizer)."""
+    if not saved.use_distributed_optimizer:
         return None
-    return saved.get("distrib_optim_sharding_type", DP_RESHARDABLE)
-
-
-def _json(value):
-    return json.loads(json.dumps(value))
+    return FULLY_RESHARDABLE if saved.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     _keep_write_results_in_process()
     dist_checkpointing.save(state, str(directory), content_metadata=metadata)
     if dist.get_rank() == 0:
-        (directory / RUN_CONFIG).write_text(json.dumps(run_config(args), indent=1))
+        run_config.save(args, directory)
     dist.barrier()  # every rank's shards are on disk: only now may the tracker name this iteration
     if dist.get_rank() == 0:
         tracker = Path(args.save) / TRACKER
@@ -276,51 +276,49 @@ def _keep_write_results_in_process() -> None:
 
 
 def load_checkpoint(job) -> Tuple[int, int]:
-    """Restores what ``--load`` holds; returns (iteration, consumed samples), (0, 0) when there is none.
+    """Restores ``job.checkpoint``; returns (iteration, consumed samples), (0, 0) when there is none.
 
     ``--finetune``: model weights only, counting restarts at 0. ``--no-load-optim``: no optimizer or
-    scheduler state. ``--no-load-rng``: fresh RNG. Any config mismatch is a ConfigError before loading.
+    scheduler state. ``--no-load-rng``: fresh RNG. The run config was checked when the job was set up;
+    the LR schedule is checked here (:func:`check_scheduler`), before any tensor is read.
     """
-    args = job.args
-    if not args.load:
+    args, directory = job.args, job.checkpoint
+    if directory is None:
         return 0, 0
-    iteration = read_tracker(args.load)
-    if iteration is None:
-        if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
-            raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
-                              "(or leave --load out to start from scratch)")
-        return 0, 0  # --load == --save and nothing saved yet: a job's first launch
-    directory = checkpoint_dir(args.load, iteration)
-    config_path = directory / RUN_CONFIG
-    if not config_path.is_file():
-        raise ConfigError(f"--load {args.load}: {config_path} is missing; the checkpoint is incomplete")
-    saved = json.loads(config_path.read_text())
-    load_optimizer = not (args.finetune or args.no_load_optim)
-    load_rng = not (args.finetune or args.no_load_rng) and saved.get("world_size") == dist.get_world_size()
-    check_compatible(saved, args, load_optimizer, directory)
+    load_optimizer = loads_optimizer(args)
+    load_rng = not (args.finetune or args.no_load_rng) and job.saved_config.world_size == dist.get_world_size()
     try:
         # written with: None before checkpoints recorded it (keys then carry the chained_N. prefix)
         metadata = dist_checkpointing.load_content_metadata(str(directory))
+        if load_optimizer:  # its non-tensor part as saved (param groups, step), see _regroup_optimizer_state
+            common = dist_checkpointing.load_common_state_dict(str(directory))
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is no Exception
+        raise _damaged(args, directory, error) from error
+    if load_optimizer:
+        check_scheduler(common["scheduler"], job.scheduler, args, directory)
+    try:
         if load_optimizer:
             _create_missing_adam_state(job.optimizer)
         template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer,
                                        with_rng=load_rng)
         loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
-        if load_optimizer:  # its non-tensor part as saved (param groups, step), see _regroup_optimizer_state
-            saved_optimizer = dist_checkpointing.load_common_state_dict(str(directory))["optimizer"]
-    except (Exception, CheckpointException) as error:  # torch's CheckpointException is no Exception
-        raise ConfigError(f"--load {args.load}: cannot read {directory} ({_first_failure(error)}); the "
-                          "checkpoint is damaged or incomplete: load another iteration or save it again") from error
+    except (Exception, CheckpointException) as error:
+        raise _damaged(args, directory, error) from error
 
     job.model.module.load_state_dict(loaded["model"])
     if load_optimizer:
-        _load_optimizer_state(job.optimizer, loaded["optimizer"], saved_optimizer, metadata)
+        _load_optimizer_state(job.optimizer, loaded["optimizer"], common["optimizer"], metadata)
         job.scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"], job.platform)
     if args.finetune:
         return 0, 0
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def _damaged(args, directory: Path, error: BaseException) -> ConfigError:
+    return ConfigError(f"--load {args.load}: cannot read {directory} ({_first_failure(error)}); the "
+                       "checkpoint is damaged or incomplete: load another iteration or save it again")
 
 
 def _first_failure(error: BaseException) -> str:

@@ -25,7 +25,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron_moe.arguments import ConfigError
+from megatron_moe.errors import ConfigError
 from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset
 from megatron_moe.preprocessing.indexed_writer import read_index
 
@@ -70,7 +70,7 @@ class DatasetTokenizer:
 def parse_blend(data_path: List[str]):
     """Megatron's blend (prefixes, weights or None) from ``--data-path``; checks every prefix exists."""
     try:
-        prefixes, weights = get_blend_from_list(data_path)
+        prefixes, weights = get_blend_from_list(list(data_path))
     except Exception as error:
         raise ConfigError(f"--data-path {' '.join(data_path)}: expected 'PREFIX ...' or "
                           f"'WEIGHT PREFIX WEIGHT PREFIX ...' ({error})") from error

@@ -20,13 +20,17 @@ import torch.distributed as dist
 
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_moe.errors import ConfigError
+from megatron_moe.moe.registry import ROUTING_SCHEMES
+
 ScalarSource = Callable[[], Dict[str, float]]
 _SCALAR_SOURCES: List[ScalarSource] = []
 
 
 def register_scalar_source(source: ScalarSource) -> None:
-    """Adds ``source() -> {name: float}`` to what is logged every ``--log-interval`` iterations."""
-    _SCALAR_SOURCES.append(source)
+    """Adds ``source() -> {name: float}`` to what is logged every ``--log-interval`` iterations (once)."""
+    if source not in _SCALAR_SOURCES:
+        _SCALAR_SOURCES.append(source)
 
 
 def extra_scalars() -> Dict[str, float]:
@@ -41,8 +45,6 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
 
     Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
     """
-    from megatron_moe.moe.registry import ROUTING_SCHEMES
-
     if args.num_experts is None:
         return {}
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
@@ -103,8 +105,6 @@ def open_summary_writer(directory: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        from megatron_moe.arguments import ConfigError
-
         raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
                           "(or leave the flag out)") from error
     return SummaryWriter(log_dir=directory, max_queue=1000)

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from launcher import REPO, TINY_MOE
-from megatron_moe.arguments import ConfigError, moe_layer_pattern, parse_args, transformer_config_from_args
+from megatron_moe.arguments import ConfigError, moe_layer_pattern, parse_args
+from megatron_moe.model import transformer_config_from_args
 
 REQUIRED = TINY_MOE + ["--train-iters", "1"]
 

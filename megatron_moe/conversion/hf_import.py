@@ -51,9 +51,9 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
             job = setup(flags + tokenizer + _JOB + ["--seq-length", str(config["max_position_embeddings"]),
                                                     "--save", str(folder), *overrides])
         args = job.args
-        if args.tokenizer.vocab_size != config["vocab_size"]:
+        if job.tokenizer.vocab_size != config["vocab_size"]:
             raise ConversionError(f"vocab_size {config['vocab_size']} differs from the tokenizer files' "
-                                  f"{args.tokenizer.vocab_size}")
+                                  f"{job.tokenizer.vocab_size}")
         state = hf_layout.from_hf(tensors, args, args.padded_vocab_size)
         model = job.model.module
         expected = {n for n in model.state_dict() if not n.endswith("_extra_state")}

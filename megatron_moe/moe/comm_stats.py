@@ -17,8 +17,8 @@ TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and
 inside the expert tensor-parallel group (usually within a node) that are not included.
 
 :func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
-``{name: float}`` scalars; it is registered with ``megatron_moe.metrics`` so the training log and
-TensorBoard show it. ``timing = True`` also records wall seconds spent in the collectives (synchronising
+``{name: float}`` scalars; ``megatron_moe.training`` registers it with ``megatron_moe.metrics`` so the
+training log and TensorBoard show it. ``timing = True`` also records wall seconds spent in the collectives (synchronising
 the device around them and starting them together on every rank of the tensor x expert parallel group;
 used by ``benchmarks/moe_dispatch.py``, off in training).
 """
@@ -153,11 +153,3 @@ def _device() -> torch.device:
     # NCCL reduces only device tensors; gloo only host ones
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-
-def _register_with_metrics() -> None:
-    from megatron_moe import metrics
-
-    metrics.register_scalar_source(snapshot_and_reset)
-
-
-_register_with_metrics()

@@ -42,9 +42,7 @@ way. Same code on CPU/gloo and GPU/NCCL.
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -60,15 +58,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-
-@dataclass(frozen=True)
-class SAMOptions:
-    num_groups: int
-    renormalize_gates: bool = False
-    group_balance_loss_coeff: float = 0.0
-    expert_balance_loss_coeff: float = 0.0
-    alignment_loss_coeff: float = 0.0
-    capacity_factor: Optional[float] = None  # None: dropless
+from megatron_moe.moe.sam_flags import SAMOptions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,83 +301,9 @@ class SAMDispatcher(MoETokenDispatcher):
         return out.view(self.hidden_shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--sam-num-groups", type=int, default=None,
-                       help="SAM: expert groups (default: --expert-model-parallel-size); each EP rank holds "
-                            "whole groups; --moe-router-topk experts are used inside the chosen group")
-    group.add_argument("--sam-renormalize-gates", action="store_true",
-                       help="SAM: gates sum to 1 over the k chosen experts (default: raw softmax values)")
-    group.add_argument("--sam-group-balance-loss-coeff", type=float, default=0.01)
-    group.add_argument("--sam-expert-balance-loss-coeff", type=float, default=0.01)
-    group.add_argument("--sam-alignment-loss-coeff", type=float, default=0.01)
-    group.add_argument("--sam-capacity-factor", type=float, default=None,
-                       help="SAM, training: each rank routes at most factor x tokens/groups tokens to each group "
-                            "(default: dropless; evaluation is always dropless)")
-
-
-def validate(args: argparse.Namespace) -> None:
-    from megatron_moe.arguments import ConfigError
-
-    ep, experts, k = args.expert_model_parallel_size, args.num_experts, args.moe_router_topk
-    groups = args.sam_num_groups or ep
-    if groups < 1 or experts % groups != 0:
-        raise ConfigError(f"--sam-num-groups {groups} must divide --num-experts {experts}")
-    if groups % ep != 0:
-        raise ConfigError(f"--sam-num-groups {groups} must be a multiple of --expert-model-parallel-size {ep} "
-                          "(each expert-parallel rank holds whole groups)")
-    if k > experts // groups:
-        raise ConfigError(f"--moe-router-topk {k} exceeds the {experts // groups} experts of a SAM group; "
-                          "lower it or use fewer --sam-num-groups")
-    if args.moe_router_num_groups is not None:
-        raise ConfigError("--moe-router-num-groups is megatron's group-limited topk routing; "
-                          "with --moe-router-type sam use --sam-num-groups")
-    if args.sam_capacity_factor is not None and args.sam_capacity_factor <= 0:
-        raise ConfigError(f"--sam-capacity-factor must be > 0, got {args.sam_capacity_factor}")
-    for name in ("group_balance", "expert_balance", "alignment"):
-        if getattr(args, f"sam_{name}_loss_coeff") < 0:
-            raise ConfigError(f"--sam-{name.replace('_', '-')}-loss-coeff must be >= 0")
-    from megatron_moe.arguments import reject_flags_that_do_not_apply
-
-    own_capacity = "SAM caps each group with --sam-capacity-factor"
-    reject_flags_that_do_not_apply(args, "sam", {
-        "moe_z_loss_coeff": "SAM's router losses are the --sam-*-loss-coeff ones",
-        "moe_router_score_function": "SAM takes the softmax over all experts, then switches to a group",
-        "moe_router_pre_softmax": "SAM takes the softmax over all experts, then switches to a group",
-        "moe_expert_capacity_factor": own_capacity,
-        "moe_token_drop_policy": own_capacity,
-        "moe_pad_expert_input_to_capacity": own_capacity,
-        "moe_permute_fusion": "SAM's dispatcher does its own permutation",
-    })
-    if args.moe_router_dtype == "fp64":
-        raise ConfigError("--moe-router-dtype fp64 does not apply to --moe-router-type sam: its routing softmax "
-                          "is fp32; use --moe-router-dtype fp32 (fp32 router GEMM)")
-    args.sam_num_groups = groups
-
-
-def options_from_args(args: argparse.Namespace) -> SAMOptions:
-    return SAMOptions(
-        num_groups=args.sam_num_groups,
-        renormalize_gates=args.sam_renormalize_gates,
-        group_balance_loss_coeff=args.sam_group_balance_loss_coeff,
-        expert_balance_loss_coeff=args.sam_expert_balance_loss_coeff,
-        alignment_loss_coeff=args.sam_alignment_loss_coeff,
-        capacity_factor=args.sam_capacity_factor,
-    )
-
-
-def tracked_losses(args: argparse.Namespace) -> list:
-    coeffs = (args.sam_group_balance_loss_coeff, args.sam_expert_balance_loss_coeff, args.sam_alignment_loss_coeff)
+def tracked_losses(config) -> list:
+    """The aux-loss tracker names SAMRouter logs with these flags (those with a positive coefficient)."""
+    coeffs = (config.sam_group_balance_loss_coeff, config.sam_expert_balance_loss_coeff,
+              config.sam_alignment_loss_coeff)
     return [name for name, coeff in zip(SAMRouter.LOSS_NAMES, coeffs) if coeff > 0]
 
-
-def routing_scheme():
-    """``--moe-router-type sam`` (imported lazily: the registry imports this module while it loads)."""
-    from megatron_moe.moe.registry import RoutingScheme
-
-    return RoutingScheme(name="sam", router=SAMRouter, dispatcher=SAMDispatcher, add_arguments=add_arguments,
-                         validate=validate, options_from_args=options_from_args, tracked_losses=tracked_losses)

@@ -12,7 +12,7 @@ from train_and_save_logits import TOKENS, greedy
 if __name__ == "__main__":
     out, load = sys.argv[1], sys.argv[2]
     job, _ = load_one_process_job(load)
-    model, vocab = job.model.module.eval(), job.args.tokenizer.vocab_size
+    model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
     with torch.no_grad():
         logits = model(TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[..., :vocab]
     torch.save({"logits": logits, "tokens": TOKENS, "greedy": greedy(model, vocab)}, out)
