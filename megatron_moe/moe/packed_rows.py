@@ -20,6 +20,7 @@ Integer tensors get no gradient.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -47,7 +48,7 @@ def _layout(tensors: Sequence[torch.Tensor]) -> Tuple[Layout, int]:
     layout: Layout = [None] * len(tensors)
     offset = 0
     for i in order:
-        columns = tensors[i][0].numel() if tensors[i].dim() > 1 else 1
+        columns = math.prod(tensors[i].shape[1:])
         layout[i] = (tensors[i].dtype, columns, offset)
         offset += columns * tensors[i].element_size()
     largest = max(t.element_size() for t in tensors)
@@ -64,10 +65,11 @@ def pack(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Layout]:
     side as raw bytes, and the layout :func:`unpack` needs."""
     layout, width = _layout(tensors)
     rows = tensors[0].shape[0]
-    packed = torch.zeros(rows, width, dtype=torch.uint8, device=tensors[0].device)
+    packed = torch.empty(rows, width, dtype=torch.uint8, device=tensors[0].device)
     for tensor, (dtype, columns, offset) in zip(tensors, layout):
-        field = packed[:, offset : offset + columns * tensor.element_size()]
-        field.view(dtype).copy_(tensor.reshape(rows, columns))
+        packed[:, offset : offset + columns * tensor.element_size()].view(dtype).copy_(tensor.reshape(rows, columns))
+    used = sum(columns * dtype.itemsize for dtype, columns, _ in layout)
+    packed[:, used:].zero_()  # the fields leave no gaps (see _layout): only the row's tail is padding
     return packed, layout
 
 
@@ -76,8 +78,7 @@ def unpack(packed: torch.Tensor, layout: Layout, shapes: Sequence[torch.Size]) -
     rows = packed.shape[0]
     out = []
     for (dtype, columns, offset), shape in zip(layout, shapes):
-        size = torch.empty(0, dtype=dtype).element_size()
-        out.append(packed[:, offset : offset + columns * size].view(dtype).view(rows, *shape))
+        out.append(packed[:, offset : offset + columns * dtype.itemsize].view(dtype).view(rows, *shape))
     return out
 
 
@@ -147,7 +148,7 @@ class _AllGather(torch.autograd.Function):
             by_dtype.setdefault(gradient.dtype, []).append(index)
         summed = [None] * len(gradients)
         for indices in by_dtype.values():
-            columns = [gradients[i].reshape(ctx.gathered, -1) for i in indices]
+            columns = [gradients[i].reshape(ctx.gathered, math.prod(gradients[i].shape[1:])) for i in indices]
             reduced = _reduce_scatter_along_first_dim(torch.cat(columns, dim=1), ctx.group,
                                                       input_split_sizes=ctx.split_sizes)
             for i, part in zip(indices, reduced.split([c.shape[1] for c in columns], dim=1)):
