@@ -258,13 +258,13 @@ class SAMDispatcher(MoETokenDispatcher):
             self.tp_splits = to_me.sum(0).tolist()
 
     def token_dispatch(self, hidden, gates):
-        hidden, gates, self.local_ids = packed_rows.all_to_all(
+        hidden, gates, self.received_ids = packed_rows.all_to_all(
             self.ep_group, (hidden, gates, self.local_ids), self.output_splits, self.input_splits)
         return hidden, gates
 
     def dispatch_postprocess(self, hidden, gates):
         self.gate_dtype = gates.dtype
-        local_ids = self.local_ids
+        local_ids = self.received_ids
         if self.tp_splits is not None:
             # what every rank of this expert-TP group received, in TP-rank order (each rank's own tokens
             # are the tp_splits[tp_rank] rows after the earlier ranks')
