@@ -79,10 +79,12 @@ class Sync:
 
 
 def _user_frame() -> str:
-    """The innermost frame outside torch and this module: the line that asked for the sync."""
+    """The innermost frame outside torch, this module and other torch modes: the line that asked for the
+    sync."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         path = os.path.abspath(frame.filename)
-        if path != _THIS_FILE and not path.startswith(_TORCH_DIR) and "contextlib" not in path:
+        if (path != _THIS_FILE and not path.startswith(_TORCH_DIR) and "contextlib" not in path
+                and frame.name not in ("__torch_function__", "__torch_dispatch__")):
             return f"{os.path.relpath(path)}:{frame.lineno} in {frame.name}"
     return "?"
 
@@ -134,6 +136,12 @@ def _to_host(args, kwargs) -> bool:
     target = kwargs.get("device", args[0] if args else None)
     if isinstance(target, torch.Tensor):
         target = target.device
+    # On a CPU run megatron_moe.platform hands out this device object for torch.cuda.current_device():
+    # a move there is a move to the GPU on a GPU run, not to the host.
+    from megatron_moe.platform import _CPU as current_cuda_device_on_cpu_runs
+
+    if target is current_cuda_device_on_cpu_runs:
+        return False
     return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
 
 

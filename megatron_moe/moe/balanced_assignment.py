@@ -56,6 +56,8 @@ __all__ = ["balanced_assignment", "expert_capacities"]
 
 # Rounds between refills of the bidder buffer from all the unplaced tokens (a sort over T).
 _REFILL_EVERY = 8
+# The loop may stop after max_rounds / 64, / 16, / 4 and / 2 rounds: at most 4 host syncs per solve.
+_CHECK_FRACTIONS = (64, 16, 4, 2)
 
 
 def expert_capacities(num_tokens: int, num_experts: int, device=None) -> torch.Tensor:
@@ -80,8 +82,8 @@ def balanced_assignment(
         scores: [T, E] floating-point token-expert affinities (any device; not differentiated).
         eps: bid increment as a fraction of the std of the scores once each row's and column's mean
             is removed; every token placed by the auction has regret below it.
-        max_rounds: auction rounds at most; the loop stops early only at the two checks after
-            ``max_rounds // 4`` and ``max_rounds // 2`` rounds (one host sync each). Tokens still
+        max_rounds: auction rounds at most; the loop stops early only at the checks after
+            ``max_rounds`` / 64, / 16, / 4 and / 2 rounds (one host sync each). Tokens still
             unplaced after the last round fill the free slots (module docstring).
         return_prices: also return expert prices [E] (in score units) for the dual upper bound
             ``sum_t max_e(scores[t, e] - prices[e]) + sum_e capacity[e] * prices[e]`` (+inf for
@@ -107,7 +109,7 @@ def balanced_assignment(
 
     normalised, column_shift, scale = _standardise(_finite(scores.detach().to(dtype)))
     auction = _Auction(normalised, eps)
-    checks = {_refill_round(max_rounds // 4), _refill_round(max_rounds // 2)}
+    checks = {_refill_round(max_rounds // fraction) for fraction in _CHECK_FRACTIONS}
     for round_index in range(max_rounds):
         if round_index % _REFILL_EVERY == 0:
             auction.refill(_buffer_size(round_index, num_tokens, num_experts))
