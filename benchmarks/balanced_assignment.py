@@ -4,7 +4,7 @@ fairseq's BASE auction and megatron's sinkhorn; a paper estimate of the solve on
 
     PYTHONPATH=. python benchmarks/balanced_assignment.py [--seeds 3] [--sizes 1024x8 8192x64 32768x128]
         [--kinds gaussian skewed clustered real] [--no-baselines] [--exact-max-tokens 8192]
-        [--exact-max-tokens-skewed 1024] [--sinkhorn-limit 3]
+        [--exact-max-tokens-skewed 1024] [--sinkhorn-limit 3] [--threads 1] [--no-estimate]
 
 For every size and score kind, over the seeds, it prints medians of:
 
@@ -34,8 +34,8 @@ Then the paper estimate: syncs and launches counted on clustered scores at Mixtr
 DeepSeek-V3 shapes, turned into H100 time with the assumptions printed beside it, next to the
 MoE layer's forward + backward expert GEMM time for the same tokens.
 
-One process, torch.set_num_threads(2), CPU. Wall times are noisy on a shared machine; the CPU time
-(all threads) is steadier.
+One process, one torch thread (--threads), CPU. Wall times are noisy on a shared machine; the CPU
+time is steadier.
 """
 
 import argparse
@@ -299,10 +299,12 @@ def main():
     parser.add_argument("--exact-max-tokens-skewed", type=int, default=1024, help="the same for skewed scores")
     parser.add_argument("--sinkhorn-limit", type=float, default=3.0, help="seconds per sinkhorn call")
     parser.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the paper estimate")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: a round's small ops lose more to thread wake-ups than they gain)")
     args = parser.parse_args()
     if not args.baselines:
         args.exact_max_tokens = args.exact_max_tokens_skewed = 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     header = (
         "| T | E | scores | ours ms | ours CPU ms | syncs | ops | exact balance | gap to exact % | certified gap % "
