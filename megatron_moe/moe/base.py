@@ -80,6 +80,12 @@ def solve_on_shuffled_batch(
     return torch.empty_like(answers).index_copy_(0, order, answers), solved
 
 
+def _count_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """bincount with a known length: no host sync (bincount reads the largest index first)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=experts.device).index_add_(
+        0, experts, torch.ones_like(experts))
+
+
 class BaseRouter(MegatronModule):
     """megatron-core router protocol: ``forward(hidden[, padding_mask]) -> (probs [T, E], routing_map [T, E])``.
 
@@ -116,13 +122,13 @@ class BaseRouter(MegatronModule):
         """Expert per token: balanced assignment in training, greedy argmax at evaluation."""
         if not self.training:
             experts = scores.argmax(dim=-1)
-            self.tokens_per_expert = torch.bincount(experts, minlength=self.num_experts)
+            self.tokens_per_expert = _count_per_expert(experts, self.num_experts)
             return experts
         if self._shuffles():
             experts, solved = solve_on_shuffled_batch(scores, self.ep_group, balanced_assignment)
         else:
             experts = solved = balanced_assignment(scores)
-        self.tokens_per_expert = torch.bincount(solved, minlength=self.num_experts)
+        self.tokens_per_expert = _count_per_expert(solved, self.num_experts)
         return experts
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
