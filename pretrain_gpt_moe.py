@@ -1,10 +1,12 @@
 """Pretrain a GPT mixture-of-experts model: ``torchrun --nproc_per_node N pretrain_gpt_moe.py <Megatron flags>``."""
 
+import os
 import sys
 
 
 def main() -> int:
     from megatron_moe.arguments import ConfigError
+    from megatron_moe.platform import communication_failure
     from megatron_moe.training import NonFiniteError, pretrain
 
     try:
@@ -15,6 +17,15 @@ def main() -> int:
     except NonFiniteError as error:
         print(f"pretrain_gpt_moe.py: error: {error}", file=sys.stderr)
         return 1
+    except RuntimeError as error:
+        line = communication_failure(error)
+        if line is None:
+            raise
+        print(f"pretrain_gpt_moe.py: error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not a normal exit: tearing down process groups whose peer is frozen could wait on it. torchrun
+        # ends this job's other ranks when one exits with an error.
+        os._exit(1)
     return 0
 
 

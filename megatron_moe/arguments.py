@@ -113,8 +113,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if a GPU is visible")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl on CUDA, gloo on CPU; must agree with the device")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
-                   help="timeout of torch.distributed collectives")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="timeout of every torch.distributed collective, in every process group: a frozen or dead "
+                        "rank ends the job after this long (minutes as in Megatron-LM; fractions accepted)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="data-parallel gradient reduction in buckets, launched during the backward pass")
     g.add_argument("--overlap-param-gather", action="store_true",
@@ -167,6 +168,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="--bf16: accumulate and reduce gradients in bf16 (half the gradient memory and traffic)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (with --save) and exit after an iteration divisible by N")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and exit 0 once the job has run this long (every rank agrees)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -215,6 +220,12 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    action="store_false", help="do not stop on a NaN/Inf loss or grad norm")
     g.add_argument("--skip-nan-iterations", action="store_true",
                    help="on a NaN/Inf loss: skip the update and count it instead of stopping")
+    g.add_argument("--max-consecutive-skipped-iterations", type=int, default=10,
+                   help="--skip-nan-iterations: stop (status 1, no save) after this many skipped updates in a row")
+    g.add_argument("--max-skipped-iterations", type=int, default=100,
+                   help="--skip-nan-iterations: stop (status 1, no save) after this many skipped updates in one launch")
+    g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="load without checking the checkpoint's file digests (manifest.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,8 +290,6 @@ def _validate_runtime(args: argparse.Namespace) -> None:
         _require(device == wanted, f"--distributed-backend {args.distributed_backend} needs the {wanted} device, "
                                    f"but this run uses the {device} (--device, or no GPU visible); "
                                    f"use --distributed-backend {'nccl' if device == 'cuda' else 'gloo'} or leave it out")
-    _require(args.distributed_timeout_minutes >= 1,
-             f"--distributed-timeout-minutes must be >= 1, got {args.distributed_timeout_minutes}")
     te = args.transformer_impl == "transformer_engine"
     if args.use_flash_attn:
         _require(args.attention_backend in ("auto", "flash"),
@@ -302,6 +311,19 @@ def _validate_runtime(args: argparse.Namespace) -> None:
     _require(args.ckpt_format == "torch_dist",
              f"--ckpt-format {args.ckpt_format}: checkpoints are megatron-core distributed checkpoints only; "
              "use --ckpt-format torch_dist or leave it out")
+
+
+def _validate_run_control(args: argparse.Namespace) -> None:
+    """Timeouts and the ways a run stops early (megatron_moe.run_control)."""
+    _require(args.distributed_timeout_minutes > 0,
+             f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes:g}")
+    _require(args.eval_iters >= 0, f"--eval-iters must be >= 0 (0: no validation), got {args.eval_iters}")
+    _require(args.exit_interval is None or args.exit_interval >= 1,
+             f"--exit-interval must be >= 1, got {args.exit_interval}")
+    _require(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
+             f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    for flag in ("max_consecutive_skipped_iterations", "max_skipped_iterations"):
+        _require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
 
 def _validate_data_parallel(args: argparse.Namespace) -> None:
@@ -457,12 +479,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     split = args.split.replace("/", ",").split(",")
     _require(all(x.strip().replace(".", "", 1).isdigit() for x in split) and 1 <= len(split) <= 3,
              f"--split {args.split!r}: expected up to three numbers such as 969,30,1")
-    for name in ("log_interval", "eval_interval", "eval_iters", "save_interval"):
+    for name in ("log_interval", "eval_interval", "save_interval"):
         value = getattr(args, name)
         _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     _require(args.save_interval is None or args.save, "--save-interval needs --save DIR")
     _require(not args.exit_signal_handler or args.save, "--exit-signal-handler saves on SIGTERM: it needs --save DIR")
     _validate_runtime(args)
+    _validate_run_control(args)
     _validate_data_parallel(args)
     _validate_recompute(args)
 

@@ -7,7 +7,6 @@ Everything here is megatron-core's: DDP, the optimizer, the LR scheduler and the
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +25,7 @@ from megatron_moe import checkpointing, data, metrics
 from megatron_moe.arguments import padded_vocab_size, parse_args, transformer_config_from_args
 from megatron_moe.model import build_model
 from megatron_moe.platform import Platform, init_distributed, select_platform
+from megatron_moe.run_control import NonFiniteError, RunControl
 
 
 @dataclass
@@ -36,6 +36,7 @@ class TrainingJob:
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
+    started: float  # time.time() when setup began: --exit-duration-in-mins counts from here, as Megatron-LM's
 
 
 def print_rank_last(message: str) -> None:
@@ -70,6 +71,7 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
     """Parse, validate, join the process group, build model + DDP + optimizer + scheduler."""
     import os
 
+    started = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = parse_args(argv, world_size=world_size)  # errors surface before any process group exists
     platform = select_platform(args.device)
@@ -79,7 +81,10 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,  # megatron's default is 30 minutes
     )
+    checkpointing.check_save_dir(args)  # file errors before the minutes a large model takes to build
+    checkpointing.check_checkpoint_to_load(args)
     _set_seeds(args.seed)
     args.tokenizer = data.build_tokenizer(args)
     args.tokenizer_vocab_size = args.tokenizer.vocab_size
@@ -129,7 +134,9 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
         wd_incr_steps=decay_samples,
         wd_incr_style="constant",
     )
-    return TrainingJob(args, platform, config, model, optimizer, scheduler)
+    job = TrainingJob(args, platform, config, model, optimizer, scheduler, started)
+    checkpointing.check_save_space(job)
+    return job
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -167,10 +174,6 @@ def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) ->
         forward_only=forward_only,
     )
     return _mean_over_data_parallel([item["lm loss"] for item in losses])
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or grad norm: the run stops (or, with --skip-nan-iterations, skips the update)."""
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -265,18 +268,6 @@ def _finish_param_gather(job: TrainingJob) -> None:
         job.model.start_param_sync(force_sync=True)
 
 
-class _SigtermFlag:
-    """--exit-signal-handler: SIGTERM sets a flag; the loop saves and exits at the next iteration end."""
-
-    def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-
 def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]], None]] = None) -> List[float]:
     """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
 
@@ -290,7 +281,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
         expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
-    sigterm = _SigtermFlag(args.exit_signal_handler)
+    control = RunControl(args, job.started)
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
                  f"processes ({job.platform.device.type}/{job.platform.backend}): "
                  f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
@@ -306,6 +297,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         if not ok:
             skipped += 1
             nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
+        control.count_update(iteration, ok)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
         if lm_loss is not None:
@@ -323,16 +315,17 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
                     "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
                     "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
                 metrics.write_expert_load(writer, iteration, load)
-        if iteration % args.eval_interval == 0:
+        if args.eval_iters and iteration % args.eval_interval == 0:  # --eval-iters 0: no validation
             _validate(job, valid_ds, iteration, writer)
-        stop = _any_rank(sigterm.received, job.platform.device) if args.exit_signal_handler else False
+        stop = control.stop_reason(iteration, job.platform.device)
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
         if after_iteration is not None:
             after_iteration(iteration, losses)
         if stop:
-            print_rank_0(f"> SIGTERM: saved iteration {iteration} to {args.save}; exiting")
+            saved = f"saved iteration {iteration} to {args.save}" if args.save else f"stopped after iteration {iteration}"
+            print_rank_0(f"> {stop}: {saved}; exiting")
             break
     else:
         _finish_param_gather(job)
