@@ -270,7 +270,8 @@ def check_save_dir(args) -> None:
 
 def checkpoint_bytes(job) -> int:
     """About what one checkpoint of ``job`` takes on disk: each parameter once (not its data-parallel
-    replicas) in its dtype, plus the optimizer's fp32 Adam moments and, with --bf16, fp32 main params."""
+    replicas) in its dtype, plus the optimizer's fp32 Adam moments and, with --bf16, fp32 main params.
+    Collective."""
     per_element_extra = 8 + (4 if job.args.bf16 else 0)
     dense_owner = parallel_state.get_data_parallel_rank() == 0
     expert_owner = parallel_state.get_expert_data_parallel_rank() == 0
@@ -281,17 +282,16 @@ def checkpoint_bytes(job) -> int:
             local += param.numel() * (param.element_size() + per_element_extra)
     total = torch.tensor([local], dtype=torch.float64)
     dist.all_reduce(total)
-    return int(total.item())
+    return int(total.item() * 1.1)  # a tenth more: metadata, common state, RNG states, file alignment
 
 
-def check_save_space(job) -> None:
-    """``--save`` has room for one more checkpoint (the previous one stays until this one is complete)."""
-    if not job.args.save:
-        return
-    needed, free = checkpoint_bytes(job), shutil.disk_usage(job.args.save).free
+def check_save_space(save: str, needed: int) -> None:
+    """``save`` has ``needed`` bytes free: room for one more checkpoint (the previous one stays until this
+    one is complete)."""
+    free = shutil.disk_usage(save).free
     if free < needed:
-        raise ConfigError(f"--save {job.args.save}: {free / 2**30:.2f} GiB free, a checkpoint of this model "
-                          f"needs about {needed / 2**30:.2f} GiB; free some space or save elsewhere")
+        raise ConfigError(f"--save {save}: {free / 2**30:.2f} GiB free, a checkpoint of this model needs about "
+                          f"{needed / 2**30:.2f} GiB; free some space or save elsewhere")
 
 
 # --- digests -------------------------------------------------------------------------------------------------

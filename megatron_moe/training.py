@@ -135,7 +135,10 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
         wd_incr_style="constant",
     )
     job = TrainingJob(args, platform, config, model, optimizer, scheduler, started)
-    checkpointing.check_save_space(job)
+    if args.save:
+        needed = checkpointing.checkpoint_bytes(job)
+        print_rank_0(f"> a checkpoint takes about {needed / 2**20:.1f} MiB")
+        checkpointing.check_save_space(args.save, needed)
     return job
 
 
