@@ -169,3 +169,52 @@ def test_frozen_rank_ends_the_job_within_the_timeout(tmp_path):
     # 60 s timeout + torchrun's 30 s between SIGTERM and SIGKILL for the stopped rank + slack on a busy machine
     assert ended - frozen_at < 125, f"every rank exited {ended - frozen_at:.0f} s after the freeze"
     print(f"every rank exited {ended - frozen_at:.1f} s after rank 1 froze")
+
+
+# --- restart by itself -----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(prefix: Path, rank: int) -> list:
+    """Rank ``rank``'s records of each torchrun attempt, oldest first."""
+    paths = sorted(prefix.parent.glob(f"{prefix.name}.{rank}.*.json"), key=lambda p: int(p.name.split(".")[-2]))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(tmp_path):
+    """Two torchrun agents ("nodes", one rank each) meet by c10d rendezvous with --max-restarts 1. Rank 1 is
+    SIGKILLed after iteration 3 (the last checkpoint is iteration 2): torchrun relaunches both nodes, the job
+    resumes from iteration 2, and its losses and final weights equal an uninterrupted run's bit for bit."""
+    flags = TINY_MOE + ["--expert-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "2"]
+    reference = tmp_path / "reference"
+    torchrun(2, SCRIPTS / "train_with_fault.py", [str(reference), *flags, "--save", str(tmp_path / "ref_ckpt")])
+
+    ckpt, out, port = tmp_path / "ckpt", tmp_path / "elastic", _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
+               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3")
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reliability",
+            "--max-restarts", "1", str(SCRIPTS / "train_with_fault.py"), str(out), *flags,
+            "--save", str(ckpt), "--load", str(ckpt)]
+    nodes = [subprocess.Popen(node, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
+
+    straight = [_records(reference, rank)[-1] for rank in (0, 1)]
+    elastic = [_records(out, rank) for rank in (0, 1)]
+    assert all(len(attempts) >= 2 for attempts in elastic), "both ranks ran again after the kill"
+    killed_at = elastic[1][0]["iteration_end_times"]["3"]
+    for rank in (0, 1):
+        resumed = elastic[rank][-1]
+        assert sorted(resumed["iteration_end_times"], key=int) == ["3", "4", "5", "6"], "resumed from iteration 2"
+        assert resumed["losses"] == straight[rank]["losses"][2:]
+        assert resumed["parameter_sums"] == straight[rank]["parameter_sums"]
+    first_step = min(records[-1]["iteration_end_times"]["3"] for records in elastic)
+    print(f"restart to first step: {first_step - killed_at:.1f} s after the kill")
