@@ -83,6 +83,20 @@ def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
     atexit.register(shutdown_distributed)
 
 
+def elastic_restart_problem() -> Optional[str]:
+    """Why torchrun's restarts would fail for this worker, or None.
+
+    With ``--max-restarts`` > 0 and the rendezvous store shared with the workers (torchrun's default since
+    torch 2.4), a relaunched worker can read the previous attempt's addresses from that store and fail to
+    connect (pytorch/pytorch#135712); ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment
+    gives every attempt a fresh store.
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: a "
+                "restarted worker would otherwise read the previous attempt's addresses (pytorch/pytorch#135712)")
+    return None
+
+
 def shutdown_distributed() -> None:
     """Destroy megatron's groups and the default group while the interpreter is still whole.
 

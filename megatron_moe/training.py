@@ -22,9 +22,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe import checkpointing, data, metrics
-from megatron_moe.arguments import padded_vocab_size, parse_args, transformer_config_from_args
+from megatron_moe.arguments import ConfigError, padded_vocab_size, parse_args, transformer_config_from_args
 from megatron_moe.model import build_model
-from megatron_moe.platform import Platform, init_distributed, select_platform
+from megatron_moe.platform import Platform, elastic_restart_problem, init_distributed, select_platform
 from megatron_moe.run_control import NonFiniteError, RunControl
 
 
@@ -75,6 +75,9 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = parse_args(argv, world_size=world_size)  # errors surface before any process group exists
     platform = select_platform(args.device)
+    restart_problem = elastic_restart_problem()
+    if restart_problem is not None:
+        raise ConfigError(restart_problem)
     init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -197,14 +197,18 @@ def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(tmp_path):
 
     ckpt, out, port = tmp_path / "ckpt", tmp_path / "elastic", _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3")
+               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reliability",
             "--max-restarts", "1", str(SCRIPTS / "train_with_fault.py"), str(out), *flags,
             "--save", str(ckpt), "--load", str(ckpt)]
     nodes = [subprocess.Popen(node, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
-    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    try:
+        logs = [n.communicate(timeout=400)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
 
     straight = [_records(reference, rank)[-1] for rank in (0, 1)]
