@@ -59,9 +59,9 @@ from megatron_moe.arguments import ConfigError
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.json"
 MANIFEST = "manifest.json"  # size and digest of every other file of the checkpoint (see write_manifest)
-# sha1: the fastest of hashlib's on this project's CPUs (0.7 GB/s vs 0.3 for sha256 and blake2b); it guards
-# against damage, not against forgery. Each manifest names its algorithm, so this may change.
-DIGEST_ALGORITHM = "sha1"
+# sha256: as fast as sha1 and twice blake2b here (~0.7 GB/s per core, SHA extensions; benchmarks/checkpoint_digest.py).
+# Each manifest names its algorithm, so verification follows whatever wrote it.
+DIGEST_ALGORITHM = "sha256"
 # megatron-LM's sharded-state-dict metadata: optimizer keys without the chained_N. prefix (the same in every
 # expert-parallel layout), one sharded tensor per expert weight tensor (not one per local expert)
 SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}

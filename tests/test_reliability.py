@@ -95,7 +95,7 @@ def test_same_size_garbled_shard_is_never_loaded(saved, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = os.urandom(64)
     shard.write_bytes(bytes(data))
-    assert_one_line_error(resume(root), f"{shard} does not match its sha1 digest")
+    assert_one_line_error(resume(root), f"{shard} does not match its sha256 digest")
 
     from megatron_moe.checkpointing import verify_checkpoint  # the function export calls, one process
     with pytest.raises(ConfigError, match=shard.name):
