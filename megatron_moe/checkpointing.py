@@ -102,7 +102,7 @@ def read_tracker(root: str):
         raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"--load {root}: cannot read {path} ({error.strerror}); fix its permissions") from error
-    text = raw.decode("ascii", errors="replace").strip()
+    text = raw.decode("ascii", errors="backslashreplace").strip()
     if not text.isdigit():
         raise ConfigError(f"--load {root}: {path} holds {text[:40]!r}, not an iteration number; write the "
                           "iteration of a complete iter_NNNNNNN directory into it")
@@ -290,8 +290,8 @@ def check_save_space(save: str, needed: int) -> None:
     one is complete)."""
     free = shutil.disk_usage(save).free
     if free < needed:
-        raise ConfigError(f"--save {save}: {free / 2**30:.2f} GiB free, a checkpoint of this model needs about "
-                          f"{needed / 2**30:.2f} GiB; free some space or save elsewhere")
+        raise ConfigError(f"--save {save}: {free / 2**20:,.1f} MiB free, a checkpoint of this model needs about "
+                          f"{needed / 2**20:,.1f} MiB; free some space or save elsewhere")
 
 
 # --- digests -------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_save_without_room_for_a_checkpoint_is_refused(tmp_path):
 
     free = shutil.disk_usage(tmp_path).free
     check_save_space(str(tmp_path), free // 2)
-    with pytest.raises(ConfigError, match=r"--save .*GiB free, a checkpoint of this model needs about"):
+    with pytest.raises(ConfigError, match=r"--save .*MiB free, a checkpoint of this model needs about"):
         check_save_space(str(tmp_path), free * 2)
 
 
