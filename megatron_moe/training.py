@@ -330,6 +330,8 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         if after_iteration is not None:
             after_iteration(iteration, losses)
         if stop:
+            if not args.save:
+                _finish_param_gather(job)  # the save did it otherwise
             saved = f"saved iteration {iteration} to {args.save}" if args.save else f"stopped after iteration {iteration}"
             print_rank_0(f"> {stop}: {saved}; exiting")
             break
