@@ -296,9 +296,9 @@ def check_save_space(save: str, needed: int) -> None:
 
 # --- digests -------------------------------------------------------------------------------------------------
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: Path, algorithm: str = DIGEST_ALGORITHM) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, DIGEST_ALGORITHM).hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _my_share(files: List[str]) -> List[str]:
@@ -341,14 +341,18 @@ def write_manifest(directory: Path) -> None:
 
 
 def _damage(directory: Path, name: str, entry: dict, algorithm: str) -> Optional[str]:
+    """What is wrong with file ``name`` against its manifest ``entry``, or None. Never raises: the other
+    ranks wait for this one's answer."""
     path = directory / name
-    if not path.is_file():
-        return f"{path} is missing"
-    if path.stat().st_size != entry["bytes"]:
-        return f"{path} holds {path.stat().st_size} bytes, {entry['bytes']} were written"
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, algorithm).hexdigest() != entry["digest"]:
+    try:
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path} holds {path.stat().st_size} bytes, {entry['bytes']} were written"
+        if _file_digest(path, algorithm) != entry["digest"]:
             return f"{path} does not match its {algorithm} digest"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror})"
     return None
 
 
