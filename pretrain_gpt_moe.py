@@ -17,6 +17,7 @@ def main() -> int:
         args = parse_args(sys.argv[1:], world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         return _error(error, 2)
+    from megatron_moe.platform import communication_failure
     from megatron_moe.training import NonFiniteError, pretrain
 
     try:
@@ -25,6 +26,15 @@ def main() -> int:
         return _error(error, 2)
     except NonFiniteError as error:
         return _error(error, 1)
+    except RuntimeError as error:
+        line = communication_failure(error)
+        if line is None:
+            raise
+        _error(line, 1)
+        sys.stdout.flush()
+        # Not a normal exit: tearing down process groups whose peer is frozen could wait on it. torchrun
+        # ends this job's other ranks when one exits with an error.
+        os._exit(1)
     return 0
 
 

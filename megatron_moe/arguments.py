@@ -142,8 +142,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if a GPU is visible")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl on CUDA, gloo on CPU; must agree with the device")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
-                   help="timeout of torch.distributed collectives")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="timeout of every torch.distributed collective, in every process group: a frozen or dead "
+                        "rank ends the job after this long (minutes as in Megatron-LM; fractions accepted)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="data-parallel gradient reduction in buckets, launched during the backward pass")
     g.add_argument("--overlap-param-gather", action="store_true",
@@ -196,6 +197,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="--bf16: accumulate and reduce gradients in bf16 (half the gradient memory and traffic)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (with --save) and exit after an iteration divisible by N")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and exit 0 once the job has run this long (every rank agrees)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -246,6 +251,12 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    action="store_false", help="do not stop on a NaN/Inf loss or grad norm")
     g.add_argument("--skip-nan-iterations", action="store_true",
                    help="on a NaN/Inf loss: skip the update and count it instead of stopping")
+    g.add_argument("--max-consecutive-skipped-iterations", type=int, default=10,
+                   help="--skip-nan-iterations: stop (status 1, no save) after this many skipped updates in a row")
+    g.add_argument("--max-skipped-iterations", type=int, default=100,
+                   help="--skip-nan-iterations: stop (status 1, no save) after this many skipped updates in one launch")
+    g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="load without checking the checkpoint's file digests (manifest.json)")
     g.add_argument("--override-opt_param-scheduler", action="store_true",
                    help="on --load: the LR schedule follows these flags where it differs from the checkpoint's")
     g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
@@ -414,7 +425,7 @@ _AT_LEAST = {
     "num_experts": 1, "moe_ffn_hidden_size": 1, "moe_router_num_groups": 1, "moe_router_group_topk": 1,
     "moe_aux_loss_coeff": 0,
     "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
-    "distributed_timeout_minutes": 1,
+    "exit_interval": 1, "max_consecutive_skipped_iterations": 1, "max_skipped_iterations": 1,
     "micro_batch_size": 1, "global_batch_size": 1, "train_iters": 1, "lr": 0, "min_lr": 0, "lr_warmup_iters": 0,
     "lr_decay_iters": 1, "weight_decay": 0, "clip_grad": 0, "adam_eps": 0, "vocab_size": 1,
     "log_interval": 1, "eval_interval": 1, "eval_iters": 0, "save_interval": 1,
@@ -435,7 +446,9 @@ def _validate_ranges(c: RunConfig) -> None:
         value = getattr(c, dest)
         _require(low <= value <= high and (high_valid or value < high),
                  f"{_flag(dest)} must be in [{low}, {high}{']' if high_valid else ')'}, got {value}")
-    _require(c.rotary_percent > 0, f"--rotary-percent must be > 0, got {c.rotary_percent}")
+    for dest in ("rotary_percent", "distributed_timeout_minutes", "exit_duration_in_mins"):
+        value = getattr(c, dest)
+        _require(value is None or value > 0, f"{_flag(dest)} must be > 0, got {value:g}")
 
 
 def _validate_layout(c: RunConfig) -> Dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +28,8 @@ from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
 from megatron_moe.moe import comm_stats
-from megatron_moe.platform import Platform, init_distributed, select_platform
+from megatron_moe.platform import Platform, elastic_restart_problem, init_distributed, select_platform
+from megatron_moe.run_control import NonFiniteError, RunControl
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainingJob:
     optimizer: object
     scheduler: OptimizerParamScheduler
     tokenizer: object
+    started: float  # time.time() when setup began: --exit-duration-in-mins counts from here, as Megatron-LM's
     checkpoint: Optional[Path] = None  # the iteration directory --load resumes from
     saved_config: Optional[RunConfig] = None  # the run config it was written with
 
@@ -76,20 +77,27 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
 def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> TrainingJob:
     """Parse and validate (unless ``args`` is given), join the process group, check the checkpoint --load
     names against the flags, build model + DDP + optimizer + scheduler."""
+    started = time.time()
     if args is None:  # errors surface before any process group exists
         args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     platform = select_platform(args.device)
+    restart_problem = elastic_restart_problem()
+    if restart_problem is not None:
+        raise ConfigError(restart_problem)
     init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,  # megatron's default is 30 minutes
     )
+    checkpointing.check_save_dir(args)  # file errors before the minutes a large model takes to build
+    checkpoint = checkpointing.find_checkpoint(args)
+    checkpointing.check_checkpoint_files(checkpoint, args.verify_checkpoint)
     _set_seeds(args.seed)
     tokenizer = data.build_tokenizer(args)
     data.check_datasets(args, tokenizer.vocab_size)
-    checkpoint = checkpointing.find_checkpoint(args)
     saved = run_config.load(checkpoint) if checkpoint is not None else None
     args = args.replace(tokenizer_vocab_size=tokenizer.vocab_size,
                         padded_vocab_size=_vocabulary_rows(args, tokenizer.vocab_size, saved, checkpoint))
@@ -144,7 +152,12 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
-    return TrainingJob(args, platform, config, model, optimizer, scheduler, tokenizer, checkpoint, saved)
+    job = TrainingJob(args, platform, config, model, optimizer, scheduler, tokenizer, started, checkpoint, saved)
+    if args.save:
+        needed = checkpointing.checkpoint_bytes(job)
+        print_rank_0(f"> a checkpoint takes about {needed / 2**20:.1f} MiB")
+        checkpointing.check_save_space(args.save, needed)
+    return job
 
 
 def _vocabulary_rows(args: RunConfig, vocab_size: int, saved: Optional[RunConfig], checkpoint) -> int:
@@ -195,10 +208,6 @@ def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) ->
         forward_only=forward_only,
     )
     return _mean_over_data_parallel([item["lm loss"] for item in losses])
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or grad norm: the run stops (or, with --skip-nan-iterations, skips the update)."""
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -292,18 +301,6 @@ def _finish_param_gather(job: TrainingJob) -> None:
         job.model.start_param_sync(force_sync=True)
 
 
-class _SigtermFlag:
-    """--exit-signal-handler: SIGTERM sets a flag; the loop saves and exits at the next iteration end."""
-
-    def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-
 def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]], None]] = None) -> List[float]:
     """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
 
@@ -317,7 +314,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
         expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
-    sigterm = _SigtermFlag(args.exit_signal_handler)
+    control = RunControl(args, job.started)
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
                  f"processes ({job.platform.device.type}/{job.platform.backend}): "
                  f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
@@ -333,6 +330,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         if not ok:
             skipped += 1
             nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
+        control.count_update(iteration, ok)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
         if lm_loss is not None:
@@ -350,16 +348,19 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
                     "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
                     "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
                 metrics.write_expert_load(writer, iteration, load)
-        if args.eval_iters and iteration % args.eval_interval == 0:
+        if args.eval_iters and iteration % args.eval_interval == 0:  # --eval-iters 0: no validation
             _validate(job, valid_ds, iteration, writer)
-        stop = _any_rank(sigterm.received, job.platform.device) if args.exit_signal_handler else False
+        stop = control.stop_reason(iteration, job.platform.device)
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
         if after_iteration is not None:
             after_iteration(iteration, losses)
         if stop:
-            print_rank_0(f"> SIGTERM: saved iteration {iteration} to {args.save}; exiting")
+            if not args.save:
+                _finish_param_gather(job)  # the save did it otherwise
+            saved = f"saved iteration {iteration} to {args.save}" if args.save else f"stopped after iteration {iteration}"
+            print_rank_0(f"> {stop}: {saved}; exiting")
             break
     else:
         _finish_param_gather(job)
