@@ -448,7 +448,7 @@ def _validate_ranges(c: RunConfig) -> None:
                  f"{_flag(dest)} must be in [{low}, {high}{']' if high_valid else ')'}, got {value}")
     for dest in ("rotary_percent", "distributed_timeout_minutes", "exit_duration_in_mins"):
         value = getattr(c, dest)
-        _require(value is None or value > 0, f"{_flag(dest)} must be > 0, got {value:g}")
+        _require(value is None or value > 0, f"{_flag(dest)} must be > 0, got {value}")
 
 
 def _validate_layout(c: RunConfig) -> Dict[str, Any]:

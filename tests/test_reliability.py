@@ -23,9 +23,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A 2-iteration run saved by one process: (checkpoint root, its iter_0000002 directory)."""
+    """A 3-iteration run saved and stopped after iteration 2 by one process (the LR schedule is the one
+    :func:`resume` continues): (checkpoint root, its iter_0000002 directory)."""
     root = tmp_path_factory.mktemp("saved") / "ckpt"
-    result = launch(TINY_MOE + ["--train-iters", "2", "--save", str(root)])
+    result = launch(TINY_MOE + ["--train-iters", "3", "--exit-interval", "2", "--save", str(root)])
     assert result.returncode == 0, result.stderr[-3000:]
     return root, root / "iter_0000002"
 
