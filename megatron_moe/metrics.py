@@ -119,11 +119,13 @@ def write_scalars(writer, iteration: int, scalars: Dict[str, Optional[float]]) -
 
 
 def write_expert_load(writer, iteration: int, load: Dict[int, List[float]]) -> None:
-    """Per layer: the imbalance (max/mean) and every expert's share of the tokens."""
+    """Per layer: the imbalance (max/mean), the (token, expert) assignments the routing maps held (below
+    tokens x top-k when a capacity drops some) and every expert's share of them."""
     if writer is None:
         return
     for layer, tokens in load.items():
         total = sum(tokens)
+        writer.add_scalar(f"expert-load/layer_{layer:02d}/assignments", total, iteration)
         writer.add_scalar(f"expert-load/layer_{layer:02d}/max_over_mean", load_imbalance(tokens), iteration)
         for expert, count in enumerate(tokens):
             writer.add_scalar(f"expert-load/layer_{layer:02d}/expert_{expert:03d}_fraction", count / total,
