@@ -6,7 +6,11 @@ figures are known, and check them end to end through TensorBoard event files the
 """
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +79,27 @@ def test_scalars_are_read_back_from_the_training_writer(tmp_path):
     assert [value for _, _, value in read["validation lm loss"]] == [5.5]
     assert [value for _, _, value in read["expert-load/layer_01/assignments"]] == [4.0]
     assert [value for _, _, value in read["expert-load/layer_01/max_over_mean"]] == [1.5]
+
+
+def test_smoke_mode_end_to_end_and_resume(tmp_path):
+    if not (REPO / "data" / "kjv_text_document.idx").is_file():
+        pytest.skip("no KJV data: run `bash examples/prepare_kjv_data.sh`")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "routing_quality.py"), "--smoke", "--routers", "switch", "--out", str(out),
+           "--work", str(tmp_path / "work"), "--device", "cpu"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "| switch | 1 | 1 |" in (out / "table.md").read_text()
+    for png in ("loss.png", "expert_load.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "runs" / "switch_seed1.json").read_text())
+    validation = [point["loss"] for point in record["validation"]]
+    train = [point["loss"] for point in record["train_loss"]]
+    assert all(math.isfinite(loss) for loss in validation + train)
+    assert validation[-1] < validation[0] and train[-1] < train[0]
+    assert record["dropped_fraction"] == pytest.approx(0.0, abs=1e-9)  # no capacity factor: dropless
+    assert record["rows_per_token"] == 1.0
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "[skip] switch seed 1" in again.stdout
