@@ -38,8 +38,8 @@ def main() -> int:
         if fault and dist.get_rank() == int(os.environ["FAULT_RANK"]) and iteration == int(os.environ["FAULT_AFTER"]):
             os.kill(os.getpid(), getattr(signal, f"SIG{fault}"))
 
-    def pretrain(argv):
-        job = training.setup(argv)
+    def pretrain(argv=None, args=None):
+        job = training.setup(argv, args)
         losses = training.train(job, after_iteration)
         record["parameter_sums"] = {name: p.double().sum().item() for name, p in job.model.module.named_parameters()}
         write(dist.get_rank())
