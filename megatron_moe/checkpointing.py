@@ -71,14 +71,6 @@ MODEL_FIELDS = (
 # fully_reshardable state, like every other optimizer's, can change them all).
 DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                 "expert_model_parallel_size")
-# Recorded, not compared: what else rebuilding the model needs (tools/convert_checkpoint.py export).
-DESCRIPTIVE_FIELDS = (
-    "norm_epsilon", "rotary_base", "rotary_percent", "moe_router_topk", "moe_router_num_groups",
-    "moe_router_group_topk", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
-    "make_vocab_size_divisible_by", "padded_vocab_size", "init_method_std",
-)
-
-
 def checkpoint_dir(root: str, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
@@ -95,27 +87,18 @@ def read_tracker(root: str):
 
 
 def run_config(args) -> Dict[str, object]:
-    """What a checkpoint records about the run that wrote it (``moe_routing_flags``: the routing scheme's
-    own flags by destination, e.g. ``sam_num_groups``)."""
-    fields = MODEL_FIELDS + DISTRIBUTED_OPTIMIZER_FIELDS + DESCRIPTIVE_FIELDS
-    config = {field: getattr(args, field, None) for field in fields}
-    config["moe_routing_flags"] = {action.dest: getattr(args, action.dest, None)
-                                   for action in routing_scheme_actions(args.moe_router_type)}
-    config["use_distributed_optimizer"] = args.use_distributed_optimizer
+    """The whole run configuration a checkpoint records: every JSON-serialisable argument (validated
+    values and the derived ones such as ``moe_layer_pattern`` and ``padded_vocab_size``), the distributed
+    optimizer's checkpoint format and the world size (tools/convert_checkpoint.py rebuilds the model from it)."""
+    config = {}
+    for name, value in vars(args).items():
+        try:
+            config[name] = _json(value)
+        except (TypeError, ValueError):  # objects built from the flags (the tokenizer, the platform)
+            continue
     config["distrib_optim_sharding_type"] = sharded_metadata(args).get("distrib_optim_sharding_type")
     config["world_size"] = dist.get_world_size()
     return config
-
-
-def routing_scheme_actions(name: str) -> List[argparse.Action]:
-    """The argparse actions of routing scheme ``name``'s own flags (none for topk)."""
-    from megatron_moe.moe.registry import ROUTING_SCHEMES
-
-    parser = argparse.ArgumentParser(add_help=False)
-    scheme = ROUTING_SCHEMES.get(name)
-    if scheme is not None and scheme.add_arguments is not None:
-        scheme.add_arguments(parser.add_argument_group())
-    return parser._actions
 
 
 def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, where: Path) -> None:

@@ -232,4 +232,11 @@ def routing_scheme():
     from megatron_moe.moe.registry import RoutingScheme
 
     return RoutingScheme(name="base", router=BaseRouter, dispatcher=BaseTokenDispatcher, add_arguments=add_arguments,
-                         validate=validate, options_from_args=options_from_args)
+                         validate=validate, options_from_args=options_from_args, export=export)
+
+
+def export(args: argparse.Namespace) -> dict:
+    """tools/convert_checkpoint.py export: BASE in evaluation mode (greedy argmax of ``h . c_e``, gate
+    ``sigmoid(h . c_e)``, the balancing is training-only) is our remote code's ``base_route``."""
+    return dict(architecture="MegatronMoeForCausalLM", config={"moe_router_type": "base"}, router_tensor="centroids",
+                flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"))

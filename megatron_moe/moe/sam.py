@@ -390,4 +390,14 @@ def routing_scheme():
     from megatron_moe.moe.registry import RoutingScheme
 
     return RoutingScheme(name="sam", router=SAMRouter, dispatcher=SAMDispatcher, add_arguments=add_arguments,
-                         validate=validate, options_from_args=options_from_args, tracked_losses=tracked_losses)
+                         validate=validate, options_from_args=options_from_args, tracked_losses=tracked_losses,
+                         export=export)
+
+
+def export(args: argparse.Namespace) -> dict:
+    """tools/convert_checkpoint.py export: SAM in evaluation mode (dropless whatever --sam-capacity-factor,
+    the losses are training-only) is our remote code's ``sam_route``."""
+    flags = ["--moe-router-type", "sam", "--sam-num-groups", str(args.sam_num_groups)]
+    return dict(architecture="MegatronMoeForCausalLM", flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
+                config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
+                        "sam_renormalize_gates": args.sam_renormalize_gates})
