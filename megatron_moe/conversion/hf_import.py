@@ -97,9 +97,9 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
     argv = flags + tokenizer + _JOB + ["--seq-length", str(config["max_position_embeddings"]), *overrides]
     args = parse_args([a.replace(str(final_tokenizer_dir), str(folder)) for a in argv], world_size=1)
     args.tokenizer = build_tokenizer(args)  # from the source folder's files, before anything is written
-    if args.tokenizer.vocab_size != config.get("vocab_size"):
-        raise ConversionError(f"{config_path}: vocab_size {config.get('vocab_size')} differs from the tokenizer "
-                              f"files' {args.tokenizer.vocab_size}")
+    if args.tokenizer.vocab_size > config.get("vocab_size", 0):  # more rows than the tokenizer is usual
+        raise ConversionError(f"{config_path}: vocab_size {config.get('vocab_size')} is smaller than the tokenizer "
+                              f"files' {args.tokenizer.vocab_size} tokens")
     args.tokenizer_vocab_size = args.tokenizer.vocab_size
     args.padded_vocab_size = padded_vocab_size(args.tokenizer.vocab_size, args)
     # the names follow the folder's class; BASE's router is its centroids
@@ -131,7 +131,7 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
             stored, expert, half = located[name]
             tensor = weights.read(stored, expert)
             parts.append(tensor.chunk(2)[half] if half is not None else tensor)
-        return hf_layout.from_hf(unit, parts, args, args.padded_vocab_size)
+        return hf_layout.from_hf(unit, parts, args, args.tokenizer_vocab_size, args.padded_vocab_size)
 
     def produce(item):
         if item.type == dist_files.WriteItemType.BYTE_IO:
@@ -176,7 +176,7 @@ def _check_shapes(units, located, weights, args, folder: Path, expected) -> None
             meta = torch.empty(shape, device="meta")
             parts.append(meta.chunk(2)[half] if half is not None else meta)
         try:
-            joined = hf_layout.from_hf(unit, parts, args, args.padded_vocab_size)
+            joined = hf_layout.from_hf(unit, parts, args, args.tokenizer_vocab_size, args.padded_vocab_size)
         except RuntimeError:
             joined = None
         if joined is None or tuple(joined.shape) != expected[unit.key]:

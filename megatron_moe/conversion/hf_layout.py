@@ -279,11 +279,13 @@ def to_hf(unit: Unit, tensor: torch.Tensor, args, vocab_size: int) -> List[torch
     return [tensor]
 
 
-def from_hf(unit: Unit, tensors: Sequence[torch.Tensor], args, padded_rows: int) -> torch.Tensor:
-    """The unit's Hugging Face tensors -> our tensor (vocabulary padded with zero rows to ``padded_rows``)."""
+def from_hf(unit: Unit, tensors: Sequence[torch.Tensor], args, vocab_size: int, padded_rows: int) -> torch.Tensor:
+    """The unit's Hugging Face tensors -> our tensor. The vocabulary keeps the tokenizer's ``vocab_size``
+    rows (a config's extra rows are ids no token has) padded with zero rows to ``padded_rows``."""
     if unit.kind == "vocab":
-        rows = tensors[0]
-        _require(rows.shape[0] <= padded_rows, f"{unit.hf[0]} has {rows.shape[0]} rows, more than the vocabulary")
+        _require(tensors[0].shape[0] >= vocab_size, f"{unit.hf[0]} has {tensors[0].shape[0]} rows, fewer than the "
+                                                    f"tokenizer's {vocab_size} tokens")
+        rows = tensors[0][:vocab_size]
         return torch.cat([rows, rows.new_zeros(padded_rows - rows.shape[0], *rows.shape[1:])])
     if unit.kind == "fc1":
         return torch.cat(list(tensors))
