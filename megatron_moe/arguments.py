@@ -46,6 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="biases on the query/key/value projection only (Qwen2's attention), also in MoE models")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="default: transformer_engine on CUDA, local on CPU")
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
@@ -64,6 +66,10 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (unset: dense)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default: --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="width of a shared expert every token also passes through (Qwen2-MoE; default: none)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="scale the shared expert's output by sigmoid(h . g), a learned g (Qwen2-MoE's shared_expert_gate)")
     g.add_argument("--moe-layer-freq", type=str, default="1",
                    help="N: MoE every N-th layer; or a Python list such as '[0,1,1,1]' (1 = MoE)")
     g.add_argument("--moe-router-type", choices=sorted(ROUTING_SCHEMES), default="topk",
@@ -498,6 +504,8 @@ def transformer_config_from_args(args: argparse.Namespace):
             moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_permute_fusion=args.moe_permute_fusion,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=args.moe_shared_expert_gate,
         )
     return GPTMoEConfig(
         num_layers=args.num_layers,
@@ -511,6 +519,7 @@ def transformer_config_from_args(args: argparse.Namespace):
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=not (args.disable_bias_linear or moe),
+        add_qkv_bias=args.add_qkv_bias,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,

@@ -33,12 +33,11 @@ this run's chaining of optimizers (:func:`_regroup_optimizer_state`, :func:`_loa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist

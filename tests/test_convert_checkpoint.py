@@ -207,12 +207,11 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(reference, tmp_path):
 
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"architectures": ["Qwen2MoeForCausalLM"], "hidden_act": "silu",
+    (hf / "config.json").write_text(json.dumps({"architectures": ["Qwen2MoeForCausalLM"], "hidden_act": "gelu",
                                                 "num_hidden_layers": 2, "num_experts_per_tok": 2, "num_experts": 4,
-                                                "moe_intermediate_size": 8, "intermediate_size": 8,
-                                                "shared_expert_intermediate_size": 16}))
+                                                "moe_intermediate_size": 8, "intermediate_size": 8}))
     result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "imported"), check=False)
-    assert result.returncode == 2 and "shared_expert_intermediate_size" in result.stderr
+    assert result.returncode == 2 and "hidden_act 'gelu'" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "imported").exists()
 
 
@@ -263,6 +262,9 @@ ROUTER_CASES = {
     "sam_capacity_no_losses": (["--moe-router-type", "sam", "--sam-capacity-factor", "1.0", "--moe-router-dtype", "fp32",
                                 "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
                                 "--sam-alignment-loss-coeff", "0"], REMOTE),
+    "shared_expert_qkv_bias": (["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
+                                "--add-qkv-bias"], QWEN),
+    "shared_expert_ungated": (["--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert-intermediate-size 32"),
     "learned_positions": (["--position-embedding-type", "learned_absolute"], "--position-embedding-type learned_absolute"),
     "layernorm": (["--normalization", "LayerNorm"], "--normalization LayerNorm"),
 }
@@ -313,7 +315,7 @@ def test_sam_folder_never_imports_as_topk(tmp_path):
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]
 
 
-def tiny_qwen_folder(folder: Path, shards: bool = True) -> Path:
+def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
     """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -321,7 +323,7 @@ def tiny_qwen_folder(folder: Path, shards: bool = True) -> Path:
     config = transformers.Qwen2MoeConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
-        shared_expert_intermediate_size=0, qkv_bias=False, mlp_only_layers=[0], max_position_embeddings=64,
+        shared_expert_intermediate_size=shared, qkv_bias=qkv_bias, mlp_only_layers=[0], max_position_embeddings=64,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = transformers.Qwen2MoeForCausalLM(config).eval()
     model.save_pretrained(folder, max_shard_size="40KB" if shards else "1GB")
@@ -337,8 +339,15 @@ QWEN_RUN = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--moc
             "--seq-length", "16", "--hidden-dropout", "0", "--attention-dropout", "0"]
 
 
-def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(tmp_path):
-    hf = tiny_qwen_folder(tmp_path / "qwen")
+@pytest.mark.parametrize("shared, qkv_bias", [(0, False), (24, True)], ids=["plain", "shared_expert_qkv_bias"])
+def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(shared, qkv_bias, tmp_path):
+    hf = tiny_qwen_folder(tmp_path / "qwen", shared=shared, qkv_bias=qkv_bias)
+    with torch.no_grad():  # random biases (transformers initialises them to zero)
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+        model.save_pretrained(hf, max_shard_size="40KB")
     assert (hf / "model.safetensors.index.json").is_file()  # several shards
     result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt"))
     pretrain = result.stdout.split("pretrain with: ")[1].split()
@@ -351,6 +360,8 @@ def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(tmp_path):
     assert (theirs[..., :96] - ours["logits"]).abs().max().item() <= TOLERANCE
 
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
+    model, again = hf_logits(tmp_path / "back", ours["tokens"])
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and (again - ours["logits"]).abs().max().item() <= TOLERANCE
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (back["bos_token_id"], back["eos_token_id"]) == (1, 2)  # kept through import and export
     assert (tmp_path / "back" / "tokenizer.json").is_file()
@@ -438,4 +449,4 @@ def test_export_dtype_defaults_to_the_training_dtype(tmp_path):
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "fp32"), "--dtype", "fp32")
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         header = safetensors_header(tmp_path / name / "model.safetensors")
-        assert {d for _, d in header.values()} == {dtype}
+        assert {entry[1] for entry in header.values()} == {dtype}

@@ -131,8 +131,9 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
-def safetensors_header(path: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} from a safetensors file's header, checked against the file's size."""
+def safetensors_header(path: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype, int]]:
+    """{name: (shape, dtype, offset of its data in the file)} from a safetensors file's header, checked
+    against the file's size."""
     size = path.stat().st_size
     with open(path, "rb") as stream:
         head = stream.read(8)
@@ -149,7 +150,7 @@ def safetensors_header(path: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dty
             continue
         if entry.get("dtype") not in _TORCH_DTYPES:
             raise ConversionError(f"{path}: {name} has dtype {entry.get('dtype')}; floating point F32/BF16/F16/F64 only")
-        out[name] = (tuple(entry["shape"]), _TORCH_DTYPES[entry["dtype"]])
+        out[name] = (tuple(entry["shape"]), _TORCH_DTYPES[entry["dtype"]], 8 + length + entry["data_offsets"][0])
         end = max(end, entry["data_offsets"][1])
     if 8 + length + end > size:
         raise ConversionError(f"{path}: truncated ({size} bytes, its header needs {8 + length + end})")
@@ -174,36 +175,27 @@ class HFWeights:
             raise ConversionError(f"{folder}: no model.safetensors or {SAFE_INDEX} (only safetensors are read)")
         self.file_of: Dict[str, str] = {}
         self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self._data: Dict[str, Tuple[torch.dtype, int]] = {}
         for name in files:
             if not (folder / name).is_file():
                 raise ConversionError(f"{folder / name}: missing (named in {SAFE_INDEX})")
-            for tensor, (shape, _) in safetensors_header(folder / name).items():
-                self.file_of[tensor], self.shapes[tensor] = name, shape
+            for tensor, (shape, dtype, offset) in safetensors_header(folder / name).items():
+                self.file_of[tensor], self.shapes[tensor], self._data[tensor] = name, shape, (dtype, offset)
         for tensor, name in (listed or {}).items():
             if self.file_of.get(tensor) != name:
                 raise ConversionError(f"{folder / SAFE_INDEX}: lists {tensor} in {name}, which does not hold it")
-        self._handles: Dict[str, object] = {}
 
     def read(self, name: str, expert: Optional[int] = None) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), framework="pt")
-        handle = self._handles[file]
-        return handle.get_slice(name)[expert] if expert is not None else handle.get_tensor(name)
-
-
-def copy_remote_code(folder: Path) -> List[str]:
-    """Our modeling code for the routing schemes no transformers class has (config.json's ``auto_map``)."""
-    names = sorted(path.name for path in REMOTE_CODE_DIR.glob("*_megatron_moe.py"))
-    for name in names:
-        shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
-    return names
-
-
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        """Tensor ``name`` (its ``expert``-th slice along the first axis), read from its file into fresh
+        memory (no memory map stays behind)."""
+        dtype, offset = self._data[name]
+        shape = self.shapes[name][1:] if expert is not None else self.shapes[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = bytearray(nbytes)
+        with open(self.folder / self.file_of[name], "rb") as stream:
+            stream.seek(offset + (expert or 0) * nbytes)
+            stream.readinto(buffer)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
 
 
 def special_token_ids(args, tokenizer) -> Tuple[int, int]:

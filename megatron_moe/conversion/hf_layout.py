@@ -9,7 +9,9 @@ hook is refused, so a new scheme cannot be exported by accident. The classes:
 * ``MixtralForCausalLM``: every layer MoE, softmax over the top-k logits (= Mixtral's renormalised top k).
 * ``Qwen2MoeForCausalLM``: dense layers in the mix (``mlp_only_layers``), or the softmax taken before the
   top-k selection (``--moe-router-pre-softmax``, top-1, sinkhorn's evaluation with k > 1:
-  ``norm_topk_prob=False``). Its shared expert is given zero width, so it adds exactly zero.
+  ``norm_topk_prob=False``), or a gated shared expert (``--moe-shared-expert-intermediate-size`` with
+  ``--moe-shared-expert-gate``) or QKV biases (``--add-qkv-bias``). Without a shared expert of ours its
+  shared expert is given zero width, so it adds exactly zero.
 * ``MegatronMoeForCausalLM``: our modeling code (``remote_code/``, copied into the folder, loaded with
   ``trust_remote_code=True``): Qwen2-MoE with our MoE block for BASE, SAM and the top-k variants no
   transformers class has (sigmoid scores, group-limited top-k).
@@ -99,10 +101,18 @@ def export_target(args) -> Target:
              f"--moe-router-type {args.moe_router_type}: this routing scheme has no export "
              f"(exported: {', '.join(n for n, s in sorted(ROUTING_SCHEMES.items()) if s.export)})")
     try:
-        described = scheme.export(args)
+        target = Target(**scheme.export(args))
     except ValueError as refusal:
         raise ConversionError(str(refusal)) from None
-    return Target(**described)
+    shared = args.moe_shared_expert_intermediate_size
+    if shared or args.add_qkv_bias:  # Mixtral has neither; Qwen2-MoE both (its shared expert always gated)
+        _require(not shared or args.moe_shared_expert_gate, f"--moe-shared-expert-intermediate-size {shared} without "
+                 "--moe-shared-expert-gate: Qwen2-MoE always gates its shared expert")
+        _require(not shared or target.architecture != REMOTE, f"--moe-shared-expert-intermediate-size {shared} with "
+                 f"--moe-router-type {args.moe_router_type}: our remote code has no shared expert")
+        if target.architecture == MIXTRAL:
+            target = Target(QWEN2_MOE, {"norm_topk_prob": True})
+    return target
 
 
 def hf_config(args, target: Target, vocab_size: int, bos_token_id, eos_token_id, dtype: torch.dtype) -> Dict:
@@ -135,8 +145,9 @@ def hf_config(args, target: Target, vocab_size: int, bos_token_id, eos_token_id,
                       sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
     else:
         config.update(num_experts=args.num_experts, intermediate_size=args.ffn_hidden_size,
-                      moe_intermediate_size=args.moe_ffn_hidden_size, shared_expert_intermediate_size=0,
-                      decoder_sparse_step=1, qkv_bias=False,
+                      moe_intermediate_size=args.moe_ffn_hidden_size,
+                      shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or 0,
+                      decoder_sparse_step=1, qkv_bias=args.add_qkv_bias,
                       mlp_only_layers=[i for i, moe in enumerate(args.moe_layer_pattern) if not moe],
                       use_sliding_window=False, sliding_window=None, output_router_logits=False)
     if arch == REMOTE:
@@ -168,19 +179,20 @@ def args_from_hf_config(config: Dict) -> List[str]:
         pattern = [1] * layers
     else:
         num_experts, moe_ffn, ffn = config["num_experts"], config["moe_intermediate_size"], config["intermediate_size"]
-        _require(config.get("shared_expert_intermediate_size", 0) == 0,
-                 f"shared_expert_intermediate_size {config.get('shared_expert_intermediate_size')}: shared experts "
-                 "are not supported (must be 0)")
-        _require(config.get("qkv_bias", True) is False, "qkv_bias true: our MoE attention has no biases")
+        shared = config.get("shared_expert_intermediate_size", 0)
+        if shared:  # Qwen2-MoE gates its shared expert with sigmoid(h . g)
+            routing += ["--moe-shared-expert-intermediate-size", str(shared), "--moe-shared-expert-gate"]
+        if config.get("qkv_bias", True):
+            routing.append("--add-qkv-bias")
         _require(not config.get("use_sliding_window", False), "use_sliding_window true: not supported")
         step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
         pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
         if arch == REMOTE:
             _require(isinstance(config.get(REMOTE_FLAGS), list),
                      f"{REMOTE_FLAGS} is missing: not written by tools/convert_checkpoint.py export")
-            routing = [str(flag) for flag in config[REMOTE_FLAGS]]
+            routing += [str(flag) for flag in config[REMOTE_FLAGS]]
         elif not config.get("norm_topk_prob", False):  # softmax over all experts, top k not renormalised
-            routing = ["--moe-router-pre-softmax"]
+            routing.append("--moe-router-pre-softmax")
         else:
             _require(topk > 1, "norm_topk_prob true with num_experts_per_tok 1: megatron's top-1 is not renormalised")
     heads = config["num_attention_heads"]
@@ -229,6 +241,8 @@ def units(args, target: Target) -> List[Unit]:
         out += [Unit(ours + "self_attention.linear_qkv.layer_norm_weight", (theirs + "input_layernorm.weight",)),
                 Unit(ours + "self_attention.linear_qkv.weight",
                      (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), "qkv"),
+                *([Unit(ours + "self_attention.linear_qkv.bias",
+                        (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"), "qkv")] if args.add_qkv_bias else []),
                 Unit(ours + "self_attention.linear_proj.weight", (attn + "o_proj.weight",)),
                 Unit(ours + "mlp.linear_fc1.layer_norm_weight", (theirs + "post_attention_layernorm.weight",))]
         if not args.moe_layer_pattern[layer]:
@@ -238,6 +252,12 @@ def units(args, target: Target) -> List[Unit]:
             continue
         router_hf = "mlp.centroids" if target.router_tensor == "centroids" else f"{block}.gate.weight"
         out.append(Unit(ours + f"mlp.router.{target.router_tensor}", (theirs + router_hf,)))
+        if args.moe_shared_expert_intermediate_size:
+            shared = theirs + "mlp.shared_expert."
+            out += [Unit(ours + "mlp.shared_experts.linear_fc1.weight",
+                         (shared + "gate_proj.weight", shared + "up_proj.weight"), "fc1"),
+                    Unit(ours + "mlp.shared_experts.linear_fc2.weight", (shared + "down_proj.weight",)),
+                    Unit(ours + "mlp.shared_experts.gate_weight", (theirs + "mlp.shared_expert_gate.weight",))]
         for e in range(args.num_experts):
             expert = theirs + f"{block}.experts.{e}."
             out += [Unit(ours + "mlp.experts.experts.linear_fc1.weight",
@@ -251,7 +271,7 @@ def units(args, target: Target) -> List[Unit]:
 
 def zero_shared_experts(args, target: Target) -> List[Tuple[str, Tuple[int, ...]]]:
     """Qwen2-MoE always builds a shared expert: width 0 (and its gate) makes its output exactly zero."""
-    if target.architecture != QWEN2_MOE:
+    if target.architecture != QWEN2_MOE or args.moe_shared_expert_intermediate_size:
         return []
     hidden, out = args.hidden_size, []
     for layer in range(args.num_layers):
@@ -270,12 +290,13 @@ def to_hf(unit: Unit, tensor: torch.Tensor, args, vocab_size: int) -> List[torch
         return [tensor[:vocab_size]]
     if unit.kind == "fc1":
         return list(tensor.chunk(2))
-    if unit.kind == "qkv":
+    if unit.kind == "qkv":  # a weight, or a bias (one column)
         groups, dim = query_groups(args), head_dim(args)
         per_group = args.num_attention_heads // groups
         grouped = tensor.reshape(groups, per_group + 2, dim, -1)
-        return [grouped[:, :per_group].reshape(groups * per_group * dim, -1),
-                grouped[:, per_group].reshape(groups * dim, -1), grouped[:, per_group + 1].reshape(groups * dim, -1)]
+        parts = [grouped[:, :per_group].reshape(groups * per_group * dim, -1),
+                 grouped[:, per_group].reshape(groups * dim, -1), grouped[:, per_group + 1].reshape(groups * dim, -1)]
+        return [part.reshape(-1) for part in parts] if tensor.dim() == 1 else parts
     return [tensor]
 
 
@@ -289,12 +310,13 @@ def from_hf(unit: Unit, tensors: Sequence[torch.Tensor], args, vocab_size: int, 
         return torch.cat([rows, rows.new_zeros(padded_rows - rows.shape[0], *rows.shape[1:])])
     if unit.kind == "fc1":
         return torch.cat(list(tensors))
-    if unit.kind == "qkv":
+    if unit.kind == "qkv":  # weights, or biases (one column)
         groups, dim = query_groups(args), head_dim(args)
-        q, k, v = tensors
+        q, k, v = (t if t.dim() == 2 else t.unsqueeze(-1) for t in tensors)
         grouped = torch.cat([q.reshape(groups, -1, dim, q.shape[-1]), k.reshape(groups, 1, dim, k.shape[-1]),
                              v.reshape(groups, 1, dim, v.shape[-1])], dim=1)
-        return grouped.reshape(-1, q.shape[-1])
+        joined = grouped.reshape(-1, q.shape[-1])
+        return joined if tensors[0].dim() == 2 else joined.reshape(-1)
     return tensors[0]
 
 
