@@ -198,6 +198,18 @@ class HFWeights:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
 
 
+def copy_remote_code(folder: Path) -> List[str]:
+    """Our modeling code for the routing schemes no transformers class has (config.json's ``auto_map``)."""
+    names = sorted(path.name for path in REMOTE_CODE_DIR.glob("*_megatron_moe.py"))
+    for name in names:
+        shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
+    return names
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
 def special_token_ids(args, tokenizer) -> Tuple[int, int]:
     """(bos, eos) ids of the run's tokenizer: a Hugging Face tokenizer's own (tokenizer_config.json /
     special_tokens_map.json); the end-of-document id for both otherwise."""

@@ -39,6 +39,7 @@ def tokenizer_flags(folder: Path, tokenizer_dir: Path, vocab_size: int) -> List[
 
 def _flags(config: dict, path: Path) -> List[str]:
     try:
+        config["vocab_size"], config["max_position_embeddings"]  # noqa: B018 (read below: checked here)
         return hf_layout.args_from_hf_config(config)
     except KeyError as error:
         raise ConversionError(f"{path}: no {error.args[0]!r}, which the model needs") from None
@@ -93,12 +94,13 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
     weights = hf_files.HFWeights(folder)
     hf_files.refuse_existing(save, overwrite, "--save")
     final_tokenizer_dir = Path(save).resolve() / TOKENIZER_DIR
-    tokenizer = tokenizer_flags(folder, final_tokenizer_dir, config.get("vocab_size", 0))
-    argv = flags + tokenizer + _JOB + ["--seq-length", str(config["max_position_embeddings"]), *overrides]
-    args = parse_args([a.replace(str(final_tokenizer_dir), str(folder)) for a in argv], world_size=1)
+    # the tokenizer is read from the folder now, and recorded where its files are kept
+    tokenizer = tokenizer_flags(folder, final_tokenizer_dir, config["vocab_size"])
+    job = _JOB + ["--seq-length", str(config["max_position_embeddings"]), *overrides]
+    args = parse_args(flags + tokenizer_flags(folder, folder, config["vocab_size"]) + job, world_size=1)
     args.tokenizer = build_tokenizer(args)  # from the source folder's files, before anything is written
-    if args.tokenizer.vocab_size > config.get("vocab_size", 0):  # more rows than the tokenizer is usual
-        raise ConversionError(f"{config_path}: vocab_size {config.get('vocab_size')} is smaller than the tokenizer "
+    if args.tokenizer.vocab_size > config["vocab_size"]:  # more rows than the tokenizer is usual
+        raise ConversionError(f"{config_path}: vocab_size {config['vocab_size']} is smaller than the tokenizer "
                               f"files' {args.tokenizer.vocab_size} tokens")
     args.tokenizer_vocab_size = args.tokenizer.vocab_size
     args.padded_vocab_size = padded_vocab_size(args.tokenizer.vocab_size, args)
@@ -151,10 +153,9 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
         directory = checkpointing.checkpoint_dir(str(out), 0)
         common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
         dist_files.write_checkpoint(directory, items, produce, common)
-        for name in ("vocab_file", "merge_file", "tokenizer_model"):  # where the kept files will be
-            if getattr(args, name):
-                setattr(args, name, str(final_tokenizer_dir / Path(getattr(args, name)).name)
-                        if name != "tokenizer_model" else str(final_tokenizer_dir))
+        kept_paths = parse_args(flags + tokenizer + job, world_size=1)
+        for name in ("vocab_file", "merge_file", "tokenizer_model"):
+            setattr(args, name, getattr(kept_paths, name))
         (directory / checkpointing.RUN_CONFIG).write_text(json.dumps(checkpointing.run_config(args), indent=1))
         (out / checkpointing.TRACKER).write_text("0")
     lines = [f"imported {arch} from {hf} to {save} (iteration 0, model weights only)",
