@@ -67,7 +67,7 @@ def write_synthetic_mixtral(folder: Path, a) -> int:
 
 
 def measured(argv) -> tuple:
-    """(wall seconds, peak RSS bytes) of one child process."""
+    """(wall seconds, peak RSS bytes, CPU seconds) of one child process."""
     start = time.perf_counter()
     child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore"))
@@ -75,7 +75,7 @@ def measured(argv) -> tuple:
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"{' '.join(map(str, argv))} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024  # kilobytes on Linux
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: kilobytes on Linux
 
 
 def folder_bytes(path: Path) -> int:
@@ -98,19 +98,19 @@ def main() -> None:
     try:
         params = write_synthetic_mixtral(work / "hf", a)
         fp32 = 4 * params
-        import_s, import_rss = measured(tool + ["import", "--hf", str(work / "hf"), "--save", str(work / "ckpt")])
+        import_s, import_rss, import_cpu = measured(tool + ["import", "--hf", str(work / "hf"), "--save", str(work / "ckpt")])
         checkpoint = work / "ckpt" / "iter_0000000"
-        export_s, export_rss = measured(tool + ["export", "--load", str(work / "ckpt"), "--output", str(work / "out"),
+        export_s, export_rss, export_cpu = measured(tool + ["export", "--load", str(work / "ckpt"), "--output", str(work / "out"),
                                                 "--dtype", "fp32"])
-        copy_s, copy_rss = measured(["cp", "-r", str(checkpoint), str(work / "copy")])
+        copy_s, _, copy_cpu = measured(["cp", "-r", str(checkpoint), str(work / "copy")])
         figures = {
             "parameters": params, "fp32_bytes": fp32, "checkpoint_bytes": folder_bytes(checkpoint),
             "exported_bytes": folder_bytes(work / "out"),
-            "import_s": round(import_s, 1), "import_peak_rss_bytes": import_rss,
+            "import_s": round(import_s, 1), "import_cpu_s": round(import_cpu, 1), "import_peak_rss_bytes": import_rss,
             "import_rss_over_fp32": round(import_rss / fp32, 3),
-            "export_s": round(export_s, 1), "export_peak_rss_bytes": export_rss,
+            "export_s": round(export_s, 1), "export_cpu_s": round(export_cpu, 1), "export_peak_rss_bytes": export_rss,
             "export_rss_over_fp32": round(export_rss / fp32, 3),
-            "copy_s": round(copy_s, 1), "export_over_copy_time": round(export_s / copy_s, 2),
+            "copy_s": round(copy_s, 1), "copy_cpu_s": round(copy_cpu, 1), "export_over_copy_time": round(export_s / copy_s, 2),
         }
         print(json.dumps(figures, indent=1))
         print(f"{params / 1e9:.2f} B parameters ({fp32 / 2**30:.2f} GiB fp32): import {import_s:.1f} s, peak RSS "

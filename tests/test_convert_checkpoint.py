@@ -151,7 +151,7 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
 ROUTED = {
     "BASE": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
              "--moe-layer-freq", "[0,1,1,1]"],
-    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-renormalize-gates"],
+    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2", "--sam-renormalize-gates"],
 }
 
 

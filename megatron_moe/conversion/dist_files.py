@@ -140,7 +140,8 @@ def write_checkpoint(directory: Path, items: Sequence[WriteItem], produce: Calla
     from torch.distributed.checkpoint import save
 
     directory.mkdir(parents=True, exist_ok=True)
-    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, sync_files=False)
+    # one file per item: torch's writer keeps every tensor of a file until the file is closed
+    writer = FileSystemWriter(str(directory), single_file_per_rank=False, thread_count=1, sync_files=False)
     save({}, storage_writer=writer, planner=_Producer(items, produce), no_dist=True)
     torch.save(common, directory / "common.pt")
     save_config(CheckpointingConfig("torch_dist"), str(directory))
