@@ -396,13 +396,15 @@ def write_safetensors(path: Path, tensors) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("damage", ["bad_json", "missing_key", "truncated", "shape", "missing_shard", "missing_tensor"])
+@pytest.mark.parametrize("damage", ["bad_json", "missing_key", "truncated", "shape", "missing_shard", "missing_tensor",
+                                    "sentencepiece_only"])
 def test_malformed_folder_fails_in_one_line_naming_the_file(damage, tmp_path):
     hf = tiny_qwen_folder(tmp_path / "qwen")
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     shard = hf / sorted(set(index["weight_map"].values()))[0]
     expected = {"bad_json": "config.json", "missing_key": "config.json", "truncated": shard.name,
-                "shape": "", "missing_shard": shard.name, "missing_tensor": "missing"}[damage]
+                "shape": "", "missing_shard": shard.name, "missing_tensor": "missing",
+                "sentencepiece_only": "tokenizer.model"}[damage]
     if damage == "bad_json":
         (hf / "config.json").write_text("{not json")
     elif damage == "missing_key":
@@ -413,6 +415,8 @@ def test_malformed_folder_fails_in_one_line_naming_the_file(damage, tmp_path):
         shard.write_bytes(shard.read_bytes()[:-100])
     elif damage == "missing_shard":
         shard.unlink()
+    elif damage == "sentencepiece_only":  # no tokenizer.json to read it with
+        (hf / "tokenizer.json").rename(hf / "tokenizer.model")
     else:
         from safetensors.torch import load_file
 

@@ -235,6 +235,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def copy_tokenizer_files(source: Path, folder: Path) -> List[str]:
     names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if names:
+        folder.mkdir(exist_ok=True)
     for name in names:
         shutil.copyfile(source / name, folder / name)
     return names

@@ -141,14 +141,13 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
         key, offsets, sizes = item.index.fqn, item.tensor_data.chunk.offsets, item.tensor_data.chunk.sizes
         expert = offsets[0] if key in experts else None
         tensor = read_unit(units[(key, expert)])
-        if expert is not None:
-            tensor, offsets, sizes = tensor.unsqueeze(0), [0, *offsets[1:]], sizes
+        if expert is not None:  # one expert's slice: its own first axis of length 1
+            tensor, offsets = tensor.unsqueeze(0), [0, *offsets[1:]]
         for dim, (start, length) in enumerate(zip(offsets, sizes)):
             tensor = tensor.narrow(dim, start, length)
         return tensor.to(item.tensor_data.properties.dtype).contiguous()
 
     with hf_files.atomic_directory(save, overwrite, "--save") as out:
-        (out / TOKENIZER_DIR).mkdir()
         kept = hf_files.copy_tokenizer_files(folder, out / TOKENIZER_DIR)
         directory = checkpointing.checkpoint_dir(str(out), 0)
         common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
