@@ -70,6 +70,8 @@ MODEL_FIELDS = (
 # fully_reshardable state, like every other optimizer's, can change them all).
 DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                 "expert_model_parallel_size")
+
+
 def checkpoint_dir(root: str, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
