@@ -209,7 +209,8 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(reference, tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"architectures": ["Qwen2MoeForCausalLM"], "hidden_act": "gelu",
                                                 "num_hidden_layers": 2, "num_experts_per_tok": 2, "num_experts": 4,
-                                                "moe_intermediate_size": 8, "intermediate_size": 8}))
+                                                "moe_intermediate_size": 8, "intermediate_size": 8, "vocab_size": 100,
+                                                "max_position_embeddings": 32}))
     result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "imported"), check=False)
     assert result.returncode == 2 and "hidden_act 'gelu'" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "imported").exists()
