@@ -36,7 +36,7 @@ def _peak_memory_bytes(is_cuda: bool) -> int:
 def main(out_dir: Path, warmup: int, iters: int, argv) -> None:
     job = setup([*argv, "--train-iters", str(warmup + iters)])
     args, is_cuda = job.args, job.platform.is_cuda
-    train_ds, _, _ = data.build_datasets(args, args.tokenizer)
+    train_ds, _, _ = data.build_datasets(args, job.tokenizer)
     batches = data.micro_batches(train_ds, args, 0, parallel_state.get_data_parallel_rank())
     if is_cuda:  # what training holds, not setup's transients (full weight tensors drawn before slicing)
         torch.cuda.reset_peak_memory_stats()

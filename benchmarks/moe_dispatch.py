@@ -1,6 +1,6 @@
 """SAM's one-copy dispatcher vs megatron's alltoall dispatcher: bytes per token and time, on gloo (CPU).
 
-    python benchmarks/moe_dispatch.py [--ep 2 4] [--topk 1 2 4] [--iters 5]
+    python benchmarks/moe_dispatch.py [--ep 2 4] [--topk 1 2 4] [--iters 5] [--repeats 3]
 
 For each EP size and k, three MoE layers with the same shape (hidden 256, 16 experts, expert FFN 512,
 SwiGLU, 2048 tokens per rank, fp32) run forward + backward on the same random tokens:
@@ -12,8 +12,11 @@ SwiGLU, 2048 tokens per rank, fp32) run forward + backward on the same random to
 
 Reported per rank-0: bytes handed to the MoE all-to-alls per token (dispatch + combine forward, every
 tensor, rows staying local included; backward mirrors it), the wall time of those forward all-to-all steps
-(``comm_stats.timing``: the dispatcher's token_dispatch + token_combine), and the layer forward+backward time
-(median over iterations after one warm-up). Ratios are against group-limited, measured in the same run.
+(``comm_stats.timing``: the dispatcher's token_dispatch + token_combine; the count exchange happens before,
+in preprocess, for every scheme), and the layer forward+backward time. Each run is one torchrun launch
+giving the median over ``--iters`` steps after one warm-up; the three schemes run back to back, ``--repeats``
+times in turn. Printed: the median of the runs' medians with their min-max, and the ratio to group-limited
+as the median (min-max) of the per-repeat ratios (sam and group-limited launched back to back).
 """
 
 from __future__ import annotations
@@ -94,25 +97,38 @@ def measure(ep: int, topk: int, scheme: str, iters: int) -> dict:
         return json.loads(Path(out).read_text())
 
 
+def spread(values) -> str:
+    """``median (min-max)``."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--topk", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"hidden {HIDDEN}, {EXPERTS} experts, expert FFN {FFN} (SwiGLU), {TOKENS_PER_RANK} tokens/rank, fp32, "
-          f"gloo on CPU; median of {args.iters} forward+backward steps; ratios = sam / group-limited")
-    header = (f"{'EP':>3} {'k':>2} {'scheme':>14} {'rows/tok':>8} {'bytes/tok':>10} {'a2a fwd ms':>11} "
-              f"{'layer f+b ms':>13} {'bytes x':>8} {'a2a x':>6} {'layer x':>8}")
-    print(header)
+          f"gloo on CPU; {args.repeats} runs x median of {args.iters} forward+backward steps; "
+          "median (min-max) over runs; ratios x = scheme / group-limited, per run")
+    print(f"{'EP':>3} {'k':>2} {'scheme':>14} {'rows/tok':>8} {'bytes/tok':>10} {'a2a fwd ms':>19} "
+          f"{'layer f+b ms':>22} {'bytes x':>8} {'a2a x':>17} {'layer x':>17}")
     for ep in args.ep:
         for topk in args.topk:
-            results = {scheme: measure(ep, topk, scheme, args.iters) for scheme in SCHEMES}
-            base = results["group-limited"]
-            for scheme, r in results.items():
+            runs = {scheme: [] for scheme in SCHEMES}
+            for _ in range(args.repeats):
+                for scheme in SCHEMES:
+                    runs[scheme].append(measure(ep, topk, scheme, args.iters))
+            base = runs["group-limited"]
+            for scheme, results in runs.items():
+                r = results[0]
+                a2a_ratio = [x["a2a_ms"] / b["a2a_ms"] for x, b in zip(results, base)]
+                layer_ratio = [x["layer_ms"] / b["layer_ms"] for x, b in zip(results, base)]
                 print(f"{ep:>3} {topk:>2} {scheme:>14} {r['rows_per_token']:>8.2f} {r['bytes_per_token']:>10.0f} "
-                      f"{r['a2a_ms']:>11.2f} {r['layer_ms']:>13.2f} {r['bytes_per_token'] / base['bytes_per_token']:>8.2f} "
-                      f"{r['a2a_ms'] / base['a2a_ms']:>6.2f} {r['layer_ms'] / base['layer_ms']:>8.2f}", flush=True)
+                      f"{spread([x['a2a_ms'] for x in results]):>19} {spread([x['layer_ms'] for x in results]):>22} "
+                      f"{r['bytes_per_token'] / base[0]['bytes_per_token']:>8.2f} {spread(a2a_ratio):>17} "
+                      f"{spread(layer_ratio):>17}", flush=True)
 
 
 if __name__ == "__main__":

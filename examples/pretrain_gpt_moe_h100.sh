@@ -1,7 +1,10 @@
 #!/bin/bash
 # Multi-node H100 pretraining: 8 GPUs per node, BF16 + Transformer Engine FP8 (hybrid), TP=2 with sequence
 # parallelism, EP=4, distributed optimizer with gradient reduction and parameter all-gather overlapped with
-# compute. Run on every node with NNODES, NODE_RANK, MASTER_ADDR set.
+# compute. Run on every node with NNODES, NODE_RANK, MASTER_ADDR set (examples/pretrain_gpt_moe_slurm.sbatch
+# does it under SLURM). The nodes meet by torchrun's c10d rendezvous on MASTER_ADDR:MASTER_PORT; a lost rank or
+# node makes torchrun relaunch every node (up to MAX_RESTARTS times) and the job resumes from the latest
+# checkpoint in $CHECKPOINTS. EXTRA_ARGS: more pretrain flags (e.g. "--exit-duration-in-mins 1430").
 # ROUTER=topk|base|sam picks the routing scheme; topk adds megatron's grouped-GEMM experts, fused token
 # permutation, fp32 routing and the z-loss.
 set -euo pipefail
@@ -11,6 +14,8 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RDZV_ID=${RDZV_ID:-gpt-moe}
 DATA_PATH=${DATA_PATH:-data/my-corpus_text_document}
 CHECKPOINTS=${CHECKPOINTS:-checkpoints/gpt_moe_${ROUTER}}
 
@@ -26,8 +31,12 @@ PARALLEL_ARGS=(--tensor-model-parallel-size 2 --sequence-parallel --expert-model
                --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
                --distributed-timeout-minutes 60)
 
+# a fresh rendezvous store per restart: torch's shared one breaks relaunched workers (pytorch/pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 8 \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" pretrain_gpt_moe.py \
+    --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" \
+    --max_restarts "$MAX_RESTARTS" pretrain_gpt_moe.py \
     --num-layers 24 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --num-query-groups 4 \
     --seq-length 4096 --max-position-embeddings 4096 --normalization RMSNorm --swiglu \
     --position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear \
@@ -40,4 +49,4 @@ torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 8 \
     --data-path "$DATA_PATH" --split 99,1,0 --data-cache-path data/cache \
     --tokenizer-type GPT2BPETokenizer --vocab-file data/gpt2-vocab.json --merge-file data/gpt2-merges.txt \
     --log-interval 10 --log-throughput --eval-interval 1000 --eval-iters 10 --tensorboard-dir "$CHECKPOINTS"/tensorboard \
-    --save "$CHECKPOINTS" --load "$CHECKPOINTS" --save-interval 1000 --exit-signal-handler
+    --save "$CHECKPOINTS" --load "$CHECKPOINTS" --save-interval 1000 --exit-signal-handler ${EXTRA_ARGS:-}

@@ -3,12 +3,16 @@
 Layout of ``--save DIR`` (Megatron-LM's)::
 
     DIR/iter_0000010/                 one dist_checkpointing directory per saved iteration
-    DIR/iter_0000010/run_config.json  the model config it holds (checked before anything is loaded)
+    DIR/iter_0000010/run_config.json  the whole run config that wrote it (megatron_moe.run_config; checked
+                                      before the model is built)
+    DIR/iter_0000010/manifest.json    size and digest of each of its other files (verified before loading)
     DIR/latest_checkpointed_iteration.txt
 
 The tracker file is written by rank 0 only after a barrier that every rank reaches once its shards are
-on disk, and it is replaced atomically: a crash during a save leaves the previous checkpoint the one
-``--load`` resumes from.
+on disk and after the manifest is written, and it is replaced atomically: a crash during a save leaves the
+previous checkpoint the one ``--load`` resumes from. At start every rank checks that ``--save`` is writable
+with room for a checkpoint and that ``--load`` names a complete checkpoint whose files match the manifest
+(:func:`check_save_dir`, :func:`check_save_space`, :func:`check_checkpoint_files`).
 
 A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states of every rank and the number
 of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Three fixes are needed
@@ -33,11 +37,14 @@ this run's chaining of optimizers (:func:`_regroup_optimizer_state`, :func:`_loa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,10 +54,16 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_moe.arguments import ConfigError
+from megatron_moe import run_config
+from megatron_moe.arguments import ARCHITECTURE, RunConfig
+from megatron_moe.errors import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
-RUN_CONFIG = "run_config.json"
+RUN_CONFIG = run_config.FILE_NAME
+MANIFEST = "manifest.json"  # size and digest of every other file of the checkpoint (see write_manifest)
+# sha256: as fast as sha1 and twice blake2b here (~0.7 GB/s per core, SHA extensions; benchmarks/checkpoint_digest.py).
+# Each manifest names its algorithm, so verification follows whatever wrote it.
+DIGEST_ALGORITHM = "sha256"
 # megatron-LM's sharded-state-dict metadata: optimizer keys without the chained_N. prefix (the same in every
 # expert-parallel layout), one sharded tensor per expert weight tensor (not one per local expert)
 SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}
@@ -59,17 +72,18 @@ SHARDED_METADATA = {"chained_optim_avoid_prefix": True, "singleton_local_shards"
 # own default, fully_sharded_model_space, fails to save.
 DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
-# Flags that fix the shapes or meaning of the saved tensors: loading across a difference is an error.
-MODEL_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "max_position_embeddings", "position_embedding_type", "normalization", "swiglu",
-    "untie_embeddings_and_output_weights", "disable_bias_linear", "num_experts", "moe_ffn_hidden_size",
-    "moe_layer_pattern", "moe_router_type", "tokenizer_vocab_size",
-)
 # The distributed optimizer's dp_reshardable state can change the data-parallel size, not these (its
 # fully_reshardable state, like every other optimizer's, can change them all).
 DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                 "expert_model_parallel_size")
+# megatron-core's OptimizerParamScheduler settings (its state-dict keys) -> the flags that set them
+SCHEDULER_SETTINGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size",
+    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "wd_incr_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
+    "wd_incr_style": "constant",
+}
 
 
 def checkpoint_dir(root: str, iteration: int) -> Path:
@@ -81,32 +95,37 @@ def read_tracker(root: str):
     path = Path(root) / TRACKER
     if not path.is_file():
         return None
-    text = path.read_text().strip()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"--load {root}: cannot read {path} ({error.strerror}); fix its permissions") from error
+    text = raw.decode("ascii", errors="backslashreplace").strip()
     if not text.isdigit():
-        raise ConfigError(f"--load {root}: {TRACKER} holds {text!r}, not an iteration number")
+        raise ConfigError(f"--load {root}: {path} holds {text[:40]!r}, not an iteration number; write the "
+                          "iteration of a complete iter_NNNNNNN directory into it")
     return int(text)
 
 
-def run_config(args) -> Dict[str, object]:
-    """The whole run configuration a checkpoint records: every JSON-serialisable argument (validated
-    values and the derived ones such as ``moe_layer_pattern`` and ``padded_vocab_size``), the distributed
-    optimizer's checkpoint format and the world size (tools/convert_checkpoint.py rebuilds the model from it)."""
-    config = {}
-    for name, value in vars(args).items():
-        try:
-            config[name] = _json(value)
-        except (TypeError, ValueError):  # objects built from the flags (the tokenizer, the platform)
-            continue
-    config["distrib_optim_sharding_type"] = sharded_metadata(args).get("distrib_optim_sharding_type")
-    config["world_size"] = dist.get_world_size()
-    return config
+def find_checkpoint(args: RunConfig) -> Optional[Path]:
+    """The iteration directory ``--load`` resumes from; None without --load, or on a job's first launch
+    (--load == --save and nothing saved yet). A --load without a tracker is a ConfigError."""
+    if not args.load:
+        return None
+    iteration = read_tracker(args.load)
+    if iteration is None:
+        if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
+            raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
+                              "(or leave --load out to start from scratch)")
+        return None
+    return checkpoint_dir(args.load, iteration)
 
 
-def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, where: Path) -> None:
-    """One-line ConfigError naming every field that differs from the checkpoint's and must not: the model's;
-    when the optimizer is loaded, its kind; and the parallel sizes when its state is dp_reshardable."""
-    checks = [(MODEL_FIELDS, "use the checkpoint's model flags")]
-    if loading_optimizer:
+def check_compatible(saved: RunConfig, args: RunConfig, where: Path) -> None:
+    """One-line ConfigError naming every field that differs from the checkpoint's and must not: the
+    architecture's (``arguments.ARCHITECTURE``); when the optimizer is loaded, its kind; and the parallel
+    sizes when its state is dp_reshardable."""
+    checks = [(sorted(RunConfig.names([ARCHITECTURE])), "use the checkpoint's model flags")]
+    if loads_optimizer(args):
         checks.append((("use_distributed_optimizer",),
                        "give --use-distributed-optimizer as the checkpoint was saved, or pass --no-load-optim"))
         if saved_sharding_type(saved) == DP_RESHARDABLE:
@@ -114,27 +133,40 @@ def check_compatible(saved: Dict[str, object], args, loading_optimizer: bool, wh
                            "its distributed-optimizer state is dp_reshardable (only the data-parallel size may "
                            "change): resume it in its own layout with --dist-ckpt-optim-fully-reshardable to save "
                            "a fully reshardable one, or pass --no-load-optim"))
-    current = run_config(args)
     differing, hints = [], []
     for fields, hint in checks:
-        found = [f for f in fields if _json(saved.get(f)) != _json(current[f])]
+        found = [f for f in fields if getattr(saved, f) != getattr(args, f)]
         differing += found
         hints += [hint] if found else []
     if differing:
-        listed = "; ".join(f"{f} (checkpoint {saved.get(f)!r}, now {current[f]!r})" for f in differing)
+        listed = "; ".join(f"{f} (checkpoint {getattr(saved, f)!r}, now {getattr(args, f)!r})" for f in differing)
         raise ConfigError(f"--load {where} was saved with a different config: {listed}; {'; '.join(hints)}")
 
 
-def saved_sharding_type(saved: Dict[str, object]) -> Optional[str]:
-    """The distributed optimizer's checkpoint format a run config records (None: another optimizer).
-    Checkpoints written before it was recorded are dp_reshardable."""
-    if not saved.get("use_distributed_optimizer"):
+def loads_optimizer(args: RunConfig) -> bool:
+    return not (args.finetune or args.no_load_optim)
+
+
+def check_scheduler(saved: Dict[str, object], scheduler, args: RunConfig, where: Path) -> None:
+    """Megatron-LM's rule for the LR schedule on resume: a setting that differs from the checkpoint's is a
+    one-line ConfigError unless --override-opt_param-scheduler (the flags win) or
+    --use-checkpoint-opt_param-scheduler (the checkpoint wins; megatron-core's scheduler applies both)."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    differing = [f"{name} (checkpoint {saved[name]!r}, now {getattr(scheduler, name)!r}: {flags})"
+                 for name, flags in SCHEDULER_SETTINGS.items()
+                 if name in saved and saved[name] != getattr(scheduler, name)]
+    if differing:
+        raise ConfigError(f"--load {where}: the LR schedule differs from the checkpoint's: {'; '.join(differing)}; "
+                          "pass --override-opt_param-scheduler to follow these flags or "
+                          "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+
+
+def saved_sharding_type(saved: RunConfig) -> Optional[str]:
+    """The distributed optimizer's checkpoint format a run config records (None: another optimizer)."""
+    if not saved.use_distributed_optimizer:
         return None
-    return saved.get("distrib_optim_sharding_type", DP_RESHARDABLE)
-
-
-def _json(value):
-    return json.loads(json.dumps(value))
+    return FULLY_RESHARDABLE if saved.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,6 +254,152 @@ def _unshare_adam_steps(optimizer) -> None:
 # save / load
 # ----------------------------------------------------------------------------------------------------------
 
+def check_save_dir(args) -> None:
+    """``--save`` exists (created if need be) and this rank can write a file there: every rank, at start."""
+    if not args.save:
+        return
+    try:
+        os.makedirs(args.save, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.save, prefix=".write-probe-") as probe:
+            probe.write(b"0")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise ConfigError(f"--save {args.save}: not writable ({error.strerror or error}); give a directory "
+                          "this job can write") from error
+
+
+def checkpoint_bytes(job) -> int:
+    """About what one checkpoint of ``job`` takes on disk: each parameter once (not its data-parallel
+    replicas) in its dtype, plus the optimizer's fp32 Adam moments and, with --bf16, fp32 main params.
+    Collective."""
+    per_element_extra = 8 + (4 if job.args.bf16 else 0)
+    dense_owner = parallel_state.get_data_parallel_rank() == 0
+    expert_owner = parallel_state.get_expert_data_parallel_rank() == 0
+    local = 0
+    for param in job.model.module.parameters():
+        is_expert = not getattr(param, "allreduce", True)  # megatron's mark for expert-parallel parameters
+        if (expert_owner if is_expert else dense_owner):
+            local += param.numel() * (param.element_size() + per_element_extra)
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total)
+    return int(total.item() * 1.1)  # a tenth more: metadata, common state, RNG states, file alignment
+
+
+def check_save_space(save: str, needed: int) -> None:
+    """``save`` has ``needed`` bytes free: room for one more checkpoint (the previous one stays until this
+    one is complete)."""
+    free = shutil.disk_usage(save).free
+    if free < needed:
+        raise ConfigError(f"--save {save}: {free / 2**20:,.1f} MiB free, a checkpoint of this model needs about "
+                          f"{needed / 2**20:,.1f} MiB; free some space or save elsewhere")
+
+
+# --- digests -------------------------------------------------------------------------------------------------
+
+def _file_digest(path: Path, algorithm: str = DIGEST_ALGORITHM) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _my_share(files: List[str]) -> List[str]:
+    """The files this rank hashes: every world_size-th, so that the ranks share the reading."""
+    if not dist.is_initialized():
+        return files
+    return files[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(local: list) -> list:
+    """Every rank's ``local`` list, concatenated (just ``local`` outside a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
+
+
+def write_manifest(directory: Path) -> None:
+    """Records the size and digest of every file in checkpoint ``directory`` in ``manifest.json``.
+
+    Collective when a process group exists (call it on every rank): rank 0 lists the files, each rank
+    hashes its share, rank 0 writes the manifest. Called after every rank's files are on disk and before
+    the tracker names the checkpoint, so a checkpoint the tracker names always has one.
+    """
+    names = [str(path.relative_to(directory)) for path in sorted(directory.rglob("*"))
+             if path.is_file() and path.name != MANIFEST] if not dist.is_initialized() or dist.get_rank() == 0 else None
+    if dist.is_initialized():
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    entries = _gather([(name, (directory / name).stat().st_size, _file_digest(directory / name))
+                       for name in _my_share(names)])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        manifest = {"algorithm": DIGEST_ALGORITHM,
+                    "files": {name: {"bytes": size, "digest": digest} for name, size, digest in sorted(entries)}}
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, directory / MANIFEST)
+
+
+def _damage(directory: Path, name: str, entry: dict, algorithm: str) -> Optional[str]:
+    """What is wrong with file ``name`` against its manifest ``entry``, or None. Never raises: the other
+    ranks wait for this one's answer."""
+    path = directory / name
+    try:
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path} holds {path.stat().st_size} bytes, {entry['bytes']} were written"
+        if _file_digest(path, algorithm) != entry["digest"]:
+            return f"{path} does not match its {algorithm} digest"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror})"
+    return None
+
+
+def verify_checkpoint(iter_dir) -> None:
+    """Raises ConfigError naming the first damaged file of checkpoint ``iter_dir`` (missing, another size or
+    another digest than its manifest.json records), or when it has no readable manifest.
+
+    Collective when a process group exists (call it on every rank: each hashes a share of the files and
+    every rank raises the same error); one process checks everything by itself.
+    """
+    directory = Path(iter_dir)
+    manifest_path = directory / MANIFEST
+    skip = "; pass --no-verify-checkpoint to load it unverified"
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+        files, algorithm = manifest["files"], manifest["algorithm"]
+        hashlib.new(algorithm)
+    except FileNotFoundError:
+        raise ConfigError(f"{manifest_path} is missing: the checkpoint's files cannot be verified (written "
+                          f"before checkpoints recorded digests, or damaged){skip}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{manifest_path} is unreadable ({type(error).__name__}); the checkpoint is "
+                          f"damaged{skip}") from error
+    names = sorted(files)
+    damaged = sorted(problem for name in _my_share(names)
+                     if (problem := _damage(directory, name, files[name], algorithm)) is not None)
+    damaged = sorted(_gather(damaged))
+    if damaged:
+        others = f" (and {len(damaged) - 1} more damaged files)" if len(damaged) > 1 else ""
+        raise ConfigError(f"checkpoint {directory} is damaged: {damaged[0]}{others}; load another iteration "
+                          f"(point the tracker at it) or save it again{skip}")
+
+
+def check_checkpoint_files(directory: Optional[Path], verify: bool) -> None:
+    """Before the model is built, on every rank: the checkpoint ``--load`` resumes from (:func:`find_checkpoint`)
+    is complete and, with ``verify`` (not --no-verify-checkpoint), its files match their digests. Collective."""
+    if directory is None:
+        return
+    for name in (RUN_CONFIG, ".metadata"):
+        if not (directory / name).is_file():
+            raise ConfigError(f"--load: {directory / name} is missing; the checkpoint is incomplete: "
+                              "point the tracker at another iteration or save it again")
+    if verify:
+        verify_checkpoint(directory)
+
+
 def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     """Writes ``--save``/iter_NNNNNNN on every rank, then (rank 0, after all finished) the tracker."""
     args = job.args
@@ -236,8 +414,9 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     _keep_write_results_in_process()
     dist_checkpointing.save(state, str(directory), content_metadata=metadata)
     if dist.get_rank() == 0:
-        (directory / RUN_CONFIG).write_text(json.dumps(run_config(args), indent=1))
-    dist.barrier()  # every rank's shards are on disk: only now may the tracker name this iteration
+        run_config.save(args, directory)
+    dist.barrier()  # every rank's shards are on disk
+    write_manifest(directory)  # only now may the tracker name this iteration
     if dist.get_rank() == 0:
         tracker = Path(args.save) / TRACKER
         tmp = tracker.with_suffix(".tmp")
@@ -260,51 +439,49 @@ def _keep_write_results_in_process() -> None:
 
 
 def load_checkpoint(job) -> Tuple[int, int]:
-    """Restores what ``--load`` holds; returns (iteration, consumed samples), (0, 0) when there is none.
+    """Restores ``job.checkpoint``; returns (iteration, consumed samples), (0, 0) when there is none.
 
     ``--finetune``: model weights only, counting restarts at 0. ``--no-load-optim``: no optimizer or
-    scheduler state. ``--no-load-rng``: fresh RNG. Any config mismatch is a ConfigError before loading.
+    scheduler state. ``--no-load-rng``: fresh RNG. The run config was checked when the job was set up;
+    the LR schedule is checked here (:func:`check_scheduler`), before any tensor is read.
     """
-    args = job.args
-    if not args.load:
+    args, directory = job.args, job.checkpoint
+    if directory is None:
         return 0, 0
-    iteration = read_tracker(args.load)
-    if iteration is None:
-        if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
-            raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
-                              "(or leave --load out to start from scratch)")
-        return 0, 0  # --load == --save and nothing saved yet: a job's first launch
-    directory = checkpoint_dir(args.load, iteration)
-    config_path = directory / RUN_CONFIG
-    if not config_path.is_file():
-        raise ConfigError(f"--load {args.load}: {config_path} is missing; the checkpoint is incomplete")
-    saved = json.loads(config_path.read_text())
-    load_optimizer = not (args.finetune or args.no_load_optim)
-    load_rng = not (args.finetune or args.no_load_rng) and saved.get("world_size") == dist.get_world_size()
-    check_compatible(saved, args, load_optimizer, directory)
+    load_optimizer = loads_optimizer(args)
+    load_rng = not (args.finetune or args.no_load_rng) and job.saved_config.world_size == dist.get_world_size()
     try:
         # written with: None before checkpoints recorded it (keys then carry the chained_N. prefix)
         metadata = dist_checkpointing.load_content_metadata(str(directory))
+        if load_optimizer:  # its non-tensor part as saved (param groups, step), see _regroup_optimizer_state
+            common = dist_checkpointing.load_common_state_dict(str(directory))
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is no Exception
+        raise _damaged(args, directory, error) from error
+    if load_optimizer:
+        check_scheduler(common["scheduler"], job.scheduler, args, directory)
+    try:
         if load_optimizer:
             _create_missing_adam_state(job.optimizer)
         template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer,
                                        with_rng=load_rng)
         loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
-        if load_optimizer:  # its non-tensor part as saved (param groups, step), see _regroup_optimizer_state
-            saved_optimizer = dist_checkpointing.load_common_state_dict(str(directory))["optimizer"]
-    except (Exception, CheckpointException) as error:  # torch's CheckpointException is no Exception
-        raise ConfigError(f"--load {args.load}: cannot read {directory} ({_first_failure(error)}); the "
-                          "checkpoint is damaged or incomplete: load another iteration or save it again") from error
+    except (Exception, CheckpointException) as error:
+        raise _damaged(args, directory, error) from error
 
     job.model.module.load_state_dict(loaded["model"])
     if load_optimizer:
-        _load_optimizer_state(job.optimizer, loaded["optimizer"], saved_optimizer, metadata)
+        _load_optimizer_state(job.optimizer, loaded["optimizer"], common["optimizer"], metadata)
         job.scheduler.load_state_dict(loaded["scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"], job.platform)
     if args.finetune:
         return 0, 0
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def _damaged(args, directory: Path, error: BaseException) -> ConfigError:
+    return ConfigError(f"--load {args.load}: cannot read {directory} ({_first_failure(error)}); the "
+                       "checkpoint is damaged or incomplete: load another iteration or save it again")
 
 
 def _first_failure(error: BaseException) -> str:

@@ -3,7 +3,9 @@
 ``--data-path`` takes Megatron-LM's forms: one prefix, several prefixes (weighted by size), or a weighted
 blend ``0.3 PREFIX_A 0.7 PREFIX_B``; ``--split`` divides every dataset into train/valid/test documents;
 ``--data-cache-path`` is where the sample-index caches go (default: next to the data). ``--mock-data``
-gives megatron-core's synthetic MockGPTDataset.
+gives megatron-core's synthetic MockGPTDataset. ``check_datasets`` runs at start, on every rank: a
+truncated or mismatched .bin/.idx pair, or a token id beyond the vocabulary, is one line before the
+first step instead of a crash inside it.
 
 Batches are a pure function of the global sample index, so every layout reads the same global batch:
 micro batch ``j`` of data-parallel rank ``d`` holds samples ``(j * dp + d) * mbs ...`` of the global batch,
@@ -23,7 +25,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron_moe.arguments import ConfigError
+from megatron_moe.errors import ConfigError
+from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset
+from megatron_moe.preprocessing.indexed_writer import read_index
 
 
 def build_tokenizer(args):
@@ -66,7 +70,7 @@ class DatasetTokenizer:
 def parse_blend(data_path: List[str]):
     """Megatron's blend (prefixes, weights or None) from ``--data-path``; checks every prefix exists."""
     try:
-        prefixes, weights = get_blend_from_list(data_path)
+        prefixes, weights = get_blend_from_list(list(data_path))
     except Exception as error:
         raise ConfigError(f"--data-path {' '.join(data_path)}: expected 'PREFIX ...' or "
                           f"'WEIGHT PREFIX WEIGHT PREFIX ...' ({error})") from error
@@ -81,6 +85,20 @@ def parse_blend(data_path: List[str]):
     return prefixes, weights
 
 
+def check_datasets(args, vocab_size: int) -> None:
+    """Every ``--data-path`` dataset's .bin holds what its .idx describes, and its token ids are below
+    ``vocab_size``; else a ConfigError naming the file. Reads the indexes and each dataset's recorded
+    largest token id (a scan of the .bin for datasets without one)."""
+    if args.mock_data:
+        return
+    prefixes, _ = parse_blend(args.data_path)
+    for prefix in prefixes:
+        try:
+            check_dataset(prefix, vocab_size)
+        except DatasetError as error:
+            raise ConfigError(f"--data-path: {error}") from None
+
+
 def _dataset_sizes(args) -> List[int]:
     """Samples each split must provide for the whole run (train, every validation, test)."""
     eval_runs = args.train_iters // args.eval_interval + 1
@@ -89,6 +107,20 @@ def _dataset_sizes(args) -> List[int]:
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
+
+
+def _check_split_ranges(prefixes: List[str], split_matrix, sizes: List[int], split: str) -> None:
+    """Every split that must give samples gets at least one sequence of every dataset: megatron-core
+    loops forever counting the epochs of a split without tokens."""
+    for prefix in prefixes:
+        sequences = len(read_index(prefix + ".idx").sequence_lengths)
+        for name, bounds, size in zip(("train", "validation", "test"), split_matrix, sizes):
+            # megatron-core's rounding (BlendedMegatronDatasetBuilder._build_megatron_dataset_splits)
+            if size and bounds is not None and \
+                    int(round(bounds[0] * float(sequences))) == int(round(bounds[1] * float(sequences))):
+                raise ConfigError(f"--split {split}: the {name} split of {prefix} gets none of its {sequences} "
+                                  f"sequences, yet {size} {name} samples are needed; give that split a larger "
+                                  "share or use more data")
 
 
 def build_datasets(args, tokenizer):
@@ -108,6 +140,8 @@ def build_datasets(args, tokenizer):
         mmap_bin_files=True,
     )
     dataset_class = MockGPTDataset if args.mock_data else GPTDataset
+    if blend is not None:
+        _check_split_ranges(blend[0], config.split_matrix, _dataset_sizes(args), args.split)
     try:
         datasets = BlendedMegatronDatasetBuilder(dataset_class, _dataset_sizes(args), lambda: True, config).build()
     except (AssertionError, ValueError, IndexError) as error:

@@ -20,13 +20,17 @@ import torch.distributed as dist
 
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_moe.errors import ConfigError
+from megatron_moe.moe.registry import ROUTING_SCHEMES
+
 ScalarSource = Callable[[], Dict[str, float]]
 _SCALAR_SOURCES: List[ScalarSource] = []
 
 
 def register_scalar_source(source: ScalarSource) -> None:
-    """Adds ``source() -> {name: float}`` to what is logged every ``--log-interval`` iterations."""
-    _SCALAR_SOURCES.append(source)
+    """Adds ``source() -> {name: float}`` to what is logged every ``--log-interval`` iterations (once)."""
+    if source not in _SCALAR_SOURCES:
+        _SCALAR_SOURCES.append(source)
 
 
 def extra_scalars() -> Dict[str, float]:
@@ -41,8 +45,6 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
 
     Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
     """
-    from megatron_moe.moe.registry import ROUTING_SCHEMES
-
     if args.num_experts is None:
         return {}
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
@@ -103,8 +105,6 @@ def open_summary_writer(directory: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        from megatron_moe.arguments import ConfigError
-
         raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
                           "(or leave the flag out)") from error
     return SummaryWriter(log_dir=directory, max_queue=1000)
@@ -119,11 +119,13 @@ def write_scalars(writer, iteration: int, scalars: Dict[str, Optional[float]]) -
 
 
 def write_expert_load(writer, iteration: int, load: Dict[int, List[float]]) -> None:
-    """Per layer: the imbalance (max/mean) and every expert's share of the tokens."""
+    """Per layer: the imbalance (max/mean), the (token, expert) assignments the routing maps held (below
+    tokens x top-k when a capacity drops some) and every expert's share of them."""
     if writer is None:
         return
     for layer, tokens in load.items():
         total = sum(tokens)
+        writer.add_scalar(f"expert-load/layer_{layer:02d}/assignments", total, iteration)
         writer.add_scalar(f"expert-load/layer_{layer:02d}/max_over_mean", load_imbalance(tokens), iteration)
         for expert, count in enumerate(tokens):
             writer.add_scalar(f"expert-load/layer_{layer:02d}/expert_{expert:03d}_fraction", count / total,

@@ -2,9 +2,14 @@
 
 The spec is megatron-core's decoder block spec (dense and MoE layers per ``--moe-layer-freq``) with three
 swaps: our sequence-parallel norms on the local path, ``RoutedMoELayer`` for the MoE MLP, and the router of
-the chosen routing scheme. Initialisation is ours (:func:`initialize_weights`) so that a parameter's
-values do not depend on the parallel layout: every TP/PP/EP/DP layout starts from the same model as one
-process does, which is what makes the parity tests exact.
+the chosen routing scheme. Nothing the model computes depends on the parallel layout:
+
+- initialisation is ours (:func:`initialize_weights`): every TP/PP/EP/DP layout starts from the same model
+  as one process does, which is what makes the parity tests exact;
+- the padded vocabulary rows (Megatron pads to a multiple of make-vocab-size-divisible-by x TP, so their
+  number depends on TP) get -inf logits (:func:`mask_padded_vocabulary`): they never take part in the
+  softmax of the loss or in sampling, and the exported model, trimmed to the real vocabulary, is the
+  trained one.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_moe.arguments import RunConfig
 from megatron_moe.moe.registry import ROUTING_SCHEMES, RoutedMoELayer
 from megatron_moe.norms import norm_class
 
@@ -34,7 +42,7 @@ class GPTMoEConfig(TransformerConfig):
     """megatron-core's TransformerConfig plus the routing scheme and its options."""
 
     moe_router_type: Optional[str] = None  # a key of ROUTING_SCHEMES; None for a dense model
-    moe_routing_options: Any = None  # the scheme's options object (RoutingScheme.options_from_args)
+    moe_routing_options: Any = None  # the scheme's options object (SchemeFlags.options_from_args)
 
 
 def require_transformer_engine() -> None:
@@ -70,7 +78,89 @@ def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Opt
     return block
 
 
-def build_model(config: GPTMoEConfig, args) -> GPTModel:
+def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
+    """The megatron-core TransformerConfig (plus our routing fields) a run config describes."""
+    moe = args.num_experts is not None
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    fp8 = {}
+    if args.fp8_format is not None:
+        fp8 = dict(fp8=args.fp8_format, fp8_recipe="delayed")
+    moe_options = {}
+    if moe:
+        moe_options = dict(
+            # megatron-core's top-1 softmax routing needs the softmax before the selection
+            moe_router_pre_softmax=args.moe_router_pre_softmax
+            or (args.moe_router_topk == 1 and args.moe_router_score_function == "softmax"),
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_dtype=args.moe_router_dtype,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+            moe_token_drop_policy=args.moe_token_drop_policy,
+            moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_permute_fusion=args.moe_permute_fusion,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=args.moe_shared_expert_gate,
+        )
+    return GPTMoEConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not (args.disable_bias_linear or moe),
+        add_qkv_bias=args.add_qkv_bias,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk if moe else 2,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size if moe else None,
+        moe_layer_freq=list(args.moe_layer_pattern) if moe else 1,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_type=args.moe_router_type if moe else None,
+        moe_routing_options=ROUTING_SCHEMES[args.moe_router_type].flags.options_from_args(args) if moe else None,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        variable_seq_lengths=moe and args.pipeline_model_parallel_size > 1,
+        attention_backend=AttnBackend[args.attention_backend],
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=list(args.recompute_modules) if args.recompute_modules is not None else None,
+        # megatron-core initialises first because only its init routines set the tensor-parallel attributes
+        # of a weight; initialize_weights then redraws every matrix layout-independently.
+        perform_initialization=True,
+        use_cpu_initialization=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=True,
+        **moe_options,
+        **fp8,
+    )
+
+
+def build_model(config: GPTMoEConfig, args: RunConfig) -> GPTModel:
     """This pipeline stage's GPTModel, initialised layout-independently on the current device."""
     model = GPTModel(
         config=config,
@@ -85,11 +175,38 @@ def build_model(config: GPTMoEConfig, args) -> GPTModel:
         rotary_base=args.rotary_base,
     )
     initialize_weights(model, config, args.seed)
+    mask_padded_vocabulary(model, args.tokenizer_vocab_size)
     if config.bf16:
         # what Megatron-LM's Float16Module does to the parameters: a few (the learned position embedding)
         # are created in fp32 whatever params_dtype says
         model = model.bfloat16()
     return model
+
+
+def mask_padded_vocabulary(model: GPTModel, vocab_size: int) -> None:
+    """Gives the padded vocabulary rows (ids >= ``vocab_size``) logits of -inf, on the ranks that hold some.
+
+    A forward hook on the output layer, so that both megatron-core's vocab-parallel cross entropy and
+    callers that read the logits see them: exp(-inf) = 0, so those rows add nothing to the softmax and get
+    no gradient. Each tensor-parallel rank holds a contiguous slice of the padded vocabulary (or, when the
+    layer gathers its output, all of it).
+    """
+    padded = model.vocab_size
+    if not model.post_process or vocab_size >= padded:
+        return
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    local = padded // parallel_state.get_tensor_model_parallel_world_size()
+    real_in_slice = min(max(vocab_size - tp_rank * local, 0), local)  # real rows at the start of this slice
+
+    def mask(module, inputs, output):
+        logits, bias = output
+        real = vocab_size if logits.shape[-1] == padded else real_in_slice
+        if real == logits.shape[-1]:
+            return output
+        padding = torch.arange(logits.shape[-1], device=logits.device) >= real
+        return logits.masked_fill(padding, float("-inf")), bias
+
+    model.output_layer.register_forward_hook(mask)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import datetime
 import inspect
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -82,6 +83,20 @@ def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
     atexit.register(shutdown_distributed)
 
 
+def elastic_restart_problem() -> Optional[str]:
+    """Why torchrun's restarts would fail for this worker, or None.
+
+    With ``--max-restarts`` > 0 and the rendezvous store shared with the workers (torchrun's default since
+    torch 2.4), a relaunched worker can read the previous attempt's addresses from that store and fail to
+    connect (pytorch/pytorch#135712); ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment
+    gives every attempt a fresh store.
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: a "
+                "restarted worker would otherwise read the previous attempt's addresses (pytorch/pytorch#135712)")
+    return None
+
+
 def shutdown_distributed() -> None:
     """Destroy megatron's groups and the default group while the interpreter is still whole.
 
@@ -95,6 +110,52 @@ def shutdown_distributed() -> None:
 
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a failed collective, in one line
+# ----------------------------------------------------------------------------------------------------------
+
+# What gloo says when a peer is frozen (the collective's timeout ran out) or dead (its sockets closed).
+_GLOO_FAILURES = {"Timed out waiting": "timed out", "Connection closed by peer": "lost its peer",
+                  "Connection reset by peer": "lost its peer"}
+
+
+def _group_name(group) -> str:
+    """Which of megatron's process groups ``group`` is (parallel_state's ``_NAME_GROUP``), with its ranks."""
+    from megatron.core import parallel_state
+
+    if group is None or group is dist.group.WORLD:
+        return f"world group (ranks 0..{dist.get_world_size() - 1})"
+    names = [name.strip("_")[: -len("_GROUP")].lower().replace("_", "-") for name, value in vars(parallel_state).items()
+             if name.startswith("_") and name.endswith("_GROUP") and value is group]
+    return f"{names[0] if names else 'a'} process group (ranks {dist.get_process_group_ranks(group)})"
+
+
+def communication_failure(error: BaseException) -> Optional[str]:
+    """One line naming this rank, the collective, its process group and caller when ``error`` is a
+    collective that timed out or lost a peer (a frozen or dead rank); None for any other error."""
+    text = str(error)
+    what = next((meaning for marker, meaning in _GLOO_FAILURES.items() if marker in text), None)
+    if what is None or not dist.is_initialized():
+        return None
+    collective, group, caller = "a collective", None, "?"
+    tb = error.__traceback__
+    while tb is not None:  # innermost public torch.distributed call, and the frame that called it
+        code = tb.tb_frame.f_code
+        if code.co_filename.endswith(os.path.join("torch", "distributed", "distributed_c10d.py")):
+            if not code.co_name.startswith("_") and collective == "a collective":
+                collective, group = code.co_name, tb.tb_frame.f_locals.get("group")
+        elif collective == "a collective" and "megatron" in code.co_filename and code.co_filename != __file__:
+            caller = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} ({code.co_name})"
+        tb = tb.tb_next
+    waited = re.search(r"Timed out waiting (\d+)ms", text)
+    detail = (f"after {int(waited.group(1)) / 60000:g} min (--distributed-timeout-minutes): a rank of that group "
+              "is frozen or too slow" if waited else "a rank of that group died")
+    peer = re.search(r"peer (\[[^\]]*\]:\d+)", text)
+    return (f"rank {dist.get_rank()}: {collective} on the {_group_name(group)} {what}"
+            f"{' (peer ' + peer.group(1) + ')' if peer else ''} "
+            f"{detail}; called from {caller}")
 
 
 # ----------------------------------------------------------------------------------------------------------

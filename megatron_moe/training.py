@@ -7,10 +7,11 @@ Everything here is megatron-core's: DDP, the optimizer, the LR scheduler and the
 from __future__ import annotations
 
 import math
-import signal
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -22,20 +23,27 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import checkpointing, data, metrics
-from megatron_moe.arguments import padded_vocab_size, parse_args, transformer_config_from_args
-from megatron_moe.model import build_model
-from megatron_moe.platform import Platform, init_distributed, select_platform
+from megatron_moe import checkpointing, data, metrics, run_config
+from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
+from megatron_moe.errors import ConfigError
+from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
+from megatron_moe.moe import comm_stats
+from megatron_moe.platform import Platform, elastic_restart_problem, init_distributed, select_platform
+from megatron_moe.run_control import NonFiniteError, RunControl
 
 
 @dataclass
 class TrainingJob:
-    args: object
+    args: RunConfig  # the run's whole config, vocabulary included
     platform: Platform
-    config: object
+    config: GPTMoEConfig
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
+    tokenizer: object
+    started: float  # time.time() when setup began: --exit-duration-in-mins counts from here, as Megatron-LM's
+    checkpoint: Optional[Path] = None  # the iteration directory --load resumes from
+    saved_config: Optional[RunConfig] = None  # the run config it was written with
 
 
 def print_rank_last(message: str) -> None:
@@ -66,25 +74,37 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
     )
 
 
-def setup(argv: Optional[List[str]] = None) -> TrainingJob:
-    """Parse, validate, join the process group, build model + DDP + optimizer + scheduler."""
-    import os
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = parse_args(argv, world_size=world_size)  # errors surface before any process group exists
+def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> TrainingJob:
+    """Parse and validate (unless ``args`` is given), join the process group, check the checkpoint --load
+    names against the flags, build model + DDP + optimizer + scheduler."""
+    started = time.time()
+    if args is None:  # errors surface before any process group exists
+        args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     platform = select_platform(args.device)
+    restart_problem = elastic_restart_problem()
+    if restart_problem is not None:
+        raise ConfigError(restart_problem)
     init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,  # megatron's default is 30 minutes
     )
+    checkpointing.check_save_dir(args)  # file errors before the minutes a large model takes to build
+    checkpoint = checkpointing.find_checkpoint(args)
+    checkpointing.check_checkpoint_files(checkpoint, args.verify_checkpoint)
     _set_seeds(args.seed)
-    args.tokenizer = data.build_tokenizer(args)
-    args.tokenizer_vocab_size = args.tokenizer.vocab_size
-    args.padded_vocab_size = padded_vocab_size(args.tokenizer.vocab_size, args)
+    tokenizer = data.build_tokenizer(args)
+    data.check_datasets(args, tokenizer.vocab_size)
+    saved = run_config.load(checkpoint) if checkpoint is not None else None
+    args = args.replace(tokenizer_vocab_size=tokenizer.vocab_size,
+                        padded_vocab_size=_vocabulary_rows(args, tokenizer.vocab_size, saved, checkpoint))
+    if saved is not None:
+        checkpointing.check_compatible(saved, args, checkpoint)
     print_rank_0(format_arguments(args))
+    metrics.register_scalar_source(comm_stats.snapshot_and_reset)
 
     config = transformer_config_from_args(args)
     model = build_model(config, args).to(platform.device)
@@ -128,8 +148,29 @@ def setup(argv: Optional[List[str]] = None) -> TrainingJob:
         end_wd=args.weight_decay,
         wd_incr_steps=decay_samples,
         wd_incr_style="constant",
+        # on resume, where the saved schedule differs (checkpointing.check_scheduler refuses it without these)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
-    return TrainingJob(args, platform, config, model, optimizer, scheduler)
+    job = TrainingJob(args, platform, config, model, optimizer, scheduler, tokenizer, started, checkpoint, saved)
+    if args.save:
+        needed = checkpointing.checkpoint_bytes(job)
+        print_rank_0(f"> a checkpoint takes about {needed / 2**20:.1f} MiB")
+        checkpointing.check_save_space(args.save, needed)
+    return job
+
+
+def _vocabulary_rows(args: RunConfig, vocab_size: int, saved: Optional[RunConfig], checkpoint) -> int:
+    """Rows of the embedding and output layer: the checkpoint's on --load (its padded rows are masked, so
+    their number does not change the model, and the saved tensors keep their shape in every layout), else
+    Megatron-LM's padding rule."""
+    if saved is None or saved.padded_vocab_size is None:
+        return padded_vocab_size(vocab_size, args)
+    rows, tp = saved.padded_vocab_size, args.tensor_model_parallel_size
+    if rows % tp != 0:
+        raise ConfigError(f"--load {checkpoint}: its vocabulary has {rows} rows, which --tensor-model-parallel-size "
+                          f"{tp} does not divide; use a tensor-parallel size that divides {rows}")
+    return rows
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -167,10 +208,6 @@ def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) ->
         forward_only=forward_only,
     )
     return _mean_over_data_parallel([item["lm loss"] for item in losses])
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or grad norm: the run stops (or, with --skip-nan-iterations, skips the update)."""
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -227,9 +264,8 @@ def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
 def format_arguments(args) -> str:
     """The configuration, printed once at start as Megatron-LM does."""
     lines = ["------------------------ arguments ------------------------"]
-    for name in sorted(vars(args)):
-        if name != "tokenizer":
-            lines.append(f"  {name} {'.' * (48 - len(name))} {getattr(args, name)}")
+    for name, value in sorted(args.to_dict().items()):
+        lines.append(f"  {name} {'.' * (48 - len(name))} {value}")
     lines.append("-------------------- end of arguments ---------------------")
     return "\n".join(lines)
 
@@ -265,18 +301,6 @@ def _finish_param_gather(job: TrainingJob) -> None:
         job.model.start_param_sync(force_sync=True)
 
 
-class _SigtermFlag:
-    """--exit-signal-handler: SIGTERM sets a flag; the loop saves and exits at the next iteration end."""
-
-    def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-
 def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]], None]] = None) -> List[float]:
     """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
 
@@ -284,13 +308,13 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     """
     args = job.args
     start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
-    train_ds, valid_ds, _ = data.build_datasets(args, args.tokenizer)
+    train_ds, valid_ds, _ = data.build_datasets(args, job.tokenizer)
     iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank())
     writer = metrics.tensorboard_writer(args)
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
         expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
-    sigterm = _SigtermFlag(args.exit_signal_handler)
+    control = RunControl(args, job.started)
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
                  f"processes ({job.platform.device.type}/{job.platform.backend}): "
                  f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
@@ -306,6 +330,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         if not ok:
             skipped += 1
             nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
+        control.count_update(iteration, ok)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
         if lm_loss is not None:
@@ -323,16 +348,19 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
                     "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
                     "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
                 metrics.write_expert_load(writer, iteration, load)
-        if iteration % args.eval_interval == 0:
+        if args.eval_iters and iteration % args.eval_interval == 0:  # --eval-iters 0: no validation
             _validate(job, valid_ds, iteration, writer)
-        stop = _any_rank(sigterm.received, job.platform.device) if args.exit_signal_handler else False
+        stop = control.stop_reason(iteration, job.platform.device)
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
         if after_iteration is not None:
             after_iteration(iteration, losses)
         if stop:
-            print_rank_0(f"> SIGTERM: saved iteration {iteration} to {args.save}; exiting")
+            if not args.save:
+                _finish_param_gather(job)  # the save did it otherwise
+            saved = f"saved iteration {iteration} to {args.save}" if args.save else f"stopped after iteration {iteration}"
+            print_rank_0(f"> {stop}: {saved}; exiting")
             break
     else:
         _finish_param_gather(job)
@@ -353,6 +381,6 @@ def _validate(job: TrainingJob, valid_ds, iteration: int, writer) -> None:
     metrics.write_scalars(writer, iteration, {"validation lm loss": valid_loss, "validation lm loss PPL": ppl})
 
 
-def pretrain(argv: Optional[List[str]] = None) -> List[float]:
+def pretrain(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> List[float]:
     """Runs the job; returns the lm loss of every iteration on the last rank (empty elsewhere)."""
-    return train(setup(argv))
+    return train(setup(argv, args))

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -25,11 +25,13 @@ TINY_MOE = [
 ]
 
 
-def torchrun(nproc: int, script: Path, args: Sequence[str], timeout: int = 600, check: bool = True):
-    """Runs ``script`` on ``nproc`` local gloo processes; returns the CompletedProcess."""
+def torchrun(nproc: int, script: Path, args: Sequence[str], timeout: int = 600, check: bool = True,
+             env: Optional[Dict[str, str]] = None):
+    """Runs ``script`` on ``nproc`` local gloo processes (``env``: added to the environment); returns the
+    CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", **(env or {}))
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")

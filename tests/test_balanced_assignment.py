@@ -1,10 +1,12 @@
-"""balanced_assignment: exact balance always, optimality against scipy's exact solver, bad inputs."""
+"""balanced_assignment: exact balance always, optimality against scipy's exact solver, a bounded number of host
+syncs, bad inputs."""
 
 import math
 
 import pytest
 import torch
 
+from megatron_moe.host_sync import HostSyncCounter
 from megatron_moe.moe.balanced_assignment import balanced_assignment, expert_capacities
 
 
@@ -43,7 +45,7 @@ def residual_std(scores):
     return float(residual.std(correction=0))
 
 
-def assert_near_optimal(scores, assignment, eps=3e-3, relative_gap=None):
+def assert_near_optimal(scores, assignment, eps=1e-2, relative_gap=None):
     """Within the documented bound T * eps * residual std of the exact optimum (never above it)
     and, where given, within ``relative_gap`` of it."""
     optimum, ours = exact_optimum(scores), total(scores, assignment)
@@ -110,29 +112,35 @@ def test_fewer_tokens_than_experts():
     assert balanced_assignment(affinities(1, 8, seed=3)).tolist() == [0]
 
 
-def test_augmenting_paths_alone_are_exact():
-    # max_rounds=0 skips the auction: successive shortest paths solve the problem exactly.
-    for seed, (num_tokens, num_experts) in enumerate([(200, 8), (97, 5), (300, 30)]):
-        scores = affinities(num_tokens, num_experts, seed)
-        assignment = balanced_assignment(scores, max_rounds=0)
-        assert_balanced(assignment, num_tokens, num_experts)
-        assert total(scores, assignment) == pytest.approx(exact_optimum(scores), rel=1e-12)
+def certified_gap(scores, assignment, prices):
+    """Dual upper bound from the prices minus our total: >= the true gap to the optimum."""
+    capacities = expert_capacities(*scores.shape).double()
+    upper_bound = float((scores - prices).amax(dim=1).sum() + (capacities * prices).sum())
+    return upper_bound - total(scores, assignment)
 
 
-@pytest.mark.parametrize("max_rounds", [1, 2, 5])
-def test_round_bound_keeps_exact_balance(max_rounds):
+@pytest.mark.parametrize("max_rounds", [0, 1, 2, 5])
+def test_a_round_bound_keeps_exact_balance_and_the_certificate_valid(max_rounds):
+    # Too few rounds: the unplaced tokens fill the free slots; balance stays exact, and the price
+    # bound still bounds the optimum from above (it does not depend on how the tokens were placed).
     scores = dominant_expert(300, 12, seed=1)
-    assignment = balanced_assignment(scores, max_rounds=max_rounds)
+    assignment, prices = balanced_assignment(scores, max_rounds=max_rounds, return_prices=True)
     assert_balanced(assignment, 300, 12)
-    assert_near_optimal(scores, assignment, relative_gap=1e-4)  # the fallback is not a greedy fill
+    optimum = exact_optimum(scores)
+    assert total(scores, assignment) <= optimum * (1 + 1e-12)
+    assert certified_gap(scores, assignment, prices) >= optimum - total(scores, assignment) - 1e-9 * abs(optimum)
 
 
-def test_sync_free_checks_give_a_valid_near_optimal_answer():
-    # check_every=16 (the GPU default): 16 rounds run between host-side checks.
-    scores = affinities(2000, 16, seed=4)
-    assignment = balanced_assignment(scores, check_every=16)
-    assert_balanced(assignment, 2000, 16)
-    assert_near_optimal(scores, assignment)
+def test_host_syncs_per_solve_are_bounded_whatever_the_size_and_scores():
+    # At most 4 convergence checks and nothing else reads the device; the same with max_rounds=0.
+    cases = [affinities(4000, 32, seed=9), dominant_expert(2000, 64, seed=9), integer_ties(3000, 8, seed=9),
+             affinities(100, 3, seed=9)]
+    for scores in cases:
+        for options in ({}, {"max_rounds": 0}, {"max_rounds": 64}):
+            with HostSyncCounter() as counter:
+                balanced_assignment(scores, return_prices=True, **options)
+            assert counter.num_syncs <= 4, counter.describe()
+            assert all("all_placed" in sync.where for sync in counter.syncs), counter.describe()
 
 
 def test_prices_certify_the_gap():
@@ -142,7 +150,7 @@ def test_prices_certify_the_gap():
     upper_bound = float((scores - prices).amax(dim=1).sum() + (capacities * prices).sum())
     optimum, ours = exact_optimum(scores), total(scores, assignment)
     assert ours <= optimum * (1 + 1e-12) and optimum <= upper_bound * (1 + 1e-12)
-    assert upper_bound - ours <= 2048 * 3e-3 * residual_std(scores)
+    assert upper_bound - ours <= 2048 * 1e-2 * residual_std(scores)
 
 
 def test_non_finite_scores_are_replaced_by_extreme_finite_ones():
@@ -175,7 +183,7 @@ def test_deterministic():
     first = balanced_assignment(scores)
     assert all(torch.equal(first, balanced_assignment(scores)) for _ in range(3))
     assert torch.equal(scores, original)  # the input is left alone
-    assert torch.equal(balanced_assignment(scores, check_every=5), balanced_assignment(scores, check_every=5))
+    assert torch.equal(balanced_assignment(scores, max_rounds=5), balanced_assignment(scores, max_rounds=5))
 
 
 def test_degenerate_shapes():
@@ -198,7 +206,7 @@ def test_bad_inputs_get_a_one_line_error(bad, message):
         balanced_assignment(bad)
 
 
-@pytest.mark.parametrize("options", [{"eps": 0}, {"max_rounds": -1}, {"check_every": 0}])
+@pytest.mark.parametrize("options", [{"eps": 0}, {"max_rounds": -1}])
 def test_bad_options_get_a_one_line_error(options):
-    with pytest.raises(ValueError, match="need eps > 0, max_rounds >= 0, check_every >= 1"):
+    with pytest.raises(ValueError, match="need eps > 0, max_rounds >= 0"):
         balanced_assignment(torch.randn(8, 2), **options)

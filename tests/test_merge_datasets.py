@@ -135,3 +135,49 @@ def test_truncated_bin_leaves_no_output(tmp_path):
 def test_bad_input_directory(make_input, fragment, tmp_path):
     assert_user_error(merge("--input", make_input(tmp_path), "--output-prefix", tmp_path / "m"),
                       fragment)
+
+
+def test_output_inside_the_input_directory_is_refused(tmp_path):
+    for seed, name in enumerate("ab"):
+        build_dataset(tmp_path / name, np.random.default_rng(seed), np.uint16)
+    before = sorted(os.listdir(tmp_path))
+    assert_user_error(merge("--input", tmp_path, "--output-prefix", tmp_path / "merged"),
+                      f"--output-prefix {tmp_path / 'merged'} lies in --input {tmp_path}",
+                      "merged again")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_merge_records_the_largest_token_id(tmp_path):
+    from megatron_moe.preprocessing.dataset_stats import scan_max_token_id
+    from megatron_moe.preprocessing.stats_sidecar import recorded_max_token_id
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for seed, name in enumerate("ab"):  # written by megatron-core: no record, so they are scanned
+        build_dataset(shards / name, np.random.default_rng(seed), np.uint16)
+    assert merge("--input", shards, "--output-prefix", tmp_path / "m").returncode == 0
+    largest = max(scan_max_token_id(str(shards / name), np.uint16) for name in "ab")
+    assert recorded_max_token_id(str(tmp_path / "m")) == largest > 0
+
+
+def test_full_disk_is_found_before_writing(tmp_path):
+    """A 1 MiB tmpfs for the output (needs root to mount; skipped otherwise)."""
+    disk = tmp_path / "tiny_disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root)")
+    try:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        shards = tmp_path / "shards"
+        shards.mkdir()
+        builder = IndexedDatasetBuilder(str(shards / "big.bin"), dtype=np.uint16)
+        builder.add_document(np.arange(1 << 20) % 1000, [1 << 20])  # 2 MiB of tokens
+        builder.finalize(str(shards / "big.idx"))
+        needed = sum(os.path.getsize(shards / f"big{ext}") for ext in (".bin", ".idx"))
+        assert_user_error(merge("--input", shards, "--output-prefix", disk / "m"),
+                          f"disk full writing {disk / 'm'}.bin: needed {needed} bytes,")
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

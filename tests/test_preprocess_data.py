@@ -12,9 +12,11 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -464,3 +466,122 @@ def test_ctrl_c_stops_cleanly_without_output(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: no output was written" in stderr
     assert _leftovers(tmp_path, corpus) == []
+
+
+# ----------------------------------------------------------------------------- 6: cleanup after itself
+def _children(pid: int):
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """The tool SIGKILLed mid-run: its directory and how long its workers outlived it."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux /proc to find the worker processes")
+    directory = tmp_path_factory.mktemp("killed")
+    corpus = directory / "kjv3.jsonl"
+    corpus.write_bytes(KJV.read_bytes() * 3)
+    command = [sys.executable, str(TOOL), "--input", str(corpus), "--output-prefix",
+               str(directory / "out"), *map(str, GPT2), "--workers", "2", "--log-interval", "1"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert proc.stderr.readline().startswith("Processed")  # mid-run: workers are busy
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # the two workers (and a resource tracker on some Pythons)
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        while any(map(_alive, workers)) and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        yield directory, corpus, time.monotonic() - killed, [w for w in workers if _alive(w)]
+    finally:
+        proc.kill()
+        for worker in workers:  # what the tool failed to stop
+            if _alive(worker):
+                os.kill(worker, signal.SIGKILL)
+
+
+def test_workers_die_with_a_sigkilled_main_process(killed_run):
+    _, _, seconds, survivors = killed_run
+    assert survivors == [] and seconds < 5, (survivors, seconds)
+
+
+def test_next_run_removes_what_a_killed_run_left(killed_run):
+    directory, corpus, _, _ = killed_run
+    leftovers = _leftovers(directory, corpus)
+    assert any(".tmp-" in name for name in leftovers) and any(".parts-" in name for name in leftovers)
+    small = write_jsonl(directory / "small.jsonl", kjv_records(10))
+    proc = succeeded(preprocess("--input", small, "--output-prefix", directory / "out", *GPT2))
+    removed = [line for line in proc.stderr.splitlines() if line.startswith("removed temporary")]
+    assert len(removed) == 1 and all(name in removed[0] for name in leftovers), proc.stderr
+    assert _leftovers(directory, corpus, small) == [
+        "out_text_document.bin", "out_text_document.idx", "out_text_document.stats.json"]
+
+
+def test_temporary_files_of_a_live_run_are_named_and_kept(tmp_path, capsys):
+    from megatron_moe.preprocessing import scratch
+
+    live = Path(scratch.temporary_name(str(tmp_path / "out_text_document.bin")))  # ours: alive
+    live.write_bytes(b"")
+    scratch.remove_stale([str(tmp_path / "out_text_document.bin")], str(tmp_path / "out"))
+    assert live.exists()
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith("left temporary files of a run that may still be running") and \
+        f"{live} (pid {os.getpid()}" in line
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a real ENOSPC (needs root, as in CI containers; skipped otherwise)."""
+    mount_point = tmp_path / "tiny_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_says_so_and_how_much_space_is_needed(tiny_disk, tmp_path):
+    line = failed(preprocess("--input", KJV, "--output-prefix", tiny_disk / "out", *GPT2,
+                             "--append-eod"), "disk full writing ", str(tiny_disk))
+    needed, free = (int(n) for n in re.fullmatch(
+        r".*: needed about (\d+) bytes, (\d+) free; .*", line).groups())
+    reference = succeeded(preprocess("--input", KJV, "--output-prefix", tmp_path / "ref", *GPT2,
+                                     "--append-eod"))
+    actual = sum(os.path.getsize(tmp_path / f"ref_text_document{ext}") for ext in (".bin", ".idx"))
+    assert 0.8 * actual < needed < 1.25 * actual and free < 1 << 20, (needed, actual, reference)
+    assert os.listdir(tiny_disk) == []
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", '{"text": ""}\n'])
+def test_empty_input_is_an_error_unless_allowed(content, tmp_path):
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text(content)
+    failed(preprocess("--input", corpus, "--output-prefix", tmp_path / "out", *GPT2),
+           "holds no document with text", "--allow-empty")
+    assert _leftovers(tmp_path, corpus) == []
+    succeeded(preprocess("--input", corpus, "--output-prefix", tmp_path / "out", *GPT2,
+                         "--allow-empty"))
+    assert os.path.getsize(tmp_path / "out_text_document.bin") == 0
+
+
+def test_largest_token_id_is_recorded_beside_the_dataset(kjv_document_run):
+    from megatron_moe.preprocessing.dataset_stats import scan_max_token_id
+    from megatron_moe.preprocessing.stats_sidecar import recorded_max_token_id
+
+    prefix, _ = kjv_document_run
+    assert recorded_max_token_id(prefix) == scan_max_token_id(prefix, np.uint16) == EOD

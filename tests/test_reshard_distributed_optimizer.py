@@ -58,7 +58,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     result = losses(tmp, "one", 1, FLAGS + ["--save-interval", "2", "--save", str(tmp / "ckpt")])
     assert json.loads((tmp / "ckpt" / "iter_0000002" / "run_config.json").read_text())[
-        "distrib_optim_sharding_type"] == "fully_reshardable"
+        "dist_ckpt_optim_fully_reshardable"]
     return checkpoint_at(tmp / "ckpt", 2, tmp / "at2"), result
 
 
@@ -88,12 +88,3 @@ def test_dp_reshardable_optimizer_refuses_another_layout(tmp_path):
     assert_one_line_error(result, "tensor_model_parallel_size (checkpoint 2, now 1)", "dp_reshardable",
                           "--dist-ckpt-optim-fully-reshardable", "--no-load-optim")
     assert launch(FLAGS + ["--load", str(tmp_path / "ckpt"), "--no-load-optim"]).returncode == 0
-
-
-def test_checkpoints_without_a_recorded_format_are_dp_reshardable():
-    from megatron_moe.checkpointing import saved_sharding_type
-
-    assert saved_sharding_type({"use_distributed_optimizer": True}) == "dp_reshardable"  # written before
-    assert saved_sharding_type({"use_distributed_optimizer": True,
-                                "distrib_optim_sharding_type": "fully_reshardable"}) == "fully_reshardable"
-    assert saved_sharding_type({"use_distributed_optimizer": False}) is None

@@ -1,5 +1,5 @@
 """SAM routing: the one-copy dispatcher equals one process (also with expert tensor parallelism), sends one
-row per token, k=1 is Switch, trains."""
+row per token in one token all-to-all per direction (packed bit-exactly), k=1 is Switch, trains."""
 
 import pytest
 import torch
@@ -31,7 +31,12 @@ def run_layer(tmp_path, nproc, flags):
     merged["rows"] = sum(c["rows"] for r in ranks for c in r["counts"].values())
     merged["tokens_counted"] = sum(c["tokens"] for r in ranks for c in r["counts"].values())
     merged["bytes"] = sum(c["bytes"] for r in ranks for c in r["counts"].values())
+    merged["collectives"] = [r["collectives"] for r in ranks]
     return merged
+
+
+def all_to_alls(calls):
+    return [dtype for name, dtype in calls if name == "alltoall_base_"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,14 @@ def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, refer
     assert result["tokens_counted"] == TOKENS
     assert result["rows"] == TOKENS  # one row per token at k = 2
     torch.testing.assert_close(result["eval_output"], reference["output"], rtol=1e-5, atol=1e-6)
+    for calls in result["collectives"]:
+        # one token all-to-all per direction: dispatch = packed bytes, combine = fp32 rows; backward mirrors
+        assert all_to_alls(calls["forward"]) == [torch.uint8, torch.float32]
+        assert all_to_alls(calls["backward"]) == [torch.float32, torch.uint8]
+        # the split sizes: one all-gather of counts per forward (over TP x EP), nothing else on the EP side
+        assert [c for c in calls["forward"] if c[1] == torch.int64] == [("_allgather_base_", torch.int64)]
+        if "--tensor-model-parallel-size" not in layout:
+            assert len(calls["forward"]) == 3 and len(calls["backward"]) == 2
 
 
 def test_capacity_factor_drops_the_weakest_tokens_of_each_group_in_training_only(reference, tmp_path):
@@ -84,6 +97,8 @@ def test_megatron_group_limited_alltoall_sends_k_rows_per_token(tmp_path):
     result = run_layer(tmp_path, 2, GROUP_LIMITED + ["--moe-router-topk", "2", "--expert-model-parallel-size", "2"])
     assert result["tokens_counted"] == TOKENS
     assert result["rows"] == 2 * TOKENS
+    for calls in result["collectives"]:  # hidden states and probs in two dispatch all-to-alls, then combine
+        assert len(all_to_alls(calls["forward"])) == 3 and len(all_to_alls(calls["backward"])) == 3
 
 
 def _swiglu_expert(weights, x):
@@ -210,3 +225,50 @@ def test_loss_shares_of_sequence_shards_add_up_to_the_whole_batch_loss(monkeypat
     for index, loss in enumerate(whole):
         torch.testing.assert_close(shares[0][index] + shares[1][index], loss)
         assert shares[0][index] != loss  # one shard alone is not the whole batch
+
+
+class _OneRank:
+    """A process group of one rank (megatron's all_to_all then moves nothing: pack and unpack remain)."""
+
+    def size(self):
+        return 1
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_local_experts", [256, 300])
+def test_packed_rows_are_bit_exact_and_carry_gate_gradients_back(hidden_dtype, num_local_experts):
+    from megatron_moe.moe import packed_rows
+
+    generator = torch.Generator().manual_seed(3)
+    rows, topk = 10, 3
+
+    def random_bits(dtype, *shape):  # every bit pattern: NaN payloads, infinities, subnormals, -0
+        size = torch.empty(0, dtype=dtype).element_size()
+        return torch.randint(0, 256, (*shape, size), dtype=torch.uint8, generator=generator).view(dtype).squeeze(-1)
+
+    hidden = random_bits(hidden_dtype, rows, 7)  # 7 columns: an odd byte width for 2-byte dtypes
+    gates = random_bits(torch.float32, rows, topk)
+    ids_dtype = packed_rows.id_dtype(num_local_experts)
+    ids = torch.randint(0, num_local_experts, (rows, topk), generator=generator).to(ids_dtype)
+    ids[0, 0] = num_local_experts - 1
+    packed, layout = packed_rows.pack([hidden, gates, ids])
+    assert packed.dtype == torch.uint8 and packed.shape[1] == packed_rows.row_bytes([hidden, gates, ids])
+    for original, back in zip([hidden, gates, ids], packed_rows.unpack(packed, layout, [(7,), (topk,), (topk,)])):
+        assert back.dtype == original.dtype and torch.equal(back.view(torch.uint8), original.view(torch.uint8))
+
+    # autograd: outputs equal the inputs, the gradients come back bit-exactly, ids get none
+    hidden_in = torch.randn(rows, 7, generator=generator).to(hidden_dtype).requires_grad_(True)
+    gates_in = torch.rand(rows, topk, generator=generator).requires_grad_(True)
+    out_hidden, out_gates, out_ids = packed_rows.all_to_all(_OneRank(), (hidden_in, gates_in, ids), [rows], [rows])
+    assert torch.equal(out_hidden, hidden_in) and torch.equal(out_gates, gates_in) and torch.equal(out_ids, ids)
+    assert not out_ids.requires_grad
+    grad_hidden, grad_gates = random_bits(hidden_dtype, rows, 7), random_bits(torch.float32, rows, topk)
+    torch.autograd.backward([out_hidden, out_gates], [grad_hidden, grad_gates])
+    assert torch.equal(hidden_in.grad.view(torch.uint8), grad_hidden.view(torch.uint8))
+    assert torch.equal(gates_in.grad.view(torch.uint8), grad_gates.view(torch.uint8))
+
+
+def test_id_dtype_holds_every_local_expert_id():
+    from megatron_moe.moe.packed_rows import id_dtype
+
+    assert id_dtype(256) == torch.uint8 and torch.iinfo(id_dtype(257)).max >= 2**31 - 1

@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_moe import run_config
+from megatron_moe.arguments import RunConfig, build_parser
 from megatron_moe.conversion import hf_files, hf_layout
 from megatron_moe.conversion.dist_files import CheckpointReader
 from megatron_moe.conversion.hf_layout import ConversionError
@@ -35,24 +37,13 @@ def latest_checkpoint(load: str) -> Path:
     return directory
 
 
-def saved_run_config(directory: Path, overrides: Sequence[str] = ()) -> argparse.Namespace:
-    """The run configuration a checkpoint iteration records, with attribute access to every flag: what the
-    checkpoint lacks (written by an older version) takes the parser's default; ``overrides`` are training
-    flags given after ``--`` (e.g. another tokenizer's files)."""
-    from megatron_moe import checkpointing
-    from megatron_moe.arguments import build_parser
-
-    saved = hf_files.read_json(directory / checkpointing.RUN_CONFIG, "the run configuration")
-    saved.update(saved.pop("moe_routing_flags", None) or {})  # older checkpoints nested the scheme's flags
-    if "tokenizer_type" not in saved and saved.get("tokenizer_vocab_size"):  # written before it was recorded
-        saved["vocab_size"] = saved["tokenizer_vocab_size"] - 1  # NullTokenizer adds eod
+def with_overrides(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``saved`` with the training flags given after ``--`` (e.g. another tokenizer's files); only the flags
+    given change."""
     parser = build_parser()
-    values = {action.dest: action.default for action in parser._actions if action.dest != "help"}
-    values.update(saved)
-    for action in parser._actions:  # the overrides: only the flags given, no required ones
+    for action in parser._actions:
         action.default, action.required = argparse.SUPPRESS, False
-    values.update(vars(parser.parse_args(list(overrides))))
-    return argparse.Namespace(**values)
+    return saved.replace(**vars(parser.parse_args(list(overrides))))
 
 
 def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[str] = (),
@@ -62,7 +53,7 @@ def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[
 
     hf_files.refuse_existing(output, overwrite, "--output")
     directory = latest_checkpoint(load)
-    args = saved_run_config(directory, overrides)
+    args = with_overrides(run_config.load(directory), overrides)
     target = hf_layout.export_target(args)  # refusals come before any weight is read
     tokenizer = build_tokenizer(args)
     vocab = tokenizer.vocab_size

@@ -10,7 +10,6 @@ time from the safetensors files and written as a torch_dist checkpoint (model we
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Sequence
 
@@ -55,9 +54,8 @@ def _meta_template(args):
     from megatron.core.dist_checkpointing.mapping import apply_factories
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_moe.arguments import transformer_config_from_args
     from megatron_moe.checkpointing import SHARDED_METADATA
-    from megatron_moe.model import decoder_block_spec
+    from megatron_moe.model import decoder_block_spec, transformer_config_from_args
     from megatron_moe.platform import init_distributed, select_platform
 
     init_distributed(select_platform("cpu"))
@@ -80,7 +78,7 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
     """Writes ``save``/iter_0000000 and the tracker; returns the lines to print."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    from megatron_moe import checkpointing
+    from megatron_moe import checkpointing, run_config
     from megatron_moe.arguments import padded_vocab_size, parse_args
     from megatron_moe.data import build_tokenizer
 
@@ -98,12 +96,11 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
     tokenizer = tokenizer_flags(folder, final_tokenizer_dir, config["vocab_size"])
     job = _JOB + ["--seq-length", str(config["max_position_embeddings"]), *overrides]
     args = parse_args(flags + tokenizer_flags(folder, folder, config["vocab_size"]) + job, world_size=1)
-    args.tokenizer = build_tokenizer(args)  # from the source folder's files, before anything is written
-    if args.tokenizer.vocab_size > config["vocab_size"]:  # more rows than the tokenizer is usual
+    vocab_size = build_tokenizer(args).vocab_size  # from the source folder's files, before anything is written
+    if vocab_size > config["vocab_size"]:  # more rows than the tokenizer is usual
         raise ConversionError(f"{config_path}: vocab_size {config['vocab_size']} is smaller than the tokenizer "
-                              f"files' {args.tokenizer.vocab_size} tokens")
-    args.tokenizer_vocab_size = args.tokenizer.vocab_size
-    args.padded_vocab_size = padded_vocab_size(args.tokenizer.vocab_size, args)
+                              f"files' {vocab_size} tokens")
+    args = args.replace(tokenizer_vocab_size=vocab_size, padded_vocab_size=padded_vocab_size(vocab_size, args))
     # the names follow the folder's class; BASE's router is its centroids
     target = hf_layout.export_target(args)
     target = hf_layout.Target(arch, {}, router_tensor=target.router_tensor)
@@ -153,9 +150,8 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
         common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
         dist_files.write_checkpoint(directory, items, produce, common)
         kept_paths = parse_args(flags + tokenizer + job, world_size=1)
-        for name in ("vocab_file", "merge_file", "tokenizer_model"):
-            setattr(args, name, getattr(kept_paths, name))
-        (directory / checkpointing.RUN_CONFIG).write_text(json.dumps(checkpointing.run_config(args), indent=1))
+        run_config.save(args.replace(**{name: getattr(kept_paths, name)
+                                        for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
         (out / checkpointing.TRACKER).write_text("0")
     lines = [f"imported {arch} from {hf} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",

@@ -37,8 +37,6 @@ hands them exact counts; ``tests/test_base_routing.py`` checks that megatron sti
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
@@ -47,46 +45,9 @@ import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_moe.arguments import RunConfig
 from megatron_moe.moe.balanced_assignment import balanced_assignment, expert_capacities
-
-
-@dataclass(frozen=True)
-class BaseOptions:
-    shuffle: bool = True  # solve the assignment on a random sample of the expert-parallel group's tokens
-
-
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--base-shuffle", action=argparse.BooleanOptionalAction, default=True,
-                       help="base router: solve the balanced assignment on tokens shuffled across the "
-                            "expert-parallel group (the paper's default); --no-base-shuffle solves it on "
-                            "each rank's own tokens and lets the dispatcher skip the count exchange")
-
-
-def validate(args: argparse.Namespace) -> None:
-    from megatron_moe.arguments import ConfigError
-
-    if args.moe_router_topk != 1:
-        raise ConfigError(f"--moe-router-type base sends each token to exactly one expert: "
-                          f"pass --moe-router-topk 1 (got {args.moe_router_topk})")
-    if args.moe_aux_loss_coeff != 0:
-        raise ConfigError("--moe-router-type base balances loads exactly and has no auxiliary loss: "
-                          f"remove --moe-aux-loss-coeff {args.moe_aux_loss_coeff} (or set it to 0)")
-    from megatron_moe.arguments import reject_flags_that_do_not_apply
-
-    exact = "every expert gets exactly its share of the tokens, none is dropped"
-    reject_flags_that_do_not_apply(args, "base", {
-        "moe_z_loss_coeff": "its assignment is solved, not read from logits",
-        "moe_router_dtype": "its token-centroid affinities are always computed in fp32",
-        "moe_router_score_function": "its gate is sigmoid(token . centroid) of the assigned expert",
-        "moe_router_pre_softmax": "its gate is sigmoid(token . centroid) of the assigned expert",
-        "moe_expert_capacity_factor": exact,
-        "moe_token_drop_policy": exact,
-        "moe_pad_expert_input_to_capacity": exact,
-    })
-
-
-def options_from_args(args: argparse.Namespace) -> BaseOptions:
-    return BaseOptions(shuffle=args.base_shuffle)
+from megatron_moe.moe.base_flags import BaseOptions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,6 +79,12 @@ def solve_on_shuffled_batch(
     answers = solved.new_empty(scores.size(0))
     dist.all_to_all_single(answers, solved, sizes, received_sizes, group=group)
     return torch.empty_like(answers).index_copy_(0, order, answers), solved
+
+
+def _count_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """bincount with a known length: no host sync (bincount reads the largest index first)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=experts.device).index_add_(
+        0, experts, torch.ones_like(experts))
 
 
 class BaseRouter(MegatronModule):
@@ -156,13 +123,13 @@ class BaseRouter(MegatronModule):
         """Expert per token: balanced assignment in training, greedy argmax at evaluation."""
         if not self.training:
             experts = scores.argmax(dim=-1)
-            self.tokens_per_expert = torch.bincount(experts, minlength=self.num_experts)
+            self.tokens_per_expert = _count_per_expert(experts, self.num_experts)
             return experts
         if self._shuffles():
             experts, solved = solve_on_shuffled_batch(scores, self.ep_group, balanced_assignment)
         else:
             experts = solved = balanced_assignment(scores)
-        self.tokens_per_expert = torch.bincount(solved, minlength=self.num_experts)
+        self.tokens_per_expert = _count_per_expert(solved, self.num_experts)
         return experts
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -227,15 +194,7 @@ class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return per_source.sum(dim=(0, 1))
 
 
-def routing_scheme():
-    """The ``base`` entry of megatron_moe.moe.registry (imported there lazily: the registry imports us)."""
-    from megatron_moe.moe.registry import RoutingScheme
-
-    return RoutingScheme(name="base", router=BaseRouter, dispatcher=BaseTokenDispatcher, add_arguments=add_arguments,
-                         validate=validate, options_from_args=options_from_args, export=export)
-
-
-def export(args: argparse.Namespace) -> dict:
+def export(args: RunConfig) -> dict:
     """tools/convert_checkpoint.py export: BASE in evaluation mode (greedy argmax of ``h . c_e``, gate
     ``sigmoid(h . c_e)``, the balancing is training-only) is our remote code's ``base_route``."""
     return dict(architecture="MegatronMoeForCausalLM", config={"moe_router_type": "base"}, router_tensor="centroids",

@@ -9,7 +9,8 @@ add up:
   the rows that stay on this rank): SAM 1 per token, megatron's alltoall k per token;
 - ``remote_rows``: rows that leave this rank (dispatch and combine);
 - ``bytes`` / ``remote_bytes``: the same for every tensor of both collectives (hidden rows, gates,
-  routing metadata), dispatch plus combine.
+  routing metadata), dispatch plus combine. A dispatcher that packs its tensors into one byte row per
+  token (SAM) states the packed row's size as ``packed_row_bytes``; that is what is counted.
 
 Backward sends the same rows in the opposite direction (the all-to-all's gradient is the reverse
 all-to-all), so forward counts describe both. Only the expert-parallel collectives are counted: with
@@ -17,10 +18,13 @@ TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and
 inside the expert tensor-parallel group (usually within a node) that are not included.
 
 :func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
-``{name: float}`` scalars; it is registered with ``megatron_moe.metrics`` so the training log and
-TensorBoard show it. ``timing = True`` also records wall seconds spent in the collectives (synchronising
+``{name: float}`` scalars; ``megatron_moe.training`` registers it with ``megatron_moe.metrics`` so the
+training log and TensorBoard show it. ``timing = True`` also records wall seconds spent in the collectives (synchronising
 the device around them and starting them together on every rank of the tensor x expert parallel group;
 used by ``benchmarks/moe_dispatch.py``, off in training).
+
+:func:`collectives` lists the collectives started while it is active (forward and backward, every process
+group), for tests that count them.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron.core import utils
 
@@ -65,7 +71,8 @@ def _sent(dispatcher, step: str, tensors):
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
     rows = tensors[0].shape[0]
-    row_bytes = _row_bytes(tensors)
+    row_bytes = getattr(dispatcher, "packed_row_bytes", None) if step == "dispatch" else None
+    row_bytes = row_bytes or _row_bytes(tensors)
     if isinstance(dispatcher, MoEAllGatherTokenDispatcher):
         # all-gather (dispatch) / reduce-scatter (combine) over TP x EP: each row reaches the other ranks
         others = utils.get_pg_size(dispatcher.tp_ep_group) - 1
@@ -103,6 +110,30 @@ def count(layer_number: int, step: str, dispatcher, tensors):
     row[_REMOTE_BYTES] += remote_bytes
     if start is not None:
         row[_SECONDS] += time.perf_counter() - start
+
+
+class _CollectiveLog(TorchDispatchMode):
+    """Records each c10d collective op that reaches the dispatcher (every backend goes through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List[Tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and func.__name__.split(".")[0] != "barrier":
+            tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            self.calls.append((func.__name__.split(".")[0], tensors[0].dtype if tensors else None))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def collectives():
+    """``with collectives() as calls:`` fills ``calls`` with ``(c10d op name, dtype)`` per collective this
+    process starts inside the block, in order (e.g. ``("alltoall_base_", torch.uint8)``); barriers are left
+    out. For tests: a dispatch mode slows every tensor operation."""
+    log = _CollectiveLog()
+    with log:
+        yield log.calls
 
 
 def _synchronize(tensor: torch.Tensor) -> None:
@@ -153,11 +184,3 @@ def _device() -> torch.device:
     # NCCL reduces only device tensors; gloo only host ones
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-
-def _register_with_metrics() -> None:
-    from megatron_moe import metrics
-
-    metrics.register_scalar_source(snapshot_and_reset)
-
-
-_register_with_metrics()

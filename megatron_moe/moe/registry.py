@@ -5,69 +5,64 @@ A scheme names a router builder (megatron-core's ``MoESubmodules.router`` protoc
 token dispatcher (megatron-core's ``MoETokenDispatcher`` interface). Without one, megatron's dispatcher
 chosen by ``--moe-token-dispatcher-type`` moves the tokens. ``--moe-router-type NAME`` selects a scheme.
 
-To add a scheme: define a :class:`RoutingScheme` in its own module and list it in :data:`ROUTING_SCHEMES`.
+To add a scheme: its command line goes in ``megatron_moe.moe.scheme_flags`` (light: parsed before megatron-core
+is imported), its router and dispatcher in its own module, and a :class:`RoutingScheme` joining both in
+:data:`ROUTING_SCHEMES`. The registry imports the schemes; they never import it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router import Router, TopKRouter
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_moe.moe import comm_stats
-
-
-def _no_options(args: argparse.Namespace) -> None:
-    return None
-
-
-def _no_validation(args: argparse.Namespace) -> None:
-    return None
+from megatron_moe.arguments import RunConfig
+from megatron_moe.moe import base, comm_stats, sam
+from megatron_moe.moe.scheme_flags import SCHEME_FLAGS, SchemeFlags
 
 
-def _no_losses(args: argparse.Namespace) -> List[str]:
+def _no_losses(config) -> List[str]:
     return []
 
 
 @dataclass(frozen=True)
 class RoutingScheme:
-    name: str
-    router: Callable[..., Any]
-    dispatcher: Optional[type] = None  # None: megatron's --moe-token-dispatcher-type
-    add_arguments: Optional[Callable[[argparse._ArgumentGroup], None]] = None
-    # Raises megatron_moe.arguments.ConfigError on a bad combination of flags.
-    validate: Callable[[argparse.Namespace], None] = _no_validation
-    # The scheme's options object, stored as config.moe_routing_options for its router and dispatcher.
-    options_from_args: Callable[[argparse.Namespace], Any] = _no_options
+    flags: SchemeFlags  # name, command-line flags, their checks, the options object (light module)
+    router: type[Router]  # megatron-core's router protocol, see the module docstring
+    dispatcher: Optional[type[MoETokenDispatcher]] = None  # None: megatron's --moe-token-dispatcher-type
     # The names its router records in megatron's aux-loss tracker with these flags. Every rank joins the
     # tracker's reduction under each name, also a pipeline stage without MoE layers.
-    tracked_losses: Callable[[argparse.Namespace], List[str]] = _no_losses
+    tracked_losses: Callable[[object], List[str]] = _no_losses
     # tools/convert_checkpoint.py export: the Hugging Face class that computes this routing in evaluation
-    # mode with these flags, as keyword arguments of megatron_moe.conversion.hf_layout.Target
+    # mode with these flags (a RunConfig), as keyword arguments of megatron_moe.conversion.hf_layout.Target
     # (architecture, config, flags, router_tensor); raises ValueError naming the flag it cannot
     # reproduce. None: the scheme is never exported.
-    export: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None
+    export: Optional[Callable[[RunConfig], Dict[str, Any]]] = None
+
+    @property
+    def name(self) -> str:
+        return self.flags.name
 
 
 # megatron-core's tracker name for each --moe-router-load-balancing-type that adds a loss
 _AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
 
 
-def _topk_losses(args: argparse.Namespace) -> List[str]:
+def _topk_losses(config) -> List[str]:
     names = []
-    if args.moe_aux_loss_coeff > 0 and args.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
-        names.append(_AUX_LOSS_NAMES[args.moe_router_load_balancing_type])
-    if args.moe_z_loss_coeff is not None:
+    if config.moe_aux_loss_coeff > 0 and config.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
+        names.append(_AUX_LOSS_NAMES[config.moe_router_load_balancing_type])
+    if config.moe_z_loss_coeff is not None:
         names.append("z_loss")
     return names
 
 
-def _topk_export(args: argparse.Namespace) -> Dict[str, Any]:
+def _topk_export(args: RunConfig) -> Dict[str, Any]:
     """megatron-core's TopKRouter in evaluation mode: softmax routing to Mixtral / Qwen2-MoE, sigmoid scores
     and group-limited top-k to our remote code (its ``topk_route``); token dropping is refused."""
     if args.moe_expert_capacity_factor is not None:
@@ -96,16 +91,14 @@ def _topk_export(args: argparse.Namespace) -> Dict[str, Any]:
         "moe_router_num_groups": groups, "moe_router_group_topk": args.moe_router_group_topk if groups else None})
 
 
-TOPK = RoutingScheme(name="topk", router=TopKRouter, tracked_losses=_topk_losses, export=_topk_export)
-
-
-def _registered_schemes() -> Dict[str, RoutingScheme]:
-    from megatron_moe.moe import base, sam
-
-    return {scheme.name: scheme for scheme in (TOPK, base.routing_scheme(), sam.routing_scheme())}
-
-
-ROUTING_SCHEMES: Dict[str, RoutingScheme] = _registered_schemes()
+ROUTING_SCHEMES: Dict[str, RoutingScheme] = {scheme.name: scheme for scheme in (
+    RoutingScheme(SCHEME_FLAGS["topk"], router=TopKRouter, tracked_losses=_topk_losses, export=_topk_export),
+    RoutingScheme(SCHEME_FLAGS["base"], router=base.BaseRouter, dispatcher=base.BaseTokenDispatcher,
+                  export=base.export),
+    RoutingScheme(SCHEME_FLAGS["sam"], router=sam.SAMRouter, dispatcher=sam.SAMDispatcher,
+                  tracked_losses=sam.tracked_losses, export=sam.export),
+)}
+assert set(ROUTING_SCHEMES) == set(SCHEME_FLAGS), "every scheme's flags need its router here"
 
 
 class _SubclassNotUnknown(logging.Filter):

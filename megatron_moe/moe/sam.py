@@ -42,9 +42,7 @@ way. Same code on CPU/gloo and GPU/NCCL.
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -60,15 +58,9 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-
-@dataclass(frozen=True)
-class SAMOptions:
-    num_groups: int
-    renormalize_gates: bool = False
-    group_balance_loss_coeff: float = 0.0
-    expert_balance_loss_coeff: float = 0.0
-    alignment_loss_coeff: float = 0.0
-    capacity_factor: Optional[float] = None  # None: dropless
+from megatron_moe.arguments import RunConfig
+from megatron_moe.moe import packed_rows
+from megatron_moe.moe.sam_flags import SAMOptions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,13 +156,13 @@ class SAMRouter(Router):
         if self.training and opts.capacity_factor is not None:
             kept = within_capacity(group, gates, opts.num_groups, opts.capacity_factor).unsqueeze(1)
             probs, routing_map = probs * kept, routing_map & kept
-        if self.training and torch.is_grad_enabled():
+        coeffs = (opts.group_balance_loss_coeff, opts.expert_balance_loss_coeff, opts.alignment_loss_coeff)
+        if self.training and torch.is_grad_enabled() and any(coeffs):
             valid = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
             if padding_mask is not None:
                 valid = padding_mask.reshape(-1).to(p.dtype)
             # under sequence/context parallelism the micro batch's other tokens are on tp_cp_group
             losses = sam_losses(p, group, experts, opts.num_groups, valid, reduce_group=self.tp_cp_group)
-            coeffs = (opts.group_balance_loss_coeff, opts.expert_balance_loss_coeff, opts.alignment_loss_coeff)
             for name, loss, coeff in zip(self.LOSS_NAMES, losses, coeffs):
                 if coeff > 0:
                     probs = MoEAuxLossAutoScaler.apply(probs, coeff * loss)
@@ -189,26 +181,26 @@ class SAMRouter(Router):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """How many rows each rank will send us, given how many we send each (one int per rank)."""
-    received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts, group=group)
-    return received
-
-
 class SAMDispatcher(MoETokenDispatcher):
     """One copy of each token per expert-parallel rank: all-to-all to its group's rank, expand to its k local
     experts (sorted by expert for megatron's experts, which apply the gates), combine the k outputs there,
     all-to-all one vector back, restore the token order.
 
-    Rows on the expert-parallel network per token: 1 (dispatch) + 1 (combine), whatever k, plus 2k floats
-    of routing metadata (gates and local expert ids). megatron's alltoall dispatcher sends k rows each way.
+    Rows on the expert-parallel network per token: 1 (dispatch) + 1 (combine), whatever k. A dispatch row
+    carries the hidden state, the k gates (fp32) and the k local expert ids as raw bytes
+    (:mod:`megatron_moe.moe.packed_rows`), so each direction makes ONE token all-to-all, in forward and in
+    backward (which sends the hidden-state and gate gradients back packed the same way). The combine row is
+    the combined vector alone: the receiver restores the order it sent. The split sizes are exchanged once
+    per forward (one small all-gather of counts, as megatron's alltoall dispatcher does); the combine and
+    both backward all-to-alls reuse them. megatron's alltoall dispatcher sends k rows each way, hidden
+    states and probs in two all-to-alls.
 
     With expert tensor parallelism (TP > 1, sequence parallel: each TP rank routes its own shard of the
     sequence) every TP rank of an expert holds a slice of its weights and must see all of its tokens, as in
     megatron's alltoall dispatcher: after the all-to-all the TP ranks all-gather what they received (one
-    row per token, inside the TP group), compute their partial expert outputs, combine the k of them per
-    token, and reduce-scatter the sums back so each TP rank returns its own tokens through the all-to-all.
+    packed row per token, inside the TP group), compute their partial expert outputs, combine the k of them
+    per token, and reduce-scatter the sums back so each TP rank returns its own tokens through the
+    all-to-all. The count all-gather spans TP x EP, so the TP split sizes need no collective of their own.
     """
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
@@ -217,6 +209,7 @@ class SAMDispatcher(MoETokenDispatcher):
         self.topk = config.moe_router_topk
         self.options: SAMOptions = config.moe_routing_options
         self.ep_rank = utils.get_pg_rank(self.ep_group)
+        self.id_dtype = packed_rows.id_dtype(num_local_experts)
         # FP8 GEMMs need each expert's row count to be a multiple of 16
         self.align = 16 if (config.fp8 or getattr(config, "fp4", None)) else 1
 
@@ -233,28 +226,42 @@ class SAMDispatcher(MoETokenDispatcher):
 
         by_rank = torch.argsort(rank, stable=True)
         self.order = routed[by_rank]
-        gates, local_ids = gates[by_rank], local_ids[by_rank]
-        send_counts = torch.bincount(rank, minlength=self.ep_size)
+        self.local_ids = local_ids[by_rank].to(self.id_dtype)
         # the split sizes are settled here, as megatron's alltoall dispatcher settles its own in
-        # preprocess, so that token_dispatch holds nothing but the token all-to-alls
+        # preprocess, so that token_dispatch holds nothing but the token all-to-all
+        self._settle_splits(torch.bincount(rank, minlength=self.ep_size))
+        self.packed_row_bytes = packed_rows.row_bytes([hidden[:1], gates[:1], self.local_ids[:1]])
+        return hidden[self.order], gates[by_rank]
+
+    def _settle_splits(self, send_counts):
+        """Rows this rank sends to / receives from each EP rank, and (TP > 1) the rows each TP rank of this
+        expert received, from one all-gather of every rank's send counts over TP x EP."""
         self.input_splits = self.output_splits = send_counts.tolist()
-        if self.ep_size > 1:
-            self.output_splits = _exchange_counts(send_counts, self.ep_group).tolist()
-        metadata = torch.cat([gates, local_ids.to(gates.dtype)], dim=1)
-        return hidden[self.order], metadata
-
-    def token_dispatch(self, hidden, metadata):
-        hidden = all_to_all(self.ep_group, hidden, self.output_splits, self.input_splits)
-        metadata = all_to_all(self.ep_group, metadata, self.output_splits, self.input_splits)
-        return hidden, metadata
-
-    def dispatch_postprocess(self, hidden, metadata):
-        self.tp_splits, self.gate_dtype = None, metadata.dtype
+        self.tp_splits = None
+        if self.ep_size * self.tp_size == 1:
+            return
+        # [EP source, TP, EP destination] (megatron's TP x EP rank order) -> what reaches this EP rank
+        every = gather_from_sequence_parallel_region(send_counts, group=self.tp_ep_group)
+        to_me = every.view(self.ep_size, self.tp_size, self.ep_size)[:, :, self.ep_rank]
+        self.output_splits = to_me[:, self.tp_rank].tolist()
         if self.tp_size > 1:
-            hidden, metadata = self._gather_over_tensor_parallel(hidden, metadata)
+            self.tp_splits = to_me.sum(0).tolist()
+
+    def token_dispatch(self, hidden, gates):
+        hidden, gates, self.received_ids = packed_rows.all_to_all(
+            self.ep_group, (hidden, gates, self.local_ids), self.output_splits, self.input_splits)
+        return hidden, gates
+
+    def dispatch_postprocess(self, hidden, gates):
+        self.gate_dtype = gates.dtype
+        local_ids = self.received_ids
+        if self.tp_splits is not None:
+            # what every rank of this expert-TP group received, in TP-rank order (each rank's own tokens
+            # are the tp_splits[tp_rank] rows after the earlier ranks')
+            hidden, gates, local_ids = packed_rows.all_gather(self.tp_group, (hidden, gates, local_ids),
+                                                              self.tp_splits)
         received = hidden.shape[0]
-        gates, local_ids = metadata[:, : self.topk], metadata[:, self.topk :].long()
-        expert_of_pair = local_ids.reshape(-1)
+        expert_of_pair = local_ids.reshape(-1).long()
         by_expert = torch.argsort(expert_of_pair, stable=True)
         self.rows = torch.arange(received, device=hidden.device).repeat_interleave(self.topk)[by_expert]
         self.num_received = received
@@ -265,16 +272,6 @@ class SAMDispatcher(MoETokenDispatcher):
             expanded, expanded_gates, tokens_per_expert = self._pad_per_expert(
                 expanded, expanded_gates, tokens_per_expert)
         return expanded, tokens_per_expert.cpu(), expanded_gates
-
-    def _gather_over_tensor_parallel(self, hidden, metadata):
-        """What every rank of this expert-TP group received, in TP-rank order (each rank's own tokens are
-        the ``tp_splits[tp_rank]`` rows after the earlier ranks')."""
-        received = torch.tensor([hidden.shape[0]], device=hidden.device)
-        self.tp_splits = gather_from_sequence_parallel_region(received, group=self.tp_group).tolist()
-        hidden = gather_from_sequence_parallel_region(hidden, group=self.tp_group, output_split_sizes=self.tp_splits)
-        metadata = gather_from_sequence_parallel_region(metadata, group=self.tp_group,
-                                                        output_split_sizes=self.tp_splits)
-        return hidden, metadata
 
     def _pad_per_expert(self, rows, gates, tokens_per_expert):
         """Zero rows (gate 0) after each expert's rows so that every count is a multiple of ``align``."""
@@ -303,6 +300,7 @@ class SAMDispatcher(MoETokenDispatcher):
         return combined
 
     def token_combine(self, hidden):
+        # the rows come back in the order they were sent: no metadata
         return all_to_all(self.ep_group, hidden, self.input_splits, self.output_splits)
 
     def combine_postprocess(self, hidden):
@@ -311,93 +309,18 @@ class SAMDispatcher(MoETokenDispatcher):
         return out.view(self.hidden_shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--sam-num-groups", type=int, default=None,
-                       help="SAM: expert groups (default: --expert-model-parallel-size); each EP rank holds "
-                            "whole groups; --moe-router-topk experts are used inside the chosen group")
-    group.add_argument("--sam-renormalize-gates", action="store_true",
-                       help="SAM: gates sum to 1 over the k chosen experts (default: raw softmax values)")
-    group.add_argument("--sam-group-balance-loss-coeff", type=float, default=0.01)
-    group.add_argument("--sam-expert-balance-loss-coeff", type=float, default=0.01)
-    group.add_argument("--sam-alignment-loss-coeff", type=float, default=0.01)
-    group.add_argument("--sam-capacity-factor", type=float, default=None,
-                       help="SAM, training: each rank routes at most factor x tokens/groups tokens to each group "
-                            "(default: dropless; evaluation is always dropless)")
-
-
-def validate(args: argparse.Namespace) -> None:
-    from megatron_moe.arguments import ConfigError
-
-    ep, experts, k = args.expert_model_parallel_size, args.num_experts, args.moe_router_topk
-    groups = args.sam_num_groups or ep
-    if groups < 1 or experts % groups != 0:
-        raise ConfigError(f"--sam-num-groups {groups} must divide --num-experts {experts}")
-    if groups % ep != 0:
-        raise ConfigError(f"--sam-num-groups {groups} must be a multiple of --expert-model-parallel-size {ep} "
-                          "(each expert-parallel rank holds whole groups)")
-    if k > experts // groups:
-        raise ConfigError(f"--moe-router-topk {k} exceeds the {experts // groups} experts of a SAM group; "
-                          "lower it or use fewer --sam-num-groups")
-    if args.moe_router_num_groups is not None:
-        raise ConfigError("--moe-router-num-groups is megatron's group-limited topk routing; "
-                          "with --moe-router-type sam use --sam-num-groups")
-    if args.sam_capacity_factor is not None and args.sam_capacity_factor <= 0:
-        raise ConfigError(f"--sam-capacity-factor must be > 0, got {args.sam_capacity_factor}")
-    for name in ("group_balance", "expert_balance", "alignment"):
-        if getattr(args, f"sam_{name}_loss_coeff") < 0:
-            raise ConfigError(f"--sam-{name.replace('_', '-')}-loss-coeff must be >= 0")
-    from megatron_moe.arguments import reject_flags_that_do_not_apply
-
-    own_capacity = "SAM caps each group with --sam-capacity-factor"
-    reject_flags_that_do_not_apply(args, "sam", {
-        "moe_z_loss_coeff": "SAM's router losses are the --sam-*-loss-coeff ones",
-        "moe_router_score_function": "SAM takes the softmax over all experts, then switches to a group",
-        "moe_router_pre_softmax": "SAM takes the softmax over all experts, then switches to a group",
-        "moe_expert_capacity_factor": own_capacity,
-        "moe_token_drop_policy": own_capacity,
-        "moe_pad_expert_input_to_capacity": own_capacity,
-        "moe_permute_fusion": "SAM's dispatcher does its own permutation",
-    })
-    if args.moe_router_dtype == "fp64":
-        raise ConfigError("--moe-router-dtype fp64 does not apply to --moe-router-type sam: its routing softmax "
-                          "is fp32; use --moe-router-dtype fp32 (fp32 router GEMM)")
-    args.sam_num_groups = groups
-
-
-def options_from_args(args: argparse.Namespace) -> SAMOptions:
-    return SAMOptions(
-        num_groups=args.sam_num_groups,
-        renormalize_gates=args.sam_renormalize_gates,
-        group_balance_loss_coeff=args.sam_group_balance_loss_coeff,
-        expert_balance_loss_coeff=args.sam_expert_balance_loss_coeff,
-        alignment_loss_coeff=args.sam_alignment_loss_coeff,
-        capacity_factor=args.sam_capacity_factor,
-    )
-
-
-def tracked_losses(args: argparse.Namespace) -> list:
-    coeffs = (args.sam_group_balance_loss_coeff, args.sam_expert_balance_loss_coeff, args.sam_alignment_loss_coeff)
+def tracked_losses(config) -> list:
+    """The aux-loss tracker names SAMRouter logs with these flags (those with a positive coefficient)."""
+    coeffs = (config.sam_group_balance_loss_coeff, config.sam_expert_balance_loss_coeff,
+              config.sam_alignment_loss_coeff)
     return [name for name, coeff in zip(SAMRouter.LOSS_NAMES, coeffs) if coeff > 0]
 
 
-def routing_scheme():
-    """``--moe-router-type sam`` (imported lazily: the registry imports this module while it loads)."""
-    from megatron_moe.moe.registry import RoutingScheme
-
-    return RoutingScheme(name="sam", router=SAMRouter, dispatcher=SAMDispatcher, add_arguments=add_arguments,
-                         validate=validate, options_from_args=options_from_args, tracked_losses=tracked_losses,
-                         export=export)
-
-
-def export(args: argparse.Namespace) -> dict:
+def export(args: RunConfig) -> dict:
     """tools/convert_checkpoint.py export: SAM in evaluation mode (dropless whatever --sam-capacity-factor,
     the losses are training-only) is our remote code's ``sam_route``."""
     flags = ["--moe-router-type", "sam", "--sam-num-groups", str(args.sam_num_groups)]
-    return dict(architecture="MegatronMoeForCausalLM", flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
+    return dict(architecture="MegatronMoeForCausalLM",
+                flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
                 config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
                         "sam_renormalize_gates": args.sam_renormalize_gates})

@@ -10,6 +10,7 @@ back to the main process, which stitches the chunks together in input order.
 """
 
 import bisect
+import errno
 import itertools
 import json
 import os
@@ -19,8 +20,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .errors import DiskFull
 from .jsonl_input import Chunk
 from .text_tokenizers import TokenizationError
+from .worker_lifetime import die_with_parent
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Part:
     sequence_lengths: np.ndarray  # int32
     document_ends: np.ndarray  # int64, in sequences from the part's first sequence
     empty_documents: int
+    max_token_id: int  # -1 for a part without tokens
 
 
 @dataclass
@@ -60,9 +64,11 @@ class ChunkResult:
 _job: Optional[EncodeJob] = None
 
 
-def init_worker(job: EncodeJob) -> None:
-    """Pool initializer. Ctrl-C goes to the main process only: it stops the pool and cleans up."""
+def init_worker(job: EncodeJob, parent_pid: int) -> None:
+    """Pool initializer. Ctrl-C goes to the main process only: it stops the pool and cleans up;
+    if the main process dies without cleaning up (SIGKILL), the worker dies too."""
     global _job
+    die_with_parent(parent_pid)
     _job = job
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -83,7 +89,8 @@ def _pieces(value, splitter) -> Optional[List[str]]:
 
 
 def encode(chunk: Chunk, job: EncodeJob) -> ChunkResult:
-    lines = chunk.read().split(b"\n")
+    data = chunk.read()
+    lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the newline that ends the last line does not start another
     result = ChunkResult(chunk.index, len(lines))
@@ -130,12 +137,12 @@ def encode(chunk: Chunk, job: EncodeJob) -> ChunkResult:
             result.error = (document_lines[bisect.bisect_right(ends, e.position)], str(e))
             return result
         path = os.path.join(job.parts_dir, f"{chunk.index:09d}.{key_number}.bin")
-        result.parts[key] = _write_part(path, encoded, pieces_per_document[key], job)
+        result.parts[key] = _write_part(path, encoded, pieces_per_document[key], job, len(data))
     return result
 
 
 def _write_part(path: str, encoded: List[List[int]], pieces_per_document: List[int],
-                job: EncodeJob) -> Part:
+                job: EncodeJob, input_bytes: int) -> Part:
     sequences, lengths, document_ends, empty = [], [], [], 0
     position = 0
     for count in pieces_per_document:
@@ -152,5 +159,12 @@ def _write_part(path: str, encoded: List[List[int]], pieces_per_document: List[i
     lengths = np.array(lengths, dtype=np.int32)
     tokens = np.fromiter(itertools.chain.from_iterable(sequences), dtype=job.dtype,
                          count=int(lengths.sum(dtype=np.int64)))
-    tokens.tofile(path)
-    return Part(path, lengths, np.array(document_ends, dtype=np.int64), empty)
+    try:
+        with open(path, "wb") as f:  # not tokens.tofile: its short-write error has no errno
+            f.write(memoryview(tokens))
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DiskFull(path, output_per_input=tokens.nbytes / max(input_bytes, 1)) from None
+        raise
+    largest = int(tokens.max()) if len(tokens) else -1
+    return Part(path, lengths, np.array(document_ends, dtype=np.int64), empty, largest)

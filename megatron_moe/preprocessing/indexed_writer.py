@@ -12,11 +12,13 @@ We write it ourselves rather than with `IndexedDatasetBuilder` because the build
 sequence length in a Python list (memory grows with the corpus) and importing megatron-core costs
 seconds. The tests check that our bytes equal the builder's.
 
-Safety: everything is written under temporary names beside the outputs; `commit()` renames them
-only once every file is complete, so a failed or interrupted run never leaves a .bin without its
-matching .idx (or a new .bin beside an old .idx).
+Safety: everything is written under temporary names beside the outputs (scratch.py); `commit()`
+renames them only once every file is complete, so a failed or interrupted run never leaves a .bin
+without its matching .idx (or a new .bin beside an old .idx). It then records the largest token
+id in PREFIX.stats.json (dataset_stats.py), which training checks against its vocabulary.
 """
 
+import errno
 import os
 import shutil
 import signal
@@ -26,6 +28,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from .scratch import temporary_name
+from .stats_sidecar import STATS_SUFFIX, record_max_token_id
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -81,8 +86,13 @@ def read_index(idx_path: str, multimodal: bool = False) -> IndexArrays:
     return IndexArrays(dtypes[code], lengths, documents, modes)
 
 
+# copy_file_range errors that mean "not here" (old kernel, other OS, file systems that cannot)
+_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def _append_file(dst_fd: int, src_path: str) -> None:
-    """Append src to dst in the kernel when it can (copy_file_range), else through a buffer."""
+    """Append src to dst in the kernel when it can (copy_file_range), else through a buffer.
+    A full disk raises OSError(ENOSPC)."""
     with open(src_path, "rb") as src:
         remaining = os.fstat(src.fileno()).st_size
         try:
@@ -91,16 +101,26 @@ def _append_file(dst_fd: int, src_path: str) -> None:
                 if copied == 0:
                     break
                 remaining -= copied
-        except (AttributeError, OSError):  # not Linux, or a filesystem without it
+        except AttributeError:  # not Linux
             pass
+        except OSError as error:
+            if error.errno not in _NO_KERNEL_COPY:
+                raise
         while remaining > 0:
             block = src.read(min(remaining, 16 << 20))
             if not block:
                 break
-            os.write(dst_fd, block)
+            _write_all(dst_fd, block)
             remaining -= len(block)
     if remaining:
         raise OSError(f"{src_path} shrank while being copied")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a disk filling up): write the rest, or raise ENOSPC."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _write_blocks(stream, array: np.ndarray, dtype, add: int = 0) -> None:
@@ -122,8 +142,7 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} cannot be stored in a megatron-core index")
         self.bin_path, self.idx_path = prefix + ".bin", prefix + ".idx"
-        suffix = f".tmp-{os.getpid()}"
-        self._tmp_bin, self._tmp_idx = self.bin_path + suffix, self.idx_path + suffix
+        self._tmp_bin, self._tmp_idx = temporary_name(self.bin_path), temporary_name(self.idx_path)
         directory = os.path.dirname(os.path.abspath(prefix))
         self._lengths = tempfile.TemporaryFile(dir=directory)  # int32 per sequence
         self._document_ends = tempfile.TemporaryFile(dir=directory)  # int64 per document
@@ -132,10 +151,23 @@ class IndexedDatasetWriter:
         self.sequences = 0
         self.documents = 0
         self.tokens = 0
+        self.max_token_id = -1  # none yet
 
-    def add_part(self, bin_path: str, sequence_lengths, document_ends, sequence_modes=None) -> None:
-        """Append a piece: its token file (copied), its sequence lengths, and where each of its
-        documents ends, counted in sequences from the piece's first sequence."""
+    @staticmethod
+    def paths_of(prefixes):
+        """Every file a writer of these prefixes creates: .bin, .idx and the token-id record."""
+        return [prefix + ext for prefix in prefixes for ext in (".bin", ".idx", STATS_SUFFIX)]
+
+    @property
+    def bytes_written(self) -> int:
+        """What the finished .bin/.idx will take so far (tokens, 12 bytes a sequence, 8 a document)."""
+        return self.tokens * self.dtype.itemsize + 12 * self.sequences + 8 * self.documents
+
+    def add_part(self, bin_path: str, sequence_lengths, document_ends, max_token_id: int,
+                 sequence_modes=None) -> None:
+        """Append a piece: its token file (copied), its sequence lengths, where each of its
+        documents ends, counted in sequences from the piece's first sequence, and its largest
+        token id (-1 for none)."""
         tokens = sum(int(np.sum(sequence_lengths[start:start + _BLOCK], dtype=np.int64))
                      for start in range(0, len(sequence_lengths), _BLOCK))
         size = os.path.getsize(bin_path)
@@ -152,6 +184,7 @@ class IndexedDatasetWriter:
         self.sequences += len(sequence_lengths)
         self.documents += len(document_ends)
         self.tokens += tokens
+        self.max_token_id = max(self.max_token_id, max_token_id)
 
     def finish(self) -> None:
         """Write the .idx (still under its temporary name) and flush both files to disk."""
@@ -199,6 +232,7 @@ class IndexedDatasetWriter:
             os.unlink(self.idx_path)
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(self._tmp_idx, self.idx_path)
+        record_max_token_id(self.prefix, self.max_token_id)
 
     def discard(self) -> None:
         """Drop everything written so far; safe to call more than once and after commit()."""

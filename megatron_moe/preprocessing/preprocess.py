@@ -8,11 +8,14 @@ Flags and output names are Megatron-LM's tools/preprocess_data.py ones. How it r
     workers        read their chunk, parse JSON, split sentences, tokenize, and write tokens
 
 Memory is bounded by the chunks in flight, never by the corpus. Any failure -- bad input, a
-worker error, a worker killed, Ctrl-C -- stops the run with a one-line reason and a non-zero exit,
-and no output file is created or replaced (see indexed_writer.py).
+worker error, a worker killed, Ctrl-C, a full disk -- stops the run with a one-line reason and a
+non-zero exit, and no output file is created or replaced (see indexed_writer.py). A run killed
+outright takes its workers with it (worker_lifetime.py), and the next run removes the temporary
+files it left (scratch.py). An input without a single document is an error unless --allow-empty.
 """
 
 import argparse
+import math
 import multiprocessing
 import os
 import shutil
@@ -24,8 +27,9 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from . import scratch
 from .encode import EncodeJob, encode_chunk, init_worker
-from .errors import PreprocessError
+from .errors import DiskFull, PreprocessError, disk_full_error, is_disk_full
 from .indexed_writer import IndexedDatasetWriter, commit_all, optimal_dtype
 from .jsonl_input import input_bytes, iter_chunks, resolve_inputs
 from .sentence_split import SentenceSplitter, available_languages
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the newlines between sentences when splitting")
     group.add_argument("--skip-malformed", action="store_true",
                        help="skip and count lines that are not valid JSON instead of failing")
+    group.add_argument("--allow-empty", action="store_true",
+                       help="write an empty dataset when the input holds no document with text "
+                            "(by default that is an error)")
     group = parser.add_argument_group("tokenization process")
     group.add_argument("--append-eod", action="store_true",
                        help="append the end-of-document token to each document")
@@ -144,6 +151,8 @@ def _ordered_results(pool, chunks, in_flight: int):
             return chunk, future.result()
         except BrokenProcessPool:
             raise died(chunk) from None
+        except DiskFull:
+            raise
         except Exception as e:  # a bug or a library failure inside the worker
             where = f"{chunk.path} bytes {chunk.start}-{chunk.end}" if chunk.data is None \
                 else chunk.path
@@ -184,20 +193,28 @@ def run(args) -> None:
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     dtype = optimal_dtype(tokenizer.vocab_size)
 
+    prefixes = {key: f"{args.output_prefix}_{key}_{level}" for key in keys}
+    progress = Progress(args.log_interval, input_bytes(paths))
     parts_dir, writers = None, {}
     try:
         os.makedirs(out_dir, exist_ok=True)
-        parts_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output_prefix)}.parts-",
+        scratch.remove_stale(IndexedDatasetWriter.paths_of(prefixes.values()), args.output_prefix)
+        parts_dir = tempfile.mkdtemp(prefix=scratch.parts_dir_prefix(args.output_prefix),
                                      dir=out_dir)
-        for key in keys:
-            writers[key] = IndexedDatasetWriter(f"{args.output_prefix}_{key}_{level}", dtype)
+        for key, prefix in prefixes.items():
+            writers[key] = IndexedDatasetWriter(prefix, dtype)
         job = EncodeJob(keys, tokenizer, splitter, tokenizer.eod if args.append_eod else None,
                         dtype, parts_dir, args.skip_malformed)
-        stats = _encode_all(paths, job, writers, args)
+        stats = _encode_all(paths, job, writers, args, progress)
+        if not args.allow_empty:
+            _refuse_empty(writers, stats, args.input)
         for writer in writers.values():
             writer.finish()
         commit_all(writers.values())
-    except OSError as e:  # unreadable input, unwritable or full output directory
+    except (OSError, DiskFull) as e:  # unreadable input, unwritable or full output directory
+        if is_disk_full(e):
+            path = getattr(e, "path", None) or e.filename or out_dir
+            raise disk_full_error(path, _space_needed(e, writers, progress)) from None
         raise PreprocessError(f"{e}; no output was written") from None
     finally:
         for writer in writers.values():
@@ -207,19 +224,38 @@ def run(args) -> None:
     _report(stats, writers, dtype)
 
 
-def _encode_all(paths, job, writers, args) -> dict:
-    progress = Progress(args.log_interval, input_bytes(paths))
+def _space_needed(error, writers: dict, progress: Progress) -> str:
+    """The outputs' whole size, projected from the output bytes per input byte so far."""
+    written = sum(writer.bytes_written for writer in writers.values())
+    ratio = written / progress.bytes if progress.bytes else getattr(error, "output_per_input", None)
+    if ratio is None or progress.total_bytes is None:  # gzip input: its size is known at the end
+        return f"more than {written}"
+    return f"about {math.ceil(ratio * progress.total_bytes)}"
+
+
+def _refuse_empty(writers: dict, stats: dict, input_pattern: str) -> None:
+    for key, writer in writers.items():
+        if writer.documents == 0:
+            raise PreprocessError(
+                f"--input {input_pattern} holds no document with text in key {key!r} "
+                f"({stats['empty'][key]} empty documents, {stats['blank']} blank lines, "
+                f"{stats['malformed']} malformed lines); pass --allow-empty to write an empty "
+                "dataset anyway")
+
+
+def _encode_all(paths, job, writers, args, progress: Progress) -> dict:
     location = _Location()
     stats = {"blank": 0, "malformed": 0, "first_malformed": [], "empty": dict.fromkeys(job.keys, 0)}
     pool = ProcessPoolExecutor(args.workers, mp_context=_worker_context(),
-                               initializer=init_worker, initargs=(job,))
+                               initializer=init_worker, initargs=(job, os.getpid()))
     try:
         for chunk, result in _ordered_results(pool, iter_chunks(paths), 2 * args.workers):
             if result.error is not None:
                 line, message = result.error
                 raise PreprocessError(f"{location.of(chunk, line)}: {message}")
             for key, part in result.parts.items():
-                writers[key].add_part(part.bin_path, part.sequence_lengths, part.document_ends)
+                writers[key].add_part(part.bin_path, part.sequence_lengths, part.document_ends,
+                                      part.max_token_id)
                 os.unlink(part.bin_path)
                 stats["empty"][key] += part.empty_documents
             stats["blank"] += result.blank_lines

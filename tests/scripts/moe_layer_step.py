@@ -4,8 +4,9 @@ Runs the model's MoE layer alone, forward and backward, on fixed tokens: TOTAL_T
 generator and split evenly over the ranks (one process runs all of them: the reference); with tensor
 parallelism a rank's tokens are its sequence-parallel shard. Each rank saves OUT_DIR/rank{r}.pt: its
 tokens, output, input gradient, the router weight gradient summed over ranks, the weights of its experts by
-global index (this rank's slices when TP > 1), the comm_stats counts of the layer, and the output of an
-evaluation-mode forward on the same tokens.
+global index (this rank's slices when TP > 1), the comm_stats counts of the layer, the collectives its
+forward and its backward started (``comm_stats.collectives``), and the output of an evaluation-mode forward
+on the same tokens.
 """
 
 import os
@@ -31,8 +32,11 @@ if __name__ == "__main__":
     tokens = all_tokens[mine].clone().to(job.platform.device).requires_grad_(True)
 
     comm_stats.reset()
-    output, _ = layer(tokens)
-    (output * all_weights[mine].to(output.device)).sum().backward()
+    with comm_stats.collectives() as forward_collectives:
+        output, _ = layer(tokens)
+    loss = (output * all_weights[mine].to(output.device)).sum()
+    with comm_stats.collectives() as backward_collectives:
+        loss.backward()
 
     counts = comm_stats.local_counts()
     layer.eval()
@@ -45,5 +49,6 @@ if __name__ == "__main__":
                for global_index, expert in zip(layer.local_expert_indices, layer.experts.local_experts)}
     torch.save(dict(tokens=tokens.detach().cpu(), output=output.detach().cpu(), input_grad=tokens.grad.cpu(),
                     router_weight=layer.router.weight.detach().cpu(), router_grad=router_grad.cpu(),
-                    experts=experts, counts=counts, eval_output=eval_output.cpu()),
+                    experts=experts, counts=counts, eval_output=eval_output.cpu(),
+                    collectives=dict(forward=forward_collectives, backward=backward_collectives)),
                os.path.join(out_dir, f"rank{rank}.pt"))

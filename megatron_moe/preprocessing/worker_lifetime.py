@@ -1,0 +1,34 @@
+"""Workers die with the process that started them, however it ends (SIGKILL included).
+
+A pool worker whose parent is gone would otherwise wait forever for work that never comes: its
+queue's write end is held open by its sibling workers. On Linux the kernel kills it at once
+(prctl PR_SET_PDEATHSIG); elsewhere, and as a second line of defence, a thread notices within a
+second that it has been handed to another parent.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_SECONDS = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Call first thing in a worker started by parent_pid."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+    threading.Thread(target=_watch, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _watch(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(WATCH_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)

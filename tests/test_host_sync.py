@@ -1,0 +1,86 @@
+"""HostSyncCounter: every kind of host sync is seen and located, launches are counted without views; the BASE
+router's syncs stay bounded."""
+
+import warnings
+
+import pytest
+import torch
+
+from megatron_moe.host_sync import HostSyncCounter
+
+x = torch.randn(10, 4)
+mask = x > 0
+
+SYNCS = {
+    "item": lambda: x.sum().item(),
+    "bool": lambda: bool(x.sum() > 0),
+    "if": lambda: 1 if x.sum() > 0 else 0,
+    "int": lambda: int(x[0, 0]),
+    "float": lambda: float(x[0, 0]),
+    "tolist": lambda: x.tolist(),
+    "cpu": lambda: x.cpu(),
+    "to cpu": lambda: x.to("cpu"),
+    "numpy": lambda: x.numpy(),
+    "nonzero": lambda: x.nonzero(),
+    "argwhere": lambda: torch.argwhere(x),
+    "one-argument where": lambda: torch.where(mask),
+    "mask indexing": lambda: x[mask],
+    "mask assignment": lambda: x.clone().__setitem__(mask, 0.0),
+    "masked_select": lambda: x.masked_select(mask),
+    "unique": lambda: torch.unique(x),
+    "repeat_interleave": lambda: torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3])),
+    "bincount": lambda: torch.bincount(torch.tensor([1, 2])),
+    "equal": lambda: torch.equal(x, x),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNCS))
+def test_each_kind_of_sync_is_counted_once_at_its_line(name):
+    with HostSyncCounter() as counter:
+        SYNCS[name]()
+    assert counter.num_syncs == 1, counter.describe()
+    assert counter.syncs[0].where.endswith("in <lambda>") and "test_host_sync.py" in counter.syncs[0].where
+
+
+def test_device_side_code_has_no_sync_and_views_launch_nothing():
+    with HostSyncCounter() as counter:
+        x.view(40), x.t(), x[1:], x.unsqueeze(0), torch.empty(3)  # views and allocations: no kernel
+        y = torch.where(mask, x, -x) + 1  # where, neg, add
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]), output_size=6)  # arange, repeat_interleave, index_select
+        torch.zeros(5, dtype=torch.long).index_add_(0, torch.tensor([1, 1]), torch.ones(2, dtype=torch.long))
+        y.topk(2, dim=1)
+    assert counter.num_syncs == 0, counter.describe()
+    assert counter.ops == {"where": 1, "neg": 1, "add": 1, "arange": 1, "repeat_interleave": 1, "index_select": 1,
+                           "zeros": 1, "ones": 1, "index_add_": 1, "topk": 1}, counter.ops
+
+
+def test_counters_nest():
+    with HostSyncCounter() as outer:
+        x.sum().item()
+        with HostSyncCounter() as inner:
+            x.tolist()
+    assert inner.num_syncs == 1 and outer.num_syncs == 2
+    assert "Tensor.tolist" in outer.describe() and "_local_scalar_dense" in outer.describe()
+
+
+def base_router(num_experts=16, hidden=32):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron_moe.model import GPTMoEConfig
+        from megatron_moe.moe.base import BaseRouter
+
+    config = GPTMoEConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, num_moe_experts=num_experts,
+                          moe_router_topk=1, moe_router_pre_softmax=True, moe_router_type="base")
+    return BaseRouter(config)
+
+
+def test_base_router_syncs_only_in_the_solver_checks_and_never_at_eval():
+    router = base_router()
+    hidden = torch.randn(256, 2, 32)
+    with HostSyncCounter() as training:
+        router(hidden)
+    assert training.num_syncs <= 4 and all("all_placed" in s.where for s in training.syncs), training.describe()
+    router.eval()
+    with HostSyncCounter() as evaluation:
+        router(hidden)
+    assert evaluation.num_syncs == 0, evaluation.describe()
