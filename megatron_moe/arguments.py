@@ -62,6 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="biases on the query/key/value projection only (Qwen2's attention), also in MoE models")
 
     g = _group(p, "model: sequence, vocabulary, initialisation, dropout", MODEL)
     g.add_argument("--seq-length", type=int, required=True)
@@ -90,6 +92,10 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default: --ffn-hidden-size")
     g.add_argument("--moe-router-type", choices=sorted(SCHEME_FLAGS), default="topk",
                    help="topk: megatron's router and dispatcher; base: balanced assignment; sam: switch and mixture")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="width of a shared expert every token also passes through (Qwen2-MoE; default: none)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="scale the shared expert's output by sigmoid(h . g), a learned g (Qwen2-MoE's shared_expert_gate)")
 
     g = _group(p, "mixture of experts: routing", MODEL)
     g.add_argument("--moe-router-topk", type=int, default=2)

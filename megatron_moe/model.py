@@ -99,6 +99,8 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
             moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_permute_fusion=args.moe_permute_fusion,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=args.moe_shared_expert_gate,
         )
     return GPTMoEConfig(
         num_layers=args.num_layers,
@@ -112,6 +114,7 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=not (args.disable_bias_linear or moe),
+        add_qkv_bias=args.add_qkv_bias,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,

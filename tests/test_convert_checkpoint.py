@@ -1,5 +1,11 @@
 """Export to / import from Hugging Face transformers, and resharding between parallel layouts.
 
+Every router option is exported in one process (tests/scripts/export_matrix.py): exactly (the folder's
+logits equal our model's, the import loads under --load --finetune with the same logits, the re-export
+equals the export) or refused with one line naming the flag. Real Hugging Face folders are built here
+with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards) and imported; malformed
+folders fail in one line naming the file, writing nothing.
+
 One dense+MoE model (exported as Qwen2-MoE) is trained 5 iterations in one process, saving at 2. For
 each axis, a TP=2, PP=2 or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with
 the one process's losses and saves every iteration; one process loads the 2-process iteration-3 checkpoint
@@ -50,6 +56,15 @@ def convert(*argv, check=True):
 def train(tmp, name, nproc, flags):
     out = tmp / f"{name}.pt"
     torchrun(nproc, SCRIPTS / "train_and_save_logits.py", [str(out), *flags])
+    return torch.load(out)
+
+
+def checkpoint_logits(tmp, flags):
+    """Our one-process model's logits (and greedy continuation) from the checkpoint ``flags`` --load."""
+    out = tmp / "ours.pt"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "checkpoint_logits.py"), str(out), *flags], cwd=REPO,
+                            capture_output=True, text=True, env=dict(CONVERT_ENV, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 
 
@@ -136,7 +151,7 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
 ROUTED = {
     "BASE": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
              "--moe-layer-freq", "[0,1,1,1]"],
-    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-renormalize-gates"],
+    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2", "--sam-renormalize-gates"],
 }
 
 
@@ -149,10 +164,9 @@ def test_remote_code_export_from_layout(router, layout, tmp_path):
                                                                   "--save", str(tmp_path / "ckpt")]
     train(tmp_path, router, 2, flags)
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
-    ours = tmp_path / "ours.pt"  # our model from the same checkpoint, evaluation mode (BASE: greedy)
-    subprocess.run([sys.executable, str(SCRIPTS / "checkpoint_logits.py"), str(ours), str(tmp_path / "ckpt")],
-                   cwd=REPO, check=True, capture_output=True, env=dict(CONVERT_ENV, PYTHONPATH=str(REPO)))
-    ref = torch.load(ours)
+    # our model from the same checkpoint, one process, evaluation mode (BASE: greedy)
+    ref = checkpoint_logits(tmp_path, TINY_MOE + ROPE + ROUTED[router] + ["--load", str(tmp_path / "ckpt"),
+                                                                          "--finetune", "--train-iters", "1"])
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
                                                               trust_remote_code=True).eval()
     assert type(model).__name__ == "MegatronMoeForCausalLM" and model.config.moe_router_type == router.lower()
@@ -193,13 +207,13 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(reference, tmp_path):
 
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"architectures": ["Qwen2MoeForCausalLM"], "hidden_act": "silu",
+    (hf / "config.json").write_text(json.dumps({"architectures": ["Qwen2MoeForCausalLM"], "hidden_act": "gelu",
                                                 "num_hidden_layers": 2, "num_experts_per_tok": 2, "num_experts": 4,
-                                                "moe_intermediate_size": 8, "intermediate_size": 8,
-                                                "shared_expert_intermediate_size": 16}))
+                                                "moe_intermediate_size": 8, "intermediate_size": 8, "vocab_size": 100,
+                                                "max_position_embeddings": 32}))
     result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "imported"), check=False)
-    assert result.returncode == 2 and "shared_expert_intermediate_size" in result.stderr
-    assert not (tmp_path / "imported").exists()
+    assert result.returncode == 2 and "hidden_act 'gelu'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "imported").exists()
 
 
 def test_unsupported_config_names_the_field():
@@ -208,6 +222,236 @@ def test_unsupported_config_names_the_field():
     from megatron_moe.conversion.hf_layout import ConversionError, check_exportable
 
     args = SimpleNamespace(num_experts=4, moe_router_type="topk", position_embedding_type="learned_absolute",
-                           rotary_percent=1.0, normalization="RMSNorm", swiglu=True, moe_router_num_groups=None)
+                           rotary_percent=1.0, normalization="RMSNorm", swiglu=True, fp8_format=None)
     with pytest.raises(ConversionError, match="--position-embedding-type learned_absolute"):
         check_exportable(args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every router option: exact or refused (one process for all cases)
+# ----------------------------------------------------------------------------------------------------------
+
+MIXTRAL, QWEN, REMOTE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "MegatronMoeForCausalLM"
+ONE = TINY_MOE + ROPE + ["--train-iters", "1"]
+NO_AUX = ["--moe-aux-loss-coeff", "0"]
+# case -> (extra flags, the class it exports to, or the refusal naming the flag)
+ROUTER_CASES = {
+    "softmax_topk2": ([], MIXTRAL),
+    "softmax_topk2_dense_layers": (["--moe-layer-freq", "[0,1,1,1]"], QWEN),
+    "softmax_topk1": (["--moe-router-topk", "1"], QWEN),
+    "pre_softmax": (["--moe-router-pre-softmax"], QWEN),
+    "sigmoid_topk2": (["--moe-router-score-function", "sigmoid"], REMOTE),
+    "sigmoid_topk1": (["--moe-router-score-function", "sigmoid", "--moe-router-topk", "1"], REMOTE),
+    "group_limited": (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"], REMOTE),
+    "group_limited_sigmoid": (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+                               "--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], REMOTE),
+    "sinkhorn_topk1": (["--moe-router-load-balancing-type", "sinkhorn", "--moe-router-topk", "1"] + NO_AUX, REMOTE),
+    "sinkhorn_topk2": (["--moe-router-load-balancing-type", "sinkhorn"] + NO_AUX, QWEN),
+    "seq_aux_loss": (["--moe-router-load-balancing-type", "seq_aux_loss"], MIXTRAL),
+    "no_balancing_loss": (["--moe-router-load-balancing-type", "none"] + NO_AUX, MIXTRAL),
+    "z_loss": (["--moe-z-loss-coeff", "1e-3"], MIXTRAL),
+    "router_dtype_fp32": (["--moe-router-dtype", "fp32"], MIXTRAL),
+    "router_dtype_fp64": (["--moe-router-dtype", "fp64"], "--moe-router-dtype fp64"),
+    "allgather_dispatcher": (["--moe-token-dispatcher-type", "allgather"], MIXTRAL),
+    "capacity_factor": (["--moe-expert-capacity-factor", "0.5"], "--moe-expert-capacity-factor 0.5"),
+    "capacity_factor_position_padded": (["--moe-expert-capacity-factor", "2", "--moe-token-drop-policy", "position",
+                                         "--moe-pad-expert-input-to-capacity"], "--moe-expert-capacity-factor 2"),
+    "base": (["--moe-router-type", "base", "--moe-router-topk", "1"] + NO_AUX, REMOTE),
+    "base_no_shuffle": (["--moe-router-type", "base", "--moe-router-topk", "1", "--no-base-shuffle"] + NO_AUX, REMOTE),
+    "sam_groups_renormalized": (["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2",
+                                 "--sam-renormalize-gates"], REMOTE),
+    "sam_capacity_no_losses": (["--moe-router-type", "sam", "--sam-capacity-factor", "1.0", "--moe-router-dtype", "fp32",
+                                "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
+                                "--sam-alignment-loss-coeff", "0"], REMOTE),
+    "shared_expert_qkv_bias": (["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
+                                "--add-qkv-bias"], QWEN),
+    "shared_expert_ungated": (["--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert-intermediate-size 32"),
+    "learned_positions": (["--position-embedding-type", "learned_absolute"], "--position-embedding-type learned_absolute"),
+    "layernorm": (["--normalization", "LayerNorm"], "--normalization LayerNorm"),
+}
+
+
+@pytest.fixture(scope="module")
+def router_matrix(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("matrix")
+    cases = tmp / "cases.json"
+    cases.write_text(json.dumps({name: ONE + flags for name, (flags, _) in ROUTER_CASES.items()}))
+    result = subprocess.run([sys.executable, str(SCRIPTS / "export_matrix.py"), str(tmp / "out.json"), str(tmp), str(cases)],
+                            cwd=REPO, capture_output=True, text=True, env=dict(CONVERT_ENV, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-6000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(ROUTER_CASES))
+def test_router_option_exports_exactly_or_is_refused(case, router_matrix):
+    expected, got = ROUTER_CASES[case][1], router_matrix[case]
+    print(case, got)
+    if expected.startswith("--"):  # refused before any weight is read, one line naming the flag
+        assert "refused" in got and got["refused"].startswith(expected) and "\n" not in got["refused"]
+        return
+    assert got.get("class") == expected and got["round_trip_class"] == expected
+    assert got["diff"] <= TOLERANCE  # the folder computes our model
+    assert got["load_diff"] <= TOLERANCE  # its import is our model under --load --finetune
+    assert got["round_trip_diff"] <= TOLERANCE  # export -> import -> export keeps the logits
+
+
+def test_sam_folder_never_imports_as_topk(tmp_path):
+    from megatron_moe.conversion.hf_layout import REMOTE_FLAGS, args_from_hf_config
+
+    config = {"architectures": [REMOTE], "num_hidden_layers": 2, "num_experts_per_tok": 2, "num_experts": 8,
+              "moe_intermediate_size": 8, "intermediate_size": 8, "hidden_size": 16, "num_attention_heads": 2,
+              "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "qkv_bias": False, "moe_router_type": "sam"}
+    from megatron_moe.conversion.hf_layout import ConversionError
+
+    with pytest.raises(ConversionError, match=REMOTE_FLAGS):
+        args_from_hf_config(config)
+    flags = args_from_hf_config({**config, REMOTE_FLAGS: ["--moe-router-type", "sam", "--sam-num-groups", "2"]})
+    assert flags[-4:] == ["--moe-router-type", "sam", "--sam-num-groups", "2"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# real Hugging Face folders in
+# ----------------------------------------------------------------------------------------------------------
+
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]
+
+
+def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
+    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        shared_expert_intermediate_size=shared, qkv_bias=qkv_bias, mlp_only_layers=[0], max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    model.save_pretrained(folder, max_shard_size="40KB" if shards else "1GB")
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>"}))
+    return folder
+
+
+QWEN_RUN = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data", "--device", "cpu",
+            "--seq-length", "16", "--hidden-dropout", "0", "--attention-dropout", "0"]
+
+
+@pytest.mark.parametrize("shared, qkv_bias", [(0, False), (24, True)], ids=["plain", "shared_expert_qkv_bias"])
+def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(shared, qkv_bias, tmp_path):
+    hf = tiny_qwen_folder(tmp_path / "qwen", shared=shared, qkv_bias=qkv_bias)
+    with torch.no_grad():  # random biases (transformers initialises them to zero)
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+        model.save_pretrained(hf, max_shard_size="40KB")
+    assert (hf / "model.safetensors.index.json").is_file()  # several shards
+    result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt"))
+    pretrain = result.stdout.split("pretrain with: ")[1].split()
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+    assert "HuggingFaceTokenizer" in pretrain
+
+    ours = checkpoint_logits(tmp_path, QWEN_RUN + pretrain)
+    _, theirs = hf_logits(hf, ours["tokens"])
+    assert ours["logits"].shape[-1] == 96  # the tokenizer's 96 tokens: the config's 4 unused rows are dropped
+    assert (theirs[..., :96] - ours["logits"]).abs().max().item() <= TOLERANCE
+
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
+    model, again = hf_logits(tmp_path / "back", ours["tokens"])
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and (again - ours["logits"]).abs().max().item() <= TOLERANCE
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (back["bos_token_id"], back["eos_token_id"]) == (1, 2)  # kept through import and export
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    mode = (tmp_path / "back").stat().st_mode & 0o777
+    assert mode == 0o777 & ~current_umask()
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_imported_checkpoint_trains_the_same_in_another_layout(tmp_path):
+    from launcher import train_losses
+
+    hf = tiny_qwen_folder(tmp_path / "qwen", shards=False)
+    pretrain = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt")).stdout.split("pretrain with: ")[1].split()
+    flags = [f for f in pretrain] + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3",
+                                     "--mock-data", "--device", "cpu", "--seq-length", "16", "--hidden-dropout", "0",
+                                     "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "1000"]
+    one = train_losses(1, flags, tmp_path, train_iters=2)
+    two = train_losses(2, flags + ["--expert-model-parallel-size", "2"], tmp_path, train_iters=2)
+    assert two == pytest.approx(one, rel=1e-5)
+
+
+def write_safetensors(path: Path, tensors) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("damage", ["bad_json", "missing_key", "truncated", "shape", "missing_shard", "missing_tensor",
+                                    "sentencepiece_only"])
+def test_malformed_folder_fails_in_one_line_naming_the_file(damage, tmp_path):
+    hf = tiny_qwen_folder(tmp_path / "qwen")
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shard = hf / sorted(set(index["weight_map"].values()))[0]
+    expected = {"bad_json": "config.json", "missing_key": "config.json", "truncated": shard.name,
+                "shape": "", "missing_shard": shard.name, "missing_tensor": "missing",
+                "sentencepiece_only": "tokenizer.model"}[damage]
+    if damage == "bad_json":
+        (hf / "config.json").write_text("{not json")
+    elif damage == "missing_key":
+        config = json.loads((hf / "config.json").read_text())
+        del config["num_hidden_layers"]
+        (hf / "config.json").write_text(json.dumps(config))
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "missing_shard":
+        shard.unlink()
+    elif damage == "sentencepiece_only":  # no tokenizer.json to read it with
+        (hf / "tokenizer.json").rename(hf / "tokenizer.model")
+    else:
+        from safetensors.torch import load_file
+
+        name = "model.layers.1.self_attn.o_proj.weight"
+        path = hf / index["weight_map"][name]
+        tensors = load_file(str(path))
+        if damage == "shape":
+            tensors[name] = tensors[name][:, :8].contiguous()
+            expected = path.name
+        else:
+            del tensors[name]
+            index["weight_map"].pop(name)
+            (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+        write_safetensors(path, tensors)
+    if damage == "bad_json":  # the command line: exit status 2, one line
+        result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt"), check=False)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and expected in result.stderr
+    else:
+        from megatron_moe.conversion.hf_import import import_hf
+        from megatron_moe.conversion.hf_layout import ConversionError
+
+        with pytest.raises(ConversionError) as error:
+            import_hf(str(hf), str(tmp_path / "ckpt"))
+        print(error.value)
+        assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "ckpt").exists() and [p.name for p in tmp_path.iterdir()] == ["qwen"]
+
+
+def test_export_dtype_defaults_to_the_training_dtype(tmp_path):
+    from megatron_moe.conversion.hf_files import safetensors_header
+
+    train(tmp_path, "bf16", 1, ONE + ["--bf16", "--save", str(tmp_path / "ckpt")])
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "bf16"))
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "fp32"), "--dtype", "fp32")
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        header = safetensors_header(tmp_path / name / "model.safetensors")
+        assert {entry[1] for entry in header.values()} == {dtype}

@@ -1,14 +1,16 @@
 """Converts checkpoints between megatron-moe and Hugging Face transformers.
 
-    python tools/convert_checkpoint.py export --load CKPT_DIR --output HF_DIR [--overwrite] [-- MODEL FLAGS]
+    python tools/convert_checkpoint.py export --load CKPT_DIR --output HF_DIR [--dtype bf16|fp16|fp32]
+                                              [--overwrite] [-- TRAINING FLAGS]
     python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite]
 
-``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration) and rebuilds the model
-from the run config it records; flags after ``--`` are training flags that override it (e.g. another
-tokenizer). top-k routing exports to transformers' Mixtral / Qwen2-MoE; BASE and SAM to our modeling code
-in the folder (``trust_remote_code=True``). ``import``
-writes iteration 0 of a checkpoint that ``pretrain_gpt_moe.py --load CKPT_DIR --finetune`` starts from.
-Needs the optional extra: ``pip install .[hf]``.
+``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration) tensor by tensor; the
+run config it records decides the Hugging Face class, or refuses (naming the flag) before any weight is
+read. Flags after ``--`` are training flags that override the recorded ones (e.g. another tokenizer's
+files). softmax top-k routing exports to transformers' Mixtral / Qwen2-MoE; BASE, SAM, sigmoid and
+group-limited top-k to our modeling code in the folder (``trust_remote_code=True``). ``import`` writes
+iteration 0 (model weights only) of a checkpoint that ``pretrain_gpt_moe.py --load CKPT_DIR --finetune``
+starts from in any layout. Both stream: memory stays about one tensor. Needs ``pip install .[hf]``.
 """
 
 import argparse
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--load", required=True, help="a --save directory of pretrain_gpt_moe.py")
     export.add_argument("--output", required=True, help="the Hugging Face folder to write")
     export.add_argument("--max-shard-size-mb", type=int, default=5120, help="safetensors shard size")
+    export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="the exported tensors' dtype (default: the training dtype, bf16 for a --bf16 run)")
     importer = sub.add_parser("import", help="Hugging Face folder -> our checkpoint")
     importer.add_argument("--hf", required=True, help="a Hugging Face Mixtral or Qwen2-MoE folder")
     importer.add_argument("--save", required=True, help="the checkpoint directory to write")
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
         if args.command == "export":
             from megatron_moe.conversion.hf_export import export
 
-            lines = export(args.load, args.output, args.overwrite, overrides, args.max_shard_size_mb * 2**20)
+            lines = export(args.load, args.output, args.overwrite, overrides, args.max_shard_size_mb * 2**20,
+                           args.dtype)
         else:
             from megatron_moe.conversion.hf_import import import_hf
 

@@ -1,27 +1,25 @@
 """Export: one of our checkpoints, saved with any TP/PP/EP layout, -> a Hugging Face transformers folder.
 
-The checkpoint is loaded into a one-process model built from its run config: megatron-core's
-dist_checkpointing reassembles the full tensors whatever layout saved them (the same mechanism that lets
-``--load`` change the parallel layout). Names and layouts are then mapped by ``hf_layout``.
+Streaming: the run configuration the checkpoint records decides the class (or refuses, naming the flag)
+before any weight is read; then each tensor is read from the torch_dist files by its layout-independent
+key (one expert's slice at a time), mapped, cast and written into the safetensors shards, whose headers
+were written first. No model, optimizer or process group is built: peak memory is about one tensor.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import argparse
+import json
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
-from megatron_moe.arguments import ARCHITECTURE, MODEL, TOKENIZER, RunConfig
+import torch
+
+from megatron_moe import run_config
+from megatron_moe.arguments import RunConfig, build_parser
 from megatron_moe.conversion import hf_files, hf_layout
+from megatron_moe.conversion.dist_files import CheckpointReader
 from megatron_moe.conversion.hf_layout import ConversionError
-from megatron_moe.errors import ConfigError
-
-# a one-process job that never trains: these only satisfy the parser (routing-loss coefficients are 0:
-# base refuses any, and they do not change what the model computes)
-_JOB = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data", "--device", "cpu",
-        "--hidden-dropout", "0", "--attention-dropout", "0", "--moe-aux-loss-coeff", "0",
-        "--finetune", "--no-load-optim", "--no-load-rng"]
 
 
 def latest_checkpoint(load: str) -> Path:
@@ -39,49 +37,63 @@ def latest_checkpoint(load: str) -> Path:
     return directory
 
 
-def model_flags(saved: RunConfig, overrides: Sequence[str]) -> List[str]:
-    """Our command line for the model a run config describes (architecture, model and tokenizer flags)."""
-    return saved.flags((ARCHITECTURE, MODEL, TOKENIZER)) + list(overrides)
-
-
-def load_one_process_job(load: str, overrides: Sequence[str] = ()):
-    """(job, checkpoint directory): the checkpoint's model in this single process."""
-    from megatron_moe import checkpointing, run_config
-    from megatron_moe.training import setup
-
-    directory = latest_checkpoint(load)
-    argv = model_flags(run_config.load(directory), overrides) + _JOB + ["--load", load]
-    with contextlib.redirect_stdout(io.StringIO()):  # setup prints every argument
-        try:
-            job = setup(argv)
-            checkpointing.load_checkpoint(job)
-        except ConfigError:
-            raise
-        except Exception as error:  # a truncated or corrupt shard, a shape that does not fit
-            raise ConversionError(f"--load {load}: cannot read {directory}: {str(error).splitlines()[0]}") from error
-    return job, directory
+def with_overrides(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``saved`` with the training flags given after ``--`` (e.g. another tokenizer's files); only the flags
+    given change."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return saved.replace(**vars(parser.parse_args(list(overrides))))
 
 
 def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[str] = (),
-           max_shard_bytes: int = 5 * 2**30) -> List[str]:
+           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None) -> List[str]:
     """Writes the HF folder; returns the lines to print (what was written)."""
-    hf_files.refuse_existing(output, overwrite, "--output")  # before the minutes a large model takes to load
-    job, directory = load_one_process_job(load, overrides)
-    args = job.args
-    hf_layout.check_exportable(args)
-    vocab, eod = job.tokenizer.vocab_size, job.tokenizer.eod
-    state = {name: t for name, t in job.model.module.state_dict().items() if not name.endswith("_extra_state")}
-    tensors = hf_layout.to_hf(state, args, vocab)
-    config = hf_layout.hf_config(args, vocab, eod)
+    from megatron_moe.data import build_tokenizer
+
+    hf_files.refuse_existing(output, overwrite, "--output")
+    directory = latest_checkpoint(load)
+    args = with_overrides(run_config.load(directory), overrides)
+    target = hf_layout.export_target(args)  # refusals come before any weight is read
+    tokenizer = build_tokenizer(args)
+    vocab = tokenizer.vocab_size
+    if args.tokenizer_vocab_size is not None and vocab != args.tokenizer_vocab_size:
+        raise ConversionError(f"the tokenizer has {vocab} tokens, the checkpoint was trained with "
+                              f"{args.tokenizer_vocab_size}; give its tokenizer flags after --")
+    bos, eos = hf_files.special_token_ids(args, tokenizer)
+    torch_dtype = hf_layout.TORCH_DTYPES[dtype or ("bf16" if args.bf16 else "fp32")]
+
+    reader = CheckpointReader(directory)
+    plan = hf_layout.units(args, target)
+    missing = sorted({unit.key for unit in plan} - set(reader.tensors))
+    if missing:
+        raise ConversionError(f"{directory} has no tensor {missing[0]} ({len(missing)} missing): not the model "
+                              "its run_config.json describes")
+    layout = []
+    for unit in plan:  # the Hugging Face shapes, from the saved shapes alone
+        shape = reader.shape(unit.key)[1:] if unit.expert is not None else reader.shape(unit.key)
+        parts = hf_layout.to_hf(unit, torch.empty(shape, device="meta"), args, vocab)
+        layout += [(name, tuple(part.shape), torch_dtype) for name, part in zip(unit.hf, parts)]
+    zeros = hf_layout.zero_shared_experts(args, target)
+    layout += [(name, shape, torch_dtype) for name, shape in zeros]
+    config = hf_layout.hf_config(args, target, vocab, bos, eos, torch_dtype)
+
     with hf_files.atomic_directory(output, overwrite, "--output") as folder:
+        writer = hf_files.SafetensorsWriter(folder, layout, max_shard_bytes)
+        for unit in plan:
+            for name, part in zip(unit.hf, hf_layout.to_hf(unit, reader.read(unit.key, unit.expert), args, vocab)):
+                writer.write(name, part.to(torch_dtype))
+        for name, shape in zeros:
+            writer.write(name, torch.zeros(shape, dtype=torch_dtype))
+        written = writer.finish()
         hf_files.write_json(folder / "config.json", config)
         hf_files.write_json(folder / "generation_config.json",
-                            {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod})
-        written = hf_files.write_safetensors(tensors, folder, max_shard_bytes)
+                            {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
         if "auto_map" in config:
             written += hf_files.copy_remote_code(folder)
-        tokenizer = hf_files.write_tokenizer(args, folder, eod)
-    lines = [f"exported {directory} as {config['architectures'][0]} to {output} ({', '.join(written)})", tokenizer]
+        tokenizer_line = hf_files.write_tokenizer(args, folder, eos)
+    lines = [f"exported {directory} as {target.architecture} ({json.dumps(str(torch_dtype))[1:-1]}) to {output} "
+             f"({', '.join(written)})", tokenizer_line]
     if "auto_map" in config:
         lines.append("load it with trust_remote_code=True (its modeling code is in the folder)")
     return lines

@@ -1,72 +1,181 @@
-"""Import: a Hugging Face Mixtral / Qwen2-MoE folder -> one of our checkpoints, to pretrain on with --load.
+"""Import: a Hugging Face Mixtral / Qwen2-MoE folder (or one of our remote-code exports) -> one of our
+checkpoints, to pretrain on with ``--load DIR --finetune`` in any TP/PP/EP layout.
 
 The HF config becomes our model flags (``hf_layout.args_from_hf_config`` refuses what we cannot
-represent, naming the field); a one-process model is built from them, given the mapped tensors and saved
-with ``megatron_moe.checkpointing`` at iteration 0. dist_checkpointing lets any TP/PP/EP layout load it.
+represent, naming the field); every header of the folder is checked against them (missing tensors,
+shapes, truncated or missing shards) before anything is written. The checkpoint's keys and shapes come
+from our model built on the ``meta`` device (no memory); its tensors are then produced one chunk at a
+time from the safetensors files and written as a torch_dist checkpoint (model weights only, iteration 0).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from pathlib import Path
 from typing import List, Sequence
 
 import torch
 
-from megatron_moe.conversion import hf_files, hf_layout
+from megatron_moe.conversion import dist_files, hf_files, hf_layout
 from megatron_moe.conversion.hf_layout import ConversionError
 
 _JOB = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data", "--device", "cpu"]
+TOKENIZER_DIR = "tokenizer"  # the imported folder's tokenizer files, inside --save
 
 
-def read_hf_config(hf: str) -> dict:
-    path = Path(hf) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"--hf {hf}: no config.json there; point --hf at a Hugging Face model folder")
-    return json.loads(path.read_text())
-
-
-def tokenizer_flags(hf: str, vocab_size: int) -> List[str]:
-    """GPT-2 BPE files in the folder become --tokenizer-type GPT2BPETokenizer; otherwise token ids as they are."""
-    folder = Path(hf)
+def tokenizer_flags(folder: Path, tokenizer_dir: Path, vocab_size: int) -> List[str]:
+    """GPT-2 BPE files -> GPT2BPETokenizer; tokenizer.json -> HuggingFaceTokenizer (its files are kept in
+    ``tokenizer_dir``); no tokenizer files -> token ids as they are."""
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(folder / "vocab.json"),
-                "--merge-file", str(folder / "merges.txt")]
+        return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tokenizer_dir / "vocab.json"),
+                "--merge-file", str(tokenizer_dir / "merges.txt")]
+    if (folder / "tokenizer.json").is_file():
+        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir)]
+    if (folder / "tokenizer.model").is_file():
+        raise ConversionError(f"{folder / 'tokenizer.model'}: a SentencePiece model without tokenizer.json; write "
+                              "tokenizer.json with transformers (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
     return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_size - 1)]  # NullTokenizer adds eod
+
+
+def _flags(config: dict, path: Path) -> List[str]:
+    try:
+        config["vocab_size"], config["max_position_embeddings"]  # noqa: B018 (read below: checked here)
+        return hf_layout.args_from_hf_config(config)
+    except KeyError as error:
+        raise ConversionError(f"{path}: no {error.args[0]!r}, which the model needs") from None
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from None
+
+
+def _meta_template(args):
+    """Our one-process model's sharded state dict, built on the meta device: the keys, global shapes and
+    chunks ``--load`` reads, and no memory."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_moe.checkpointing import SHARDED_METADATA
+    from megatron_moe.model import decoder_block_spec, transformer_config_from_args
+    from megatron_moe.platform import init_distributed, select_platform
+
+    init_distributed(select_platform("cpu"))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    config = transformer_config_from_args(args)
+    config.perform_initialization = False
+    with torch.device("meta"):
+        model = GPTModel(config=config, transformer_layer_spec=decoder_block_spec(config, args.transformer_impl),
+                         vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                         position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+                         rotary_base=args.rotary_base)
+    state = model.sharded_state_dict(metadata=dict(SHARDED_METADATA))  # megatron adds its groups to it
+    apply_factories(state)
+    return list(nested_values(state))
 
 
 def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[str] = ()) -> List[str]:
     """Writes ``save``/iter_0000000 and the tracker; returns the lines to print."""
-    from megatron_moe import checkpointing
-    from megatron_moe.training import setup
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    config = read_hf_config(hf)
-    flags = hf_layout.args_from_hf_config(config)
-    tensors = hf_files.read_safetensors(Path(hf))
-    tokenizer = tokenizer_flags(hf, config["vocab_size"])
-    with hf_files.atomic_directory(save, overwrite, "--save") as folder:
-        with contextlib.redirect_stdout(io.StringIO()):
-            job = setup(flags + tokenizer + _JOB + ["--seq-length", str(config["max_position_embeddings"]),
-                                                    "--save", str(folder), *overrides])
-        args = job.args
-        if job.tokenizer.vocab_size != config["vocab_size"]:
-            raise ConversionError(f"vocab_size {config['vocab_size']} differs from the tokenizer files' "
-                                  f"{job.tokenizer.vocab_size}")
-        state = hf_layout.from_hf(tensors, args, args.padded_vocab_size)
-        model = job.model.module
-        expected = {n for n in model.state_dict() if not n.endswith("_extra_state")}
-        missing = sorted(expected - set(state))
-        if missing:
-            raise ConversionError(f"--hf {hf}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
-        with torch.no_grad():
-            for name, param in model.state_dict().items():
-                if name in state:
-                    if param.shape != state[name].shape:
-                        raise ConversionError(f"--hf {hf}: {name} has shape {tuple(state[name].shape)}, "
-                                              f"config.json implies {tuple(param.shape)}")
-                    param.copy_(state[name])
-        checkpointing.save_checkpoint(job, 0, 0)
-    return [f"imported {config['architectures'][0]} from {hf} to {save} (iteration 0)",
-            "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]
+    from megatron_moe import checkpointing, run_config
+    from megatron_moe.arguments import padded_vocab_size, parse_args
+    from megatron_moe.data import build_tokenizer
+
+    folder = Path(hf)
+    if not folder.is_dir():
+        raise ConversionError(f"--hf {hf} does not exist")
+    config_path = folder / "config.json"
+    config = hf_files.read_json(config_path, "the model config; point --hf at a Hugging Face model folder")
+    arch = hf_layout.hf_architecture(config)
+    flags = _flags(config, config_path)
+    weights = hf_files.HFWeights(folder)
+    hf_files.refuse_existing(save, overwrite, "--save")
+    final_tokenizer_dir = Path(save).resolve() / TOKENIZER_DIR
+    # the tokenizer is read from the folder now, and recorded where its files are kept
+    tokenizer = tokenizer_flags(folder, final_tokenizer_dir, config["vocab_size"])
+    job = _JOB + ["--seq-length", str(config["max_position_embeddings"]), *overrides]
+    args = parse_args(flags + tokenizer_flags(folder, folder, config["vocab_size"]) + job, world_size=1)
+    vocab_size = build_tokenizer(args).vocab_size  # from the source folder's files, before anything is written
+    if vocab_size > config["vocab_size"]:  # more rows than the tokenizer is usual
+        raise ConversionError(f"{config_path}: vocab_size {config['vocab_size']} is smaller than the tokenizer "
+                              f"files' {vocab_size} tokens")
+    args = args.replace(tokenizer_vocab_size=vocab_size, padded_vocab_size=padded_vocab_size(vocab_size, args))
+    # the names follow the folder's class; BASE's router is its centroids
+    target = hf_layout.export_target(args)
+    target = hf_layout.Target(arch, {}, router_tensor=target.router_tensor)
+
+    template = _meta_template(args)
+    units = {(unit.key, unit.expert): unit for unit in hf_layout.units(args, target)}
+    located = hf_layout.hf_locations(arch, weights.shapes)
+    experts = {unit.key for unit in units.values() if unit.expert is not None}
+    items, sources, shapes = [], {}, {}
+    for entry in template:
+        if isinstance(entry, ShardedObject):
+            items.append(dist_files.object_write_item(entry.unique_key))
+            sources[entry.unique_key] = entry
+            continue
+        assert isinstance(entry, ShardedTensor), type(entry)
+        offsets = entry.global_offset
+        sizes = (1,) * entry.prepend_axis_num + tuple(entry.local_shape)
+        unit = units.get((entry.key, offsets[0] if entry.key in experts else None))
+        assert unit is not None, f"our model's {entry.key} has no Hugging Face counterpart"
+        items.append(dist_files.tensor_write_item(entry.key, entry.global_shape, offsets, sizes, entry.data.dtype))
+        shapes[entry.key] = tuple(entry.global_shape[1:] if unit.expert is not None else entry.global_shape)
+    _check_shapes(units.values(), located, weights, args, folder, shapes)
+
+    def read_unit(unit) -> torch.Tensor:
+        parts = []
+        for name in unit.hf:
+            stored, expert, half = located[name]
+            tensor = weights.read(stored, expert)
+            parts.append(tensor.chunk(2)[half] if half is not None else tensor)
+        return hf_layout.from_hf(unit, parts, args, args.tokenizer_vocab_size, args.padded_vocab_size)
+
+    def produce(item):
+        if item.type == dist_files.WriteItemType.BYTE_IO:
+            return dist_files.serialised_objects([sources[item.index.fqn].data])
+        key, offsets, sizes = item.index.fqn, item.tensor_data.chunk.offsets, item.tensor_data.chunk.sizes
+        expert = offsets[0] if key in experts else None
+        tensor = read_unit(units[(key, expert)])
+        if expert is not None:  # one expert's slice: its own first axis of length 1
+            tensor, offsets = tensor.unsqueeze(0), [0, *offsets[1:]]
+        for dim, (start, length) in enumerate(zip(offsets, sizes)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor.to(item.tensor_data.properties.dtype).contiguous()
+
+    with hf_files.atomic_directory(save, overwrite, "--save") as out:
+        kept = hf_files.copy_tokenizer_files(folder, out / TOKENIZER_DIR)
+        directory = checkpointing.checkpoint_dir(str(out), 0)
+        common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
+        dist_files.write_checkpoint(directory, items, produce, common)
+        kept_paths = parse_args(flags + tokenizer + job, world_size=1)
+        run_config.save(args.replace(**{name: getattr(kept_paths, name)
+                                        for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
+        (out / checkpointing.TRACKER).write_text("0")
+    lines = [f"imported {arch} from {hf} to {save} (iteration 0, model weights only)",
+             f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
+             "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]
+    return lines
+
+
+def _check_shapes(units, located, weights, args, folder: Path, expected) -> None:
+    """Every Hugging Face tensor the model needs is in the folder, with the shapes config.json implies
+    (the transforms are run on meta tensors of the header shapes)."""
+    for unit in units:
+        parts = []
+        for name in unit.hf:
+            if name not in located:
+                raise ConversionError(f"{folder}: tensor {name} is missing (config.json implies it)")
+            stored, expert, half = located[name]
+            shape = weights.shapes[stored][1:] if expert is not None else weights.shapes[stored]
+            meta = torch.empty(shape, device="meta")
+            parts.append(meta.chunk(2)[half] if half is not None else meta)
+        try:
+            joined = hf_layout.from_hf(unit, parts, args, args.tokenizer_vocab_size, args.padded_vocab_size)
+        except RuntimeError:
+            joined = None
+        if joined is None or tuple(joined.shape) != expected[unit.key]:
+            shapes = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(unit.hf, parts))
+            raise ConversionError(f"{folder / weights.file_of[located[unit.hf[0]][0]]}: {shapes} do not fit the "
+                                  f"model config.json describes")

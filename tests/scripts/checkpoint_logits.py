@@ -1,18 +1,24 @@
-"""python tests/scripts/checkpoint_logits.py OUT.pt CKPT_DIR: our model, as the export rebuilds it from a
-checkpoint of any layout (one process, evaluation mode), on the fixed tokens of train_and_save_logits.py;
-saves its logits and its greedy continuation of the fixed prompt."""
+"""python tests/scripts/checkpoint_logits.py OUT.pt TRAINING FLAGS (incl. --load CKPT --finetune): our model
+loaded from a checkpoint of any layout (one process, evaluation mode), on the fixed tokens of
+train_and_save_logits.py (modulo the vocabulary); saves its logits and its greedy continuation of the fixed prompt."""
 
+import contextlib
+import io
 import sys
 
 import torch
 
-from megatron_moe.conversion.hf_export import load_one_process_job
+from megatron_moe.checkpointing import load_checkpoint
+from megatron_moe.training import setup
 from train_and_save_logits import TOKENS, greedy
 
 if __name__ == "__main__":
-    out, load = sys.argv[1], sys.argv[2]
-    job, _ = load_one_process_job(load)
+    out, argv = sys.argv[1], sys.argv[2:]
+    with contextlib.redirect_stdout(io.StringIO()):
+        job = setup(argv)
+    load_checkpoint(job)
     model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
+    tokens = TOKENS % vocab  # the same tokens whenever the vocabulary holds them
     with torch.no_grad():
-        logits = model(TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[..., :vocab]
-    torch.save({"logits": logits, "tokens": TOKENS, "greedy": greedy(model, vocab)}, out)
+        logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :vocab]
+    torch.save({"logits": logits, "tokens": tokens, "greedy": greedy(model, vocab)}, out)

@@ -1,4 +1,4 @@
-"""Hugging Face model of a megatron-moe model routed by BASE or SAM (inference rules).
+"""Hugging Face model of a megatron-moe model routed by BASE, SAM or a top-k rule no transformers class has.
 
 Written into every exported folder by megatron-moe's tools/convert_checkpoint.py, loaded with
 ``trust_remote_code=True``. The model is Qwen2-MoE's (attention, norms, rotary embedding, dense layers,
@@ -35,6 +35,32 @@ def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: boo
     return group.unsqueeze(1) * width + slot, gates
 
 
+def topk_route(logits: torch.Tensor, topk: int, score_function: str, pre_softmax: bool, num_groups, group_topk):
+    """megatron-core's top-k router (evaluation): softmax before or after the top-k selection, or sigmoid
+    scores renormalised over the k chosen when k > 1; with ``group_topk``, the top k among the experts of
+    the ``group_topk`` groups whose best ``k / group_topk`` scores sum highest."""
+
+    def select(scores):
+        if not group_topk:
+            return torch.topk(scores, k=topk, dim=1)
+        tokens, num_experts = scores.shape
+        group_scores = scores.view(tokens, num_groups, -1).topk(topk // group_topk, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(tokens, num_groups, num_experts // num_groups).reshape(tokens, -1)
+        return torch.topk(scores.masked_fill(~score_mask.bool(), float("-inf")), k=topk, dim=-1)
+
+    if score_function == "sigmoid":
+        scores, experts = select(torch.sigmoid(logits.float()).type_as(logits))
+        gates = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else scores
+    elif pre_softmax:
+        gates, experts = select(torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits))
+    else:
+        scores, experts = select(logits)
+        gates = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(logits)
+    return experts, gates
+
+
 class MegatronMoeSparseBlock(nn.Module):
     """Routes each token to its experts (SwiGLU MLPs) and sums their outputs scaled by the gates."""
 
@@ -43,16 +69,20 @@ class MegatronMoeSparseBlock(nn.Module):
         self.config = config
         if config.moe_router_type == "base":
             self.centroids = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        elif config.moe_router_type == "sam":
+        elif config.moe_router_type in ("sam", "topk"):
             self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         else:
-            raise ValueError(f"moe_router_type {config.moe_router_type!r}: expected 'base' or 'sam'")
+            raise ValueError(f"moe_router_type {config.moe_router_type!r}: expected 'topk', 'base' or 'sam'")
         self.experts = nn.ModuleList(Qwen2MoeMLP(config, intermediate_size=config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
 
     def route(self, hidden: torch.Tensor):
         if self.config.moe_router_type == "base":
             return base_route(hidden, self.centroids)
+        if self.config.moe_router_type == "topk":
+            c = self.config
+            return topk_route(self.gate(hidden), c.num_experts_per_tok, c.moe_router_score_function,
+                              c.moe_router_pre_softmax, c.moe_router_num_groups, c.moe_router_group_topk)
         return sam_route(self.gate(hidden), self.config.sam_num_groups, self.config.num_experts_per_tok,
                          self.config.sam_renormalize_gates)
 

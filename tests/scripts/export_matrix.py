@@ -1,0 +1,70 @@
+"""python tests/scripts/export_matrix.py OUT.json WORK_DIR CASES.json: for each named case (training flags),
+in this one process: build the model, save it, take its evaluation-mode logits on fixed tokens, export it
+(in process), load the folder with transformers and compare; then import the folder back, export that
+again and compare once more. Writes {case: {"refused": message} or {"class", "diff", "load_diff", "round_trip_class",
+"round_trip_diff"}}: the exported folder's logits, the imported checkpoint's under --load --finetune, the re-export's."""
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from megatron.core import parallel_state
+
+from megatron_moe import checkpointing
+from megatron_moe.conversion.hf_export import export
+from megatron_moe.conversion.hf_import import import_hf
+from megatron_moe.conversion.hf_layout import ConversionError
+from megatron_moe.training import setup
+
+TOKENS = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def hf_logits(folder: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                              trust_remote_code=True).eval()
+    with torch.no_grad():
+        return type(model).__name__, model(TOKENS).logits
+
+
+def logits(argv):
+    """(our model's evaluation-mode logits, its job) for a training command line (with --load: loaded)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    with contextlib.redirect_stdout(io.StringIO()):
+        job = setup(argv)
+    checkpointing.load_checkpoint(job)
+    model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
+    with torch.no_grad():
+        return model(TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[..., :vocab], job
+
+
+def run_case(work: Path, flags):
+    ours, job = logits(flags + ["--save", str(work / "ckpt")])
+    checkpointing.save_checkpoint(job, 1, 0)
+    try:
+        export(str(work / "ckpt"), str(work / "hf"))
+    except ConversionError as error:
+        return {"refused": str(error)}
+    name, theirs = hf_logits(work / "hf")
+    result = {"class": name, "diff": (theirs - ours).abs().max().item()}
+    parallel_state.destroy_model_parallel()
+    lines = import_hf(str(work / "hf"), str(work / "imported"))
+    # the imported checkpoint is what --load --finetune reads, with the flags the import printed
+    pretrain = next(line for line in lines if line.startswith("pretrain with: ")).split()[2:]
+    result["load_diff"] = (logits(flags + pretrain)[0] - ours).abs().max().item()
+    export(str(work / "imported"), str(work / "hf2"))
+    name2, again = hf_logits(work / "hf2")
+    result.update(round_trip_class=name2, round_trip_diff=(again - theirs).abs().max().item())
+    return result
+
+
+if __name__ == "__main__":
+    out, work, cases = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
+    results = {}
+    for name, flags in cases.items():
+        results[name] = run_case(work / name, flags)
+    out.write_text(json.dumps(results, indent=1))
