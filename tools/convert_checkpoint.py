@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="the exported tensors' dtype (default: the training dtype, bf16 for a --bf16 run)")
     importer = sub.add_parser("import", help="Hugging Face folder -> our checkpoint")
+    export.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                        help="export without checking the checkpoint's file digests (manifest.json)")
     importer.add_argument("--hf", required=True, help="a Hugging Face Mixtral or Qwen2-MoE folder")
     importer.add_argument("--save", required=True, help="the checkpoint directory to write")
     for command in (export, importer):
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
             from megatron_moe.conversion.hf_export import export
 
             lines = export(args.load, args.output, args.overwrite, overrides, args.max_shard_size_mb * 2**20,
-                           args.dtype)
+                           args.dtype, args.verify_checkpoint)
         else:
             from megatron_moe.conversion.hf_import import import_hf
 

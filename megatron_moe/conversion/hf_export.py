@@ -47,14 +47,18 @@ def with_overrides(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
 
 
 def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[str] = (),
-           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None) -> List[str]:
-    """Writes the HF folder; returns the lines to print (what was written)."""
+           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True) -> List[str]:
+    """Writes the HF folder; returns the lines to print (what was written). ``verify``: check every file of
+    the checkpoint against its manifest first (a damaged shard is named, never exported)."""
+    from megatron_moe import checkpointing
     from megatron_moe.data import build_tokenizer
 
     hf_files.refuse_existing(output, overwrite, "--output")
     directory = latest_checkpoint(load)
     args = with_overrides(run_config.load(directory), overrides)
     target = hf_layout.export_target(args)  # refusals come before any weight is read
+    if verify:
+        checkpointing.verify_checkpoint(directory)
     tokenizer = build_tokenizer(args)
     vocab = tokenizer.vocab_size
     if args.tokenizer_vocab_size is not None and vocab != args.tokenizer_vocab_size:
