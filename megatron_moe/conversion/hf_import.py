@@ -152,6 +152,7 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
         kept_paths = parse_args(flags + tokenizer + job, world_size=1)
         run_config.save(args.replace(**{name: getattr(kept_paths, name)
                                         for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
+        checkpointing.write_manifest(directory)  # --load verifies every file against it
         (out / checkpointing.TRACKER).write_text("0")
     lines = [f"imported {arch} from {hf} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
