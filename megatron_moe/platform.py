@@ -18,7 +18,6 @@ import inspect
 import logging
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -58,27 +57,21 @@ def select_platform(requested: Optional[str] = None) -> Platform:
     return Platform(torch.device("cpu"), "gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
     """Join the process group ``torchrun`` describes; a plain ``python`` launch becomes a 1-process group."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if not platform.is_cuda:
         apply_cpu_compat()
     apply_transformer_engine_absent_compat()
+    # A plain launch (no torchrun) rendezvouses in memory: no port to collide with, and nothing written to
+    # os.environ, which a caller (a tool run in-process, a test) would pass on to the processes it starts.
+    one_process = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(
         backend=platform.backend,
         timeout=datetime.timedelta(minutes=timeout_minutes),
         device_id=platform.device if platform.is_cuda else None,
+        **one_process,
     )
     atexit.register(shutdown_distributed)
 

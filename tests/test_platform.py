@@ -51,3 +51,18 @@ def test_forcing_cuda_without_gpu_is_a_clear_error():
 def test_unknown_device_is_rejected():
     with pytest.raises(ValueError, match="--device"):
         platform.select_platform("tpu")
+
+
+def test_one_process_group_leaves_the_environment_to_child_processes():
+    """A tool run in-process (HF import inside a test, a notebook) joins a one-process group; the processes it
+    starts afterwards must not inherit RANK/WORLD_SIZE or a MASTER_PORT that this process's store holds."""
+    code = ("import os, torch.distributed as dist\n"
+            "from megatron_moe import platform\n"
+            "platform.init_distributed(platform.select_platform('cpu'))\n"
+            "assert dist.get_world_size() == 1 and dist.get_rank() == 0\n"
+            "print(sorted({'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'} & set(os.environ)))\n")
+    env = {"PATH": "", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
