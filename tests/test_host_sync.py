@@ -84,3 +84,14 @@ def test_base_router_syncs_only_in_the_solver_checks_and_never_at_eval():
     with HostSyncCounter() as evaluation:
         router(hidden)
     assert evaluation.num_syncs == 0, evaluation.describe()
+
+
+def test_sam_routing_and_its_losses_make_no_sync():
+    from megatron_moe.moe.sam import sam_losses, sam_route
+
+    logits = torch.randn(512, 16, requires_grad=True)
+    with HostSyncCounter() as counter:
+        p, group, experts, _ = sam_route(logits, num_groups=4, topk=2, renormalize=True)
+        losses = sam_losses(p, group, experts, 4, valid=torch.ones(512))
+        torch.stack(losses).sum().backward()
+    assert counter.num_syncs == 0, counter.describe()

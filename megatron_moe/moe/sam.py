@@ -118,7 +118,8 @@ def sam_losses(p: torch.Tensor, group: torch.Tensor, experts: torch.Tensor, num_
     width, topk = num_experts // num_groups, experts.shape[1]
     valid = valid.to(p.dtype).unsqueeze(1)
     group_score = p.view(tokens, num_groups, width).sum(-1)
-    chosen = torch.nn.functional.one_hot(group, num_groups).to(p.dtype) * valid
+    # scatter, not one_hot: one_hot reads the largest group id back to the host to check it
+    chosen = group_score.new_zeros(tokens, num_groups).scatter(1, group.view(tokens, 1), 1.0) * valid
     selected = torch.zeros_like(p).scatter(1, experts, 1.0) * valid
     counts = _summed_over(torch.cat([valid.sum(0), chosen.sum(0), selected.sum(0)]), reduce_group)
     num_tokens, per_group, per_expert = counts[0].clamp(min=1), counts[1 : 1 + num_groups], counts[1 + num_groups :]
