@@ -187,7 +187,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(reference, tmp_path):
 
     partial = tmp_path / "partial"
     shutil.copytree(ref_dir / "ckpt_at_2", partial)
-    (partial / "iter_0000002" / "metadata.json").unlink()
+    (partial / "iter_0000002" / ".metadata").unlink()  # the index of the torch_dist files
     result = convert("export", "--load", str(partial), "--output", str(out), check=False)
     assert result.returncode == 2 and "incomplete" in result.stderr
 
@@ -393,6 +393,64 @@ def test_imported_checkpoint_trains_the_same_in_another_layout(tmp_path):
     assert two == pytest.approx(one, rel=1e-5)
 
 
+def train_sentencepiece(path: Path, vocab_size: int, **options) -> None:
+    """A SentencePiece model trained on sentences of the test vocabulary's words (bos 1, eos 2, unk 0)."""
+    import random
+
+    import sentencepiece
+
+    rng = random.Random(0)
+    corpus = path.with_suffix(".txt")
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS[3:]) for _ in range(12)) for _ in range(400)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(path.with_suffix("")),
+                                             vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                             minloglevel=2, **options)
+    path.with_suffix(".model").rename(path)
+
+
+def test_sentencepiece_only_folder_imports_with_a_checked_tokenizer_json(tmp_path):
+    """A folder whose only tokenizer file is SentencePiece's tokenizer.model: import rebuilds tokenizer.json
+    from it (HuggingFaceTokenizer reads that), the ids equal SentencePiece's, bos/eos survive export."""
+    import sentencepiece
+    from tokenizers import Tokenizer
+
+    hf = tiny_qwen_folder(tmp_path / "qwen", shards=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).unlink()
+    train_sentencepiece(hf / "tokenizer.model", 90)
+    result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt"))
+    pretrain = result.stdout.split("pretrain with: ")[1].split()
+    assert "HuggingFaceTokenizer" in pretrain
+    kept = tmp_path / "ckpt" / "tokenizer"
+    assert {p.name for p in kept.iterdir()} == {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
+
+    text = ["w1 w22 w3", "  w93 w7\nw0 ", "unknown zz w5"]
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(hf / "tokenizer.model")).encode(text)
+    rebuilt = Tokenizer.from_file(str(kept / "tokenizer.json")).encode_batch(text, add_special_tokens=False)
+    assert [e.ids for e in rebuilt] == reference
+
+    ours = checkpoint_logits(tmp_path, QWEN_RUN + pretrain)
+    _, theirs = hf_logits(hf, ours["tokens"])
+    assert (theirs[..., :90] - ours["logits"]).abs().max().item() <= TOLERANCE
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (back["bos_token_id"], back["eos_token_id"]) == (1, 2)
+    assert (tmp_path / "back" / "tokenizer.model").is_file()
+
+
+def test_sentencepiece_model_that_cannot_be_rebuilt_exactly_is_refused(tmp_path):
+    """A user-defined symbol at the start of a text: SentencePiece puts the dummy-prefix piece before it,
+    a tokenizers added token does not. One id differs, so the folder is refused, naming the text."""
+    from megatron_moe.conversion import sentencepiece_json
+    from megatron_moe.conversion.hf_layout import ConversionError
+
+    model = tmp_path / "tokenizer.model"
+    train_sentencepiece(model, 90, user_defined_symbols=["<tool>"])
+    with pytest.raises(ConversionError, match="encodes '<tool>' as .*SentencePiece as") as error:
+        sentencepiece_json.write_tokenizer_json(model, tmp_path / "tokenizer.json")
+    assert "\n" not in str(error.value) and not (tmp_path / "tokenizer.json").exists()
+
+
 def write_safetensors(path: Path, tensors) -> None:
     from safetensors.torch import save_file
 
@@ -400,14 +458,14 @@ def write_safetensors(path: Path, tensors) -> None:
 
 
 @pytest.mark.parametrize("damage", ["bad_json", "missing_key", "truncated", "shape", "missing_shard", "missing_tensor",
-                                    "sentencepiece_only"])
+                                    "bad_sentencepiece"])
 def test_malformed_folder_fails_in_one_line_naming_the_file(damage, tmp_path):
     hf = tiny_qwen_folder(tmp_path / "qwen")
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     shard = hf / sorted(set(index["weight_map"].values()))[0]
     expected = {"bad_json": "config.json", "missing_key": "config.json", "truncated": shard.name,
                 "shape": "", "missing_shard": shard.name, "missing_tensor": "missing",
-                "sentencepiece_only": "tokenizer.model"}[damage]
+                "bad_sentencepiece": "tokenizer.model: not a SentencePiece model"}[damage]
     if damage == "bad_json":
         (hf / "config.json").write_text("{not json")
     elif damage == "missing_key":
@@ -418,7 +476,7 @@ def test_malformed_folder_fails_in_one_line_naming_the_file(damage, tmp_path):
         shard.write_bytes(shard.read_bytes()[:-100])
     elif damage == "missing_shard":
         shard.unlink()
-    elif damage == "sentencepiece_only":  # no tokenizer.json to read it with
+    elif damage == "bad_sentencepiece":  # the only tokenizer file, and not a SentencePiece model
         (hf / "tokenizer.json").rename(hf / "tokenizer.model")
     else:
         from safetensors.torch import load_file

@@ -4,12 +4,16 @@ Streaming: the run configuration the checkpoint records decides the class (or re
 before any weight is read; then each tensor is read from the torch_dist files by its layout-independent
 key (one expert's slice at a time), mapped, cast and written into the safetensors shards, whose headers
 were written first. No model, optimizer or process group is built: peak memory is about one tensor.
+The checkpoint's digests are checked by a second thread while the tensors are converted (hashing and file
+reads release the GIL), and the folder appears only if every file matched.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -31,9 +35,7 @@ def latest_checkpoint(load: str) -> Path:
     if iteration is None:
         raise ConversionError(f"--load {load}: no {checkpointing.TRACKER}; point --load at a --save directory")
     directory = checkpointing.checkpoint_dir(load, iteration)
-    if not (directory / checkpointing.RUN_CONFIG).is_file() or not (directory / "metadata.json").is_file():
-        raise ConversionError(f"--load {load}: {directory} is incomplete (no {checkpointing.RUN_CONFIG} or "
-                              "metadata.json); was the save interrupted?")
+    checkpointing.check_checkpoint_files(directory, verify=False)  # digests later: after the refusals
     return directory
 
 
@@ -49,16 +51,42 @@ def with_overrides(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
 def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[str] = (),
            max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True) -> List[str]:
     """Writes the HF folder; returns the lines to print (what was written). ``verify``: check every file of
-    the checkpoint against its manifest first (a damaged shard is named, never exported)."""
+    the checkpoint against its manifest meanwhile (a damaged shard is named, never exported)."""
     from megatron_moe import checkpointing
-    from megatron_moe.data import build_tokenizer
 
     hf_files.refuse_existing(output, overwrite, "--output")
     directory = latest_checkpoint(load)
     args = with_overrides(run_config.load(directory), overrides)
     target = hf_layout.export_target(args)  # refusals come before any weight is read
-    if verify:
-        checkpointing.verify_checkpoint(directory)
+    with _in_background(checkpointing.verify_checkpoint if verify else None, directory) as verification:
+        return _export(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
+
+
+@contextlib.contextmanager
+def _in_background(check, directory: Path):
+    """A future of ``check(directory)`` run by another thread (None without a check); leaving the block
+    waits for it, so no thread outlives the export."""
+    if check is None:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-checkpoint") as pool:
+        yield pool.submit(check, directory)
+
+
+def _export(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
+            dtype: Optional[str], verification: Optional[Future]) -> List[str]:
+    try:
+        return _write_folder(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
+    except ConversionError:
+        if verification is not None:
+            verification.result()  # a damaged file is the better explanation of a failed read
+        raise
+
+
+def _write_folder(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
+                  dtype: Optional[str], verification: Optional[Future]) -> List[str]:
+    from megatron_moe.data import build_tokenizer
+
     tokenizer = build_tokenizer(args)
     vocab = tokenizer.vocab_size
     if args.tokenizer_vocab_size is not None and vocab != args.tokenizer_vocab_size:
@@ -96,6 +124,8 @@ def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[
         if "auto_map" in config:
             written += hf_files.copy_remote_code(folder)
         tokenizer_line = hf_files.write_tokenizer(args, folder, eos)
+        if verification is not None:
+            verification.result()  # the folder is kept only if the checkpoint matched its digests
     lines = [f"exported {directory} as {target.architecture} ({json.dumps(str(torch_dtype))[1:-1]}) to {output} "
              f"({', '.join(written)})", tokenizer_line]
     if "auto_map" in config:

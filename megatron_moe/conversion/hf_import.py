@@ -10,30 +10,51 @@ time from the safetensors files and written as a torch_dist checkpoint (model we
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 
-from megatron_moe.conversion import dist_files, hf_files, hf_layout
+from megatron_moe.conversion import dist_files, hf_files, hf_layout, sentencepiece_json
 from megatron_moe.conversion.hf_layout import ConversionError
 
 _JOB = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data", "--device", "cpu"]
 TOKENIZER_DIR = "tokenizer"  # the imported folder's tokenizer files, inside --save
 
 
+def _gpt2_files(folder: Path) -> bool:
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+
+
 def tokenizer_flags(folder: Path, tokenizer_dir: Path, vocab_size: int) -> List[str]:
     """GPT-2 BPE files -> GPT2BPETokenizer; tokenizer.json -> HuggingFaceTokenizer (its files are kept in
     ``tokenizer_dir``); no tokenizer files -> token ids as they are."""
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+    if _gpt2_files(folder):
         return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tokenizer_dir / "vocab.json"),
                 "--merge-file", str(tokenizer_dir / "merges.txt")]
     if (folder / "tokenizer.json").is_file():
         return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir)]
-    if (folder / "tokenizer.model").is_file():
-        raise ConversionError(f"{folder / 'tokenizer.model'}: a SentencePiece model without tokenizer.json; write "
-                              "tokenizer.json with transformers (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
     return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_size - 1)]  # NullTokenizer adds eod
+
+
+@contextlib.contextmanager
+def tokenizer_source(folder: Path) -> Iterator[Path]:
+    """Where the folder's tokenizer files are read from: the folder itself, or for a SentencePiece
+    ``tokenizer.model`` alone a staging copy with the tokenizer.json rebuilt from it (checked id for id)
+    and, if the folder has none, a tokenizer_config.json naming the model's bos/eos/unk pieces."""
+    model = folder / "tokenizer.model"
+    if not model.is_file() or (folder / "tokenizer.json").is_file() or _gpt2_files(folder):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as staging:
+        staging = Path(staging)
+        hf_files.copy_tokenizer_files(folder, staging)
+        sentencepiece_json.write_tokenizer_json(model, staging / "tokenizer.json")
+        if not (staging / "tokenizer_config.json").is_file():
+            hf_files.write_json(staging / "tokenizer_config.json", sentencepiece_json.special_tokens(model))
+        yield staging
 
 
 def _flags(config: dict, path: Path) -> List[str]:
@@ -76,15 +97,20 @@ def _meta_template(args):
 
 def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[str] = ()) -> List[str]:
     """Writes ``save``/iter_0000000 and the tracker; returns the lines to print."""
+    folder = Path(hf)
+    if not folder.is_dir():
+        raise ConversionError(f"--hf {hf} does not exist")
+    with tokenizer_source(folder) as tokenizers_in:
+        return _import(folder, tokenizers_in, save, overwrite, overrides)
+
+
+def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overrides: Sequence[str]) -> List[str]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     from megatron_moe import checkpointing, run_config
     from megatron_moe.arguments import padded_vocab_size, parse_args
     from megatron_moe.data import build_tokenizer
 
-    folder = Path(hf)
-    if not folder.is_dir():
-        raise ConversionError(f"--hf {hf} does not exist")
     config_path = folder / "config.json"
     config = hf_files.read_json(config_path, "the model config; point --hf at a Hugging Face model folder")
     arch = hf_layout.hf_architecture(config)
@@ -93,9 +119,9 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
     hf_files.refuse_existing(save, overwrite, "--save")
     final_tokenizer_dir = Path(save).resolve() / TOKENIZER_DIR
     # the tokenizer is read from the folder now, and recorded where its files are kept
-    tokenizer = tokenizer_flags(folder, final_tokenizer_dir, config["vocab_size"])
+    tokenizer = tokenizer_flags(tokenizers_in, final_tokenizer_dir, config["vocab_size"])
     job = _JOB + ["--seq-length", str(config["max_position_embeddings"]), *overrides]
-    args = parse_args(flags + tokenizer_flags(folder, folder, config["vocab_size"]) + job, world_size=1)
+    args = parse_args(flags + tokenizer_flags(tokenizers_in, tokenizers_in, config["vocab_size"]) + job, world_size=1)
     vocab_size = build_tokenizer(args).vocab_size  # from the source folder's files, before anything is written
     if vocab_size > config["vocab_size"]:  # more rows than the tokenizer is usual
         raise ConversionError(f"{config_path}: vocab_size {config['vocab_size']} is smaller than the tokenizer "
@@ -145,7 +171,7 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
         return tensor.to(item.tensor_data.properties.dtype).contiguous()
 
     with hf_files.atomic_directory(save, overwrite, "--save") as out:
-        kept = hf_files.copy_tokenizer_files(folder, out / TOKENIZER_DIR)
+        kept = hf_files.copy_tokenizer_files(tokenizers_in, out / TOKENIZER_DIR)
         directory = checkpointing.checkpoint_dir(str(out), 0)
         common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
         dist_files.write_checkpoint(directory, items, produce, common)
@@ -154,7 +180,7 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
                                         for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
         checkpointing.write_manifest(directory)  # --load verifies every file against it
         (out / checkpointing.TRACKER).write_text("0")
-    lines = [f"imported {arch} from {hf} to {save} (iteration 0, model weights only)",
+    lines = [f"imported {arch} from {folder} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
              "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]
     return lines
