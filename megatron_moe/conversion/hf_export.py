@@ -59,7 +59,12 @@ def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[
     args = with_overrides(run_config.load(directory), overrides)
     target = hf_layout.export_target(args)  # refusals come before any weight is read
     with _in_background(checkpointing.verify_checkpoint if verify else None, directory) as verification:
-        return _export(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
+        try:
+            return _write_folder(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
+        except ConversionError:
+            if verification is not None:
+                verification.result()  # a damaged file is the better explanation of a failed read
+            raise
 
 
 @contextlib.contextmanager
@@ -71,16 +76,6 @@ def _in_background(check, directory: Path):
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-checkpoint") as pool:
         yield pool.submit(check, directory)
-
-
-def _export(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
-            dtype: Optional[str], verification: Optional[Future]) -> List[str]:
-    try:
-        return _write_folder(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
-    except ConversionError:
-        if verification is not None:
-            verification.result()  # a damaged file is the better explanation of a failed read
-        raise
 
 
 def _write_folder(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
