@@ -1,5 +1,5 @@
 """Cost of checkpoint digests: writes a synthetic checkpoint of --gb GB (8 shard files), then times
-megatron_moe.checkpointing.write_manifest and verify_checkpoint on it (one process: the time one rank takes
+megatron_moe.checkpoint_files.write_manifest and verify_checkpoint on it (one process: the time one rank takes
 for its share of the files; with N ranks each hashes 1/N). Also each hashlib algorithm on data in memory.
 
     python benchmarks/checkpoint_digest.py --gb 3 --dir /tmp/digest-bench
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy
 
-from megatron_moe.checkpointing import DIGEST_ALGORITHM, verify_checkpoint, write_manifest
+from megatron_moe.checkpoint_files import DIGEST_ALGORITHM, verify_checkpoint, write_manifest
 
 
 def in_memory_rates(megabytes: int = 256) -> dict:

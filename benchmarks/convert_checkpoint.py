@@ -8,8 +8,8 @@ Writes a synthetic Mixtral folder (random weights, stored in bf16 to halve the d
 peak RSS): ``tools/convert_checkpoint.py import`` (-> our fp32 torch_dist checkpoint), ``export`` (-> an
 fp32 Hugging Face folder) and a plain ``cp -r`` of the checkpoint. Prints the figures and the same-run
 ratios the targets are stated in: peak RSS <= 25 % of the model's fp32 bytes in both directions, export
-time <= 2x the copy's (also given without the process start-up, which is mostly importing megatron-core
-and is measured in the same run). Everything it writes is removed at the end.
+time <= 2x the copy's (also given without the process start-up, importing torch and what export uses,
+measured in the same run). Everything it writes is removed at the end.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def main() -> None:
         export_s, export_rss, export_cpu = measured(tool + ["export", "--load", str(work / "ckpt"), "--output", str(work / "out"),
                                                 "--dtype", "fp32"])
         copy_s, _, copy_cpu = measured(["cp", "-r", str(checkpoint), str(work / "copy")])
-        # what any conversion process spends before its first tensor: importing megatron-core and the tool
-        startup_s, _, startup_cpu = measured([sys.executable, "-c", "import megatron_moe.data, megatron_moe.moe.registry, "
-                                    "megatron_moe.conversion.hf_export"])
+        # what export spends before its first tensor: importing torch, torch's DCP and our conversion modules
+        startup_s, _, startup_cpu = measured([sys.executable, "-c", "import megatron_moe.conversion.hf_export, "
+                                              "megatron_moe.tokenizer"])
         figures = {
             "parameters": params, "fp32_bytes": fp32, "checkpoint_bytes": folder_bytes(checkpoint),
             "exported_bytes": folder_bytes(work / "out"),

@@ -30,43 +30,6 @@ from megatron_moe.preprocessing.dataset_stats import DatasetError, check_dataset
 from megatron_moe.preprocessing.indexed_writer import read_index
 
 
-def build_tokenizer(args):
-    """Megatron-LM's tokenizer of ``--tokenizer-type``, from local files only (nothing is downloaded).
-
-    NullTokenizer is megatron-core's. megatron-core 0.16.1's GPT2 and Hugging Face tokenizers need the
-    ``transformers`` package (and may fetch files), so those two come from our preprocessing tokenizers,
-    which give the same ids, ``eod`` and ``vocab_size`` from the same local files.
-    """
-    if args.tokenizer_type == "NullTokenizer":
-        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
-
-        return NullTokenizer(args.vocab_size)
-    from megatron_moe.preprocessing import text_tokenizers
-
-    files = dict(vocab_file=args.vocab_file, merge_file=args.merge_file, tokenizer_model=args.tokenizer_model)
-    try:
-        tokenizer = text_tokenizers.build_tokenizer(args.tokenizer_type, **files)
-    except Exception as error:  # missing/corrupt local files: a user error, one line
-        raise ConfigError(f"--tokenizer-type {args.tokenizer_type}: {error}") from error
-    return DatasetTokenizer(tokenizer, {"class": args.tokenizer_type, **files})
-
-
-class DatasetTokenizer:
-    """A preprocessing tokenizer as megatron-core's GPTDataset / MockGPTDataset read one: ``eod``,
-    ``vocab_size`` and ``unique_identifiers`` (what the index caches are named after); everything else
-    (``encode``, ``decode``, ...) is the wrapped tokenizer's."""
-
-    def __init__(self, tokenizer, unique_identifiers: Dict[str, object]):
-        self.tokenizer = tokenizer
-        self.eod, self.vocab_size = tokenizer.eod, tokenizer.vocab_size
-        self.unique_identifiers = unique_identifiers
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name == "tokenizer":  # copy/pickle probe before __init__ ran
-            raise AttributeError(name)
-        return getattr(self.tokenizer, name)
-
-
 def parse_blend(data_path: List[str]):
     """Megatron's blend (prefixes, weights or None) from ``--data-path``; checks every prefix exists."""
     try:

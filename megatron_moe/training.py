@@ -23,13 +23,14 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import checkpointing, data, metrics, run_config
+from megatron_moe import checkpoint_files, checkpointing, data, metrics, run_config
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
 from megatron_moe.moe import comm_stats
 from megatron_moe.platform import Platform, elastic_restart_problem, init_distributed, select_platform
 from megatron_moe.run_control import NonFiniteError, RunControl
+from megatron_moe.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -94,9 +95,9 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     )
     checkpointing.check_save_dir(args)  # file errors before the minutes a large model takes to build
     checkpoint = checkpointing.find_checkpoint(args)
-    checkpointing.check_checkpoint_files(checkpoint, args.verify_checkpoint)
+    checkpoint_files.check_checkpoint_files(checkpoint, args.verify_checkpoint)
     _set_seeds(args.seed)
-    tokenizer = data.build_tokenizer(args)
+    tokenizer = build_tokenizer(args)
     data.check_datasets(args, tokenizer.vocab_size)
     saved = run_config.load(checkpoint) if checkpoint is not None else None
     args = args.replace(tokenizer_vocab_size=tokenizer.vocab_size,

@@ -229,6 +229,20 @@ def test_unsupported_config_names_the_field():
         check_exportable(args)
 
 
+def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from megatron_moe.conversion.hf_layout import ConversionError, export_target
+    from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
+
+    args = SimpleNamespace(num_experts=4, moe_router_type="topk", position_embedding_type="rope", rotary_percent=1.0,
+                           normalization="RMSNorm", swiglu=True, fp8_format=None)
+    monkeypatch.setitem(SCHEME_FLAGS, "topk", dataclasses.replace(SCHEME_FLAGS["topk"], export=None))
+    with pytest.raises(ConversionError, match=r"--moe-router-type topk: this routing scheme has no export \(exported: base, sam\)"):
+        export_target(args)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # every router option: exact or refused (one process for all cases)
 # ----------------------------------------------------------------------------------------------------------
@@ -510,7 +524,12 @@ def test_export_dtype_defaults_to_the_training_dtype(tmp_path):
     from megatron_moe.conversion.hf_files import safetensors_header
 
     train(tmp_path, "bf16", 1, ONE + ["--bf16", "--save", str(tmp_path / "ckpt")])
-    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "bf16"))
+    # -X importtime lists every module the export imports: megatron-core (seconds of start-up) is not one
+    exported = subprocess.run([sys.executable, "-X", "importtime", str(TOOL), "export", "--load", str(tmp_path / "ckpt"),
+                               "--output", str(tmp_path / "bf16")], cwd=REPO, capture_output=True, text=True,
+                              env=CONVERT_ENV)
+    assert exported.returncode == 0 and "| megatron_moe.conversion.hf_export" in exported.stderr, exported.stderr[-4000:]
+    assert "megatron.core" not in exported.stderr
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "fp32"), "--dtype", "fp32")
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         header = safetensors_header(tmp_path / name / "model.safetensors")

@@ -98,7 +98,7 @@ def test_same_size_garbled_shard_is_never_loaded(saved, tmp_path):
     shard.write_bytes(bytes(data))
     assert_one_line_error(resume(root), f"{shard} does not match its sha256 digest")
 
-    from megatron_moe.checkpointing import verify_checkpoint  # the function export calls, one process
+    from megatron_moe.checkpoint_files import verify_checkpoint  # the function export calls, one process
     with pytest.raises(ConfigError, match=shard.name):
         verify_checkpoint(root / "iter_0000002")
     verify_checkpoint(saved[1])  # the intact original passes

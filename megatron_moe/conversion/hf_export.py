@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_moe import run_config
+from megatron_moe import checkpoint_files, run_config
 from megatron_moe.arguments import RunConfig, build_parser
 from megatron_moe.conversion import hf_files, hf_layout
 from megatron_moe.conversion.dist_files import CheckpointReader
@@ -27,15 +27,13 @@ from megatron_moe.conversion.hf_layout import ConversionError
 
 
 def latest_checkpoint(load: str) -> Path:
-    from megatron_moe import checkpointing
-
     if not Path(load).is_dir():
         raise ConversionError(f"--load {load} does not exist")
-    iteration = checkpointing.read_tracker(load)
+    iteration = checkpoint_files.read_tracker(load)
     if iteration is None:
-        raise ConversionError(f"--load {load}: no {checkpointing.TRACKER}; point --load at a --save directory")
-    directory = checkpointing.checkpoint_dir(load, iteration)
-    checkpointing.check_checkpoint_files(directory, verify=False)  # digests later: after the refusals
+        raise ConversionError(f"--load {load}: no {checkpoint_files.TRACKER}; point --load at a --save directory")
+    directory = checkpoint_files.checkpoint_dir(load, iteration)
+    checkpoint_files.check_checkpoint_files(directory, verify=False)  # digests later: after the refusals
     return directory
 
 
@@ -52,13 +50,11 @@ def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[
            max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True) -> List[str]:
     """Writes the HF folder; returns the lines to print (what was written). ``verify``: check every file of
     the checkpoint against its manifest meanwhile (a damaged shard is named, never exported)."""
-    from megatron_moe import checkpointing
-
     hf_files.refuse_existing(output, overwrite, "--output")
     directory = latest_checkpoint(load)
     args = with_overrides(run_config.load(directory), overrides)
     target = hf_layout.export_target(args)  # refusals come before any weight is read
-    with _in_background(checkpointing.verify_checkpoint if verify else None, directory) as verification:
+    with _in_background(checkpoint_files.verify_checkpoint if verify else None, directory) as verification:
         try:
             return _write_folder(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
         except ConversionError:
@@ -80,7 +76,7 @@ def _in_background(check, directory: Path):
 
 def _write_folder(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
                   dtype: Optional[str], verification: Optional[Future]) -> List[str]:
-    from megatron_moe.data import build_tokenizer
+    from megatron_moe.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args)
     vocab = tokenizer.vocab_size

@@ -107,9 +107,9 @@ def import_hf(hf: str, save: str, overwrite: bool = False, overrides: Sequence[s
 def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overrides: Sequence[str]) -> List[str]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    from megatron_moe import checkpointing, run_config
+    from megatron_moe import checkpoint_files, checkpointing, run_config
     from megatron_moe.arguments import padded_vocab_size, parse_args
-    from megatron_moe.data import build_tokenizer
+    from megatron_moe.tokenizer import build_tokenizer
 
     config_path = folder / "config.json"
     config = hf_files.read_json(config_path, "the model config; point --hf at a Hugging Face model folder")
@@ -172,14 +172,14 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
 
     with hf_files.atomic_directory(save, overwrite, "--save") as out:
         kept = hf_files.copy_tokenizer_files(tokenizers_in, out / TOKENIZER_DIR)
-        directory = checkpointing.checkpoint_dir(str(out), 0)
+        directory = checkpoint_files.checkpoint_dir(str(out), 0)
         common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
         dist_files.write_checkpoint(directory, items, produce, common)
         kept_paths = parse_args(flags + tokenizer + job, world_size=1)
         run_config.save(args.replace(**{name: getattr(kept_paths, name)
                                         for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
-        checkpointing.write_manifest(directory)  # --load verifies every file against it
-        (out / checkpointing.TRACKER).write_text("0")
+        checkpoint_files.write_manifest(directory)  # --load verifies every file against it
+        (out / checkpoint_files.TRACKER).write_text("0")
     lines = [f"imported {arch} from {folder} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
              "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]

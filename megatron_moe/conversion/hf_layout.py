@@ -2,7 +2,7 @@
 
 What a model computes is decided from its run configuration alone, before any weight is read:
 :func:`check_exportable` refuses the architectures no exported class computes (naming the flag), and
-the routing scheme's own export hook (``RoutingScheme.export``, next to its router) either names the
+the routing scheme's own export hook (``SchemeFlags.export``, beside its flags) either names the
 class and config fields that reproduce its routing in evaluation mode or refuses. A scheme without a
 hook is refused, so a new scheme cannot be exported by accident. The classes:
 
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
 
 MIXTRAL = "MixtralForCausalLM"
 QWEN2_MOE = "Qwen2MoeForCausalLM"
@@ -93,13 +95,11 @@ class Target:
 
 def export_target(args) -> Target:
     """The routing scheme's export hook on these flags; ConversionError (naming the flag) if it refuses."""
-    from megatron_moe.moe.registry import ROUTING_SCHEMES
-
     check_exportable(args)
-    scheme = ROUTING_SCHEMES.get(args.moe_router_type)
+    scheme = SCHEME_FLAGS.get(args.moe_router_type)
     _require(scheme is not None and scheme.export is not None,
              f"--moe-router-type {args.moe_router_type}: this routing scheme has no export "
-             f"(exported: {', '.join(n for n, s in sorted(ROUTING_SCHEMES.items()) if s.export)})")
+             f"(exported: {', '.join(n for n, s in sorted(SCHEME_FLAGS.items()) if s.export)})")
     try:
         target = Target(**scheme.export(args))
     except ValueError as refusal:

@@ -45,7 +45,6 @@ import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_moe.arguments import RunConfig
 from megatron_moe.moe.balanced_assignment import balanced_assignment, expert_capacities
 from megatron_moe.moe.base_flags import BaseOptions
 
@@ -192,10 +191,3 @@ class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.num_local_experts > 1:
             self.num_global_tokens_per_local_expert = per_source.reshape(-1, self.num_local_experts)
         return per_source.sum(dim=(0, 1))
-
-
-def export(args: RunConfig) -> dict:
-    """tools/convert_checkpoint.py export: BASE in evaluation mode (greedy argmax of ``h . c_e``, gate
-    ``sigmoid(h . c_e)``, the balancing is training-only) is our remote code's ``base_route``."""
-    return dict(architecture="MegatronMoeForCausalLM", config={"moe_router_type": "base"}, router_tensor="centroids",
-                flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"))

@@ -48,3 +48,10 @@ INAPPLICABLE = {
 
 def options_from_args(config) -> BaseOptions:
     return BaseOptions(shuffle=config.base_shuffle)
+
+
+def export(args) -> dict:
+    """tools/convert_checkpoint.py export: BASE in evaluation mode (greedy argmax of ``h . c_e``, gate
+    ``sigmoid(h . c_e)``, the balancing is training-only) is our remote code's ``base_route``."""
+    return dict(architecture="MegatronMoeForCausalLM", config={"moe_router_type": "base"}, router_tensor="centroids",
+                flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"))

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_moe.arguments import RunConfig
 from megatron_moe.moe import base, comm_stats, sam
 from megatron_moe.moe.scheme_flags import SCHEME_FLAGS, SchemeFlags
 
@@ -38,11 +37,6 @@ class RoutingScheme:
     # The names its router records in megatron's aux-loss tracker with these flags. Every rank joins the
     # tracker's reduction under each name, also a pipeline stage without MoE layers.
     tracked_losses: Callable[[object], List[str]] = _no_losses
-    # tools/convert_checkpoint.py export: the Hugging Face class that computes this routing in evaluation
-    # mode with these flags (a RunConfig), as keyword arguments of megatron_moe.conversion.hf_layout.Target
-    # (architecture, config, flags, router_tensor); raises ValueError naming the flag it cannot
-    # reproduce. None: the scheme is never exported.
-    export: Optional[Callable[[RunConfig], Dict[str, Any]]] = None
 
     @property
     def name(self) -> str:
@@ -62,41 +56,11 @@ def _topk_losses(config) -> List[str]:
     return names
 
 
-def _topk_export(args: RunConfig) -> Dict[str, Any]:
-    """megatron-core's TopKRouter in evaluation mode: softmax routing to Mixtral / Qwen2-MoE, sigmoid scores
-    and group-limited top-k to our remote code (its ``topk_route``); token dropping is refused."""
-    if args.moe_expert_capacity_factor is not None:
-        raise ValueError(f"--moe-expert-capacity-factor {args.moe_expert_capacity_factor}: megatron drops tokens "
-                         "over an expert's capacity also in evaluation, by the load of the whole batch; no exported "
-                         "class computes that (export a dropless run)")
-    if args.moe_router_dtype == "fp64":
-        raise ValueError("--moe-router-dtype fp64: the exported classes compute the router in the model's dtype")
-    k = args.moe_router_topk
-    if args.moe_router_load_balancing_type == "sinkhorn":
-        # sinkhorn only balances in training; evaluation takes sigmoid (k = 1) or softmax scores' top k
-        score, pre_softmax, groups = ("sigmoid", False, None) if k == 1 else ("softmax", True, None)
-    else:
-        score = args.moe_router_score_function
-        pre_softmax = args.moe_router_pre_softmax or (k == 1 and score == "softmax")  # as the model config
-        groups = args.moe_router_num_groups if args.moe_router_group_topk else None
-    if score == "softmax" and groups is None:
-        if not pre_softmax and all(args.moe_layer_pattern):
-            return dict(architecture="MixtralForCausalLM", config={})
-        return dict(architecture="Qwen2MoeForCausalLM", config={"norm_topk_prob": not pre_softmax})
-    flags = ["--moe-router-score-function", score] + (["--moe-router-pre-softmax"] if pre_softmax else [])
-    if groups is not None:
-        flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", str(args.moe_router_group_topk)]
-    return dict(architecture="MegatronMoeForCausalLM", flags=tuple(flags), config={
-        "moe_router_type": "topk", "moe_router_score_function": score, "moe_router_pre_softmax": pre_softmax,
-        "moe_router_num_groups": groups, "moe_router_group_topk": args.moe_router_group_topk if groups else None})
-
-
 ROUTING_SCHEMES: Dict[str, RoutingScheme] = {scheme.name: scheme for scheme in (
-    RoutingScheme(SCHEME_FLAGS["topk"], router=TopKRouter, tracked_losses=_topk_losses, export=_topk_export),
-    RoutingScheme(SCHEME_FLAGS["base"], router=base.BaseRouter, dispatcher=base.BaseTokenDispatcher,
-                  export=base.export),
+    RoutingScheme(SCHEME_FLAGS["topk"], router=TopKRouter, tracked_losses=_topk_losses),
+    RoutingScheme(SCHEME_FLAGS["base"], router=base.BaseRouter, dispatcher=base.BaseTokenDispatcher),
     RoutingScheme(SCHEME_FLAGS["sam"], router=sam.SAMRouter, dispatcher=sam.SAMDispatcher,
-                  tracked_losses=sam.tracked_losses, export=sam.export),
+                  tracked_losses=sam.tracked_losses),
 )}
 assert set(ROUTING_SCHEMES) == set(SCHEME_FLAGS), "every scheme's flags need its router here"
 

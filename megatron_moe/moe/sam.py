@@ -58,7 +58,6 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_moe.arguments import RunConfig
 from megatron_moe.moe import packed_rows
 from megatron_moe.moe.sam_flags import SAMOptions
 
@@ -315,13 +314,3 @@ def tracked_losses(config) -> list:
     coeffs = (config.sam_group_balance_loss_coeff, config.sam_expert_balance_loss_coeff,
               config.sam_alignment_loss_coeff)
     return [name for name, coeff in zip(SAMRouter.LOSS_NAMES, coeffs) if coeff > 0]
-
-
-def export(args: RunConfig) -> dict:
-    """tools/convert_checkpoint.py export: SAM in evaluation mode (dropless whatever --sam-capacity-factor,
-    the losses are training-only) is our remote code's ``sam_route``."""
-    flags = ["--moe-router-type", "sam", "--sam-num-groups", str(args.sam_num_groups)]
-    return dict(architecture="MegatronMoeForCausalLM",
-                flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
-                config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
-                        "sam_renormalize_gates": args.sam_renormalize_gates})

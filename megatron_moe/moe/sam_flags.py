@@ -85,3 +85,13 @@ def options_from_args(config) -> SAMOptions:
         alignment_loss_coeff=config.sam_alignment_loss_coeff,
         capacity_factor=config.sam_capacity_factor,
     )
+
+
+def export(args) -> dict:
+    """tools/convert_checkpoint.py export: SAM in evaluation mode (dropless whatever --sam-capacity-factor,
+    the losses are training-only) is our remote code's ``sam_route``."""
+    flags = ["--moe-router-type", "sam", "--sam-num-groups", str(args.sam_num_groups)]
+    return dict(architecture="MegatronMoeForCausalLM",
+                flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
+                config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
+                        "sam_renormalize_gates": args.sam_renormalize_gates})

@@ -1,11 +1,14 @@
-"""The command-line half of every routing scheme: its name, flags, checks and options object.
+"""The configuration half of every routing scheme: its name, flags, checks, options object, and what it
+exports to.
 
 Light on purpose (no torch, no megatron-core), so that ``megatron_moe.arguments`` parses and validates
-before anything heavy is imported. The other half (router, dispatcher, the losses its router logs) is
+before anything heavy is imported, and ``tools/convert_checkpoint.py export`` decides the Hugging Face class
+without megatron-core. The other half (router, dispatcher, the losses its router logs) is
 :class:`megatron_moe.moe.registry.RoutingScheme`, which holds one of these.
 
 To add a scheme: write its ``NAME_flags.py`` (``add_arguments``, ``validate``, ``options_from_args``,
-``INAPPLICABLE``) and list it in :data:`SCHEME_FLAGS`, then its router in ``megatron_moe.moe.registry``.
+``INAPPLICABLE``, ``export`` if it can be exported) and list it in :data:`SCHEME_FLAGS`, then its router in
+``megatron_moe.moe.registry``.
 """
 
 from __future__ import annotations
@@ -32,12 +35,47 @@ class SchemeFlags:
     # megatron's topk router flags that do not apply to this scheme: dest -> why (set to anything but the
     # default, each is a one-line error)
     inapplicable: Mapping[str, str] = field(default_factory=dict)
+    # tools/convert_checkpoint.py export: the Hugging Face class that computes this routing in evaluation
+    # mode with these flags (a RunConfig), as keyword arguments of megatron_moe.conversion.hf_layout.Target
+    # (architecture, config, flags, router_tensor); raises ValueError naming the flag it cannot
+    # reproduce. None: the scheme is never exported. Kept here, not beside the router, so that export
+    # starts without importing megatron-core.
+    export: Optional[Callable[[Any], Dict[str, Any]]] = None
 
 
-TOPK = SchemeFlags("topk")
+def _topk_export(args) -> Dict[str, Any]:
+    """megatron-core's TopKRouter in evaluation mode: softmax routing to Mixtral / Qwen2-MoE, sigmoid scores
+    and group-limited top-k to our remote code (its ``topk_route``); token dropping is refused."""
+    if args.moe_expert_capacity_factor is not None:
+        raise ValueError(f"--moe-expert-capacity-factor {args.moe_expert_capacity_factor}: megatron drops tokens "
+                         "over an expert's capacity also in evaluation, by the load of the whole batch; no exported "
+                         "class computes that (export a dropless run)")
+    if args.moe_router_dtype == "fp64":
+        raise ValueError("--moe-router-dtype fp64: the exported classes compute the router in the model's dtype")
+    k = args.moe_router_topk
+    if args.moe_router_load_balancing_type == "sinkhorn":
+        # sinkhorn only balances in training; evaluation takes sigmoid (k = 1) or softmax scores' top k
+        score, pre_softmax, groups = ("sigmoid", False, None) if k == 1 else ("softmax", True, None)
+    else:
+        score = args.moe_router_score_function
+        pre_softmax = args.moe_router_pre_softmax or (k == 1 and score == "softmax")  # as the model config
+        groups = args.moe_router_num_groups if args.moe_router_group_topk else None
+    if score == "softmax" and groups is None:
+        if not pre_softmax and all(args.moe_layer_pattern):
+            return dict(architecture="MixtralForCausalLM", config={})
+        return dict(architecture="Qwen2MoeForCausalLM", config={"norm_topk_prob": not pre_softmax})
+    flags = ["--moe-router-score-function", score] + (["--moe-router-pre-softmax"] if pre_softmax else [])
+    if groups is not None:
+        flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", str(args.moe_router_group_topk)]
+    return dict(architecture="MegatronMoeForCausalLM", flags=tuple(flags), config={
+        "moe_router_type": "topk", "moe_router_score_function": score, "moe_router_pre_softmax": pre_softmax,
+        "moe_router_num_groups": groups, "moe_router_group_topk": args.moe_router_group_topk if groups else None})
+
+
+TOPK = SchemeFlags("topk", export=_topk_export)
 BASE = SchemeFlags("base", base_flags.add_arguments, base_flags.validate, base_flags.options_from_args,
-                   base_flags.INAPPLICABLE)
+                   base_flags.INAPPLICABLE, base_flags.export)
 SAM = SchemeFlags("sam", sam_flags.add_arguments, sam_flags.validate, sam_flags.options_from_args,
-                  sam_flags.INAPPLICABLE)
+                  sam_flags.INAPPLICABLE, sam_flags.export)
 
 SCHEME_FLAGS: Dict[str, SchemeFlags] = {scheme.name: scheme for scheme in (TOPK, BASE, SAM)}
