@@ -24,6 +24,7 @@ from megatron_moe.arguments import RunConfig, build_parser
 from megatron_moe.conversion import hf_files, hf_layout
 from megatron_moe.conversion.dist_files import CheckpointReader
 from megatron_moe.conversion.hf_layout import ConversionError
+from megatron_moe.tokenizer import build_tokenizer
 
 
 def latest_checkpoint(load: str) -> Path:
@@ -76,8 +77,6 @@ def _in_background(check, directory: Path):
 
 def _write_folder(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
                   dtype: Optional[str], verification: Optional[Future]) -> List[str]:
-    from megatron_moe.tokenizer import build_tokenizer
-
     tokenizer = build_tokenizer(args)
     vocab = tokenizer.vocab_size
     if args.tokenizer_vocab_size is not None and vocab != args.tokenizer_vocab_size:
