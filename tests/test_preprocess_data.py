@@ -455,13 +455,22 @@ def test_worker_failure_exits_nonzero_with_reason_and_no_output(fault, fragments
     assert os.listdir(tmp_path) == []
 
 
-def test_ctrl_c_stops_cleanly_without_output(tmp_path):
-    corpus = tmp_path / "kjv3.jsonl"
-    corpus.write_bytes(KJV.read_bytes() * 3)
+def running_on_a_large_corpus(directory: Path, workers: int):
+    """(the tool's process, its input) once it has merged its first chunk, well before it ends: 20 x KJV
+    (137 MB) takes 4-9 s, so a signal sent now lands mid-run even when the test is scheduled late (3 x KJV,
+    done in 1.3 s, once finished before the signal on a loaded CI machine)."""
+    corpus = directory / "kjv20.jsonl"
+    corpus.write_bytes(KJV.read_bytes() * 20)
     command = [sys.executable, str(TOOL), "--input", str(corpus), "--output-prefix",
-               str(tmp_path / "out"), *map(str, GPT2), "--workers", "1", "--log-interval", "1"]
+               str(directory / "out"), *map(str, GPT2), "--workers", str(workers), "--log-interval", "1"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert proc.stderr.readline().startswith("Processed")  # mid-run: the first chunk is merged
+    assert proc.poll() is None, "the tool finished before the test could signal it"
+    return proc, corpus
+
+
+def test_ctrl_c_stops_cleanly_without_output(tmp_path):
+    proc, corpus = running_on_a_large_corpus(tmp_path, workers=1)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: no output was written" in stderr
@@ -488,14 +497,9 @@ def killed_run(tmp_path_factory):
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs Linux /proc to find the worker processes")
     directory = tmp_path_factory.mktemp("killed")
-    corpus = directory / "kjv3.jsonl"
-    corpus.write_bytes(KJV.read_bytes() * 3)
-    command = [sys.executable, str(TOOL), "--input", str(corpus), "--output-prefix",
-               str(directory / "out"), *map(str, GPT2), "--workers", "2", "--log-interval", "1"]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    proc, corpus = running_on_a_large_corpus(directory, workers=2)
     workers = []
     try:
-        assert proc.stderr.readline().startswith("Processed")  # mid-run: workers are busy
         workers = _children(proc.pid)
         assert len(workers) >= 2, workers  # the two workers (and a resource tracker on some Pythons)
         proc.kill()
