@@ -1,11 +1,12 @@
 """The run's tokenizer from its flags (``--tokenizer-type`` and its files), as megatron-core's datasets read
-one. No megatron-core import at module level: export builds it too, and starts without megatron-core."""
+one. It imports nothing of megatron-core: export builds it too, and starts without megatron-core."""
 
 from __future__ import annotations
 
 from typing import Dict
 
 from megatron_moe.errors import ConfigError
+from megatron_moe.preprocessing import text_tokenizers
 
 
 def build_tokenizer(args):
@@ -15,11 +16,8 @@ def build_tokenizer(args):
     ``vocab_size`` from the same inputs: megatron-core 0.16.1's GPT2 and Hugging Face tokenizers need the
     ``transformers`` package (and may fetch files), and its NullTokenizer would import all of megatron-core.
     """
-    from megatron_moe.preprocessing import text_tokenizers
-
-    files = dict(vocab_file=args.vocab_file, merge_file=args.merge_file, tokenizer_model=args.tokenizer_model)
-    if args.tokenizer_type == "NullTokenizer":
-        files = dict(vocab_size=args.vocab_size)
+    files = dict(vocab_size=args.vocab_size) if args.tokenizer_type == "NullTokenizer" else \
+        dict(vocab_file=args.vocab_file, merge_file=args.merge_file, tokenizer_model=args.tokenizer_model)
     try:
         tokenizer = text_tokenizers.build_tokenizer(args.tokenizer_type, **files)
     except Exception as error:  # missing/corrupt local files: a user error, one line
