@@ -470,8 +470,12 @@ def running_on_a_large_corpus(directory: Path, workers: int):
     command = [sys.executable, str(TOOL), "--input", str(corpus), "--output-prefix",
                str(directory / "out"), *map(str, GPT2), "--workers", str(workers), "--log-interval", "1"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
-    assert proc.stderr.readline().startswith("Processed")  # mid-run: the first chunk is merged
-    assert proc.poll() is None, "the tool finished before the test could signal it"
+    try:
+        assert proc.stderr.readline().startswith("Processed")  # mid-run: the first chunk is merged
+        assert proc.poll() is None, "the tool finished before the test could signal it"
+    except AssertionError:
+        proc.kill()  # its workers follow it (test_workers_die_with_a_sigkilled_main_process)
+        raise
     return proc, corpus
 
 
