@@ -355,6 +355,20 @@ def test_bf16_routing_goes_to_a_class_that_chooses_on_the_same_precision():
     assert refused.startswith("--moe-shared-expert-intermediate-size 32: MegatronMoeForCausalLM has no shared expert;")
 
 
+def test_an_architecture_is_one_record(monkeypatch):
+    """Removing a record removes its class from export (the next record that computes the model takes it)
+    and from import."""
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion import hf_layout
+
+    sigmoid = parse_args(ONE + SIGMOID, world_size=1)
+    assert hf_layout.export_target(sigmoid).architecture.name == GLM
+    monkeypatch.setattr(hf_layout, "ARCHITECTURES", tuple(a for a in hf_layout.ARCHITECTURES if a.name != GLM))
+    assert hf_layout.export_target(sigmoid).architecture.name == REMOTE
+    with pytest.raises(hf_layout.ConversionError, match=r"architectures \['Glm4MoeForCausalLM'\]: import supports"):
+        hf_layout.args_from_hf_config({"architectures": [GLM]})
+
+
 def test_remote_code_routing_equals_training_code():
     """The remote code's routing functions are copies of the training code's (the folder must run without
     megatron-moe): the same experts and gates, bit for bit, on random logits for every option."""
@@ -425,10 +439,19 @@ def test_sam_folder_never_imports_as_topk(tmp_path):
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]
 
 
-def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
-    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
+def word_tokenizer(folder: Path) -> None:
+    """A tokenizer.json of WORDS (bos 1, eos 2) with its tokenizer_config.json."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>"}))
+
+
+def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
+    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
     torch.manual_seed(0)
     config = transformers.Qwen2MoeConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -437,11 +460,7 @@ def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bia
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = transformers.Qwen2MoeForCausalLM(config).eval()
     model.save_pretrained(folder, max_shard_size="40KB" if shards else "1GB")
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                              "unk_token": "<unk>"}))
+    word_tokenizer(folder)
     return folder
 
 
@@ -477,6 +496,28 @@ def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(shared, qkv_bias,
     assert (tmp_path / "back" / "tokenizer.json").is_file()
     mode = (tmp_path / "back").stat().st_mode & 0o777
     assert mode == 0o777 & ~current_umask()
+
+
+def test_real_glm4_moe_folder_imports_and_exports_back(tmp_path):
+    """A random GLM-4.5-shaped model made by transformers (sigmoid top-2 over one group, a dense first layer, an
+    ungated shared expert, 4 half-rotary heads of 16 in a hidden size of 32) imports with its logits and
+    exports back to its class."""
+    torch.manual_seed(0)
+    config = transformers.Glm4MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    transformers.Glm4MoeForCausalLM(config).save_pretrained(tmp_path / "glm")
+    word_tokenizer(tmp_path / "glm")
+    pretrain = convert("import", "--hf", str(tmp_path / "glm"), "--save", str(tmp_path / "ckpt")).stdout.split(
+        "pretrain with: ")[1].split()
+    assert {"--rotary-percent", "--moe-shared-expert-intermediate-size"} <= set(pretrain)
+    ours = checkpoint_logits(tmp_path, QWEN_RUN + pretrain)
+    _, theirs = hf_logits(tmp_path / "glm", ours["tokens"])
+    assert (theirs[..., :96] - ours["logits"]).abs().max().item() <= TOLERANCE
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
+    model, again = hf_logits(tmp_path / "back", ours["tokens"])
+    assert type(model).__name__ == GLM and (again - ours["logits"]).abs().max().item() <= TOLERANCE
 
 
 def current_umask() -> int:
