@@ -122,4 +122,6 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
              f"({', '.join(written)})", tokenizer_line]
     if target.architecture.remote_code:
         lines.append("load it with trust_remote_code=True (its modeling code is in the folder)")
+    elif target.routing.native_note:
+        lines.append(f"note: {target.routing.native_note}")
     return lines

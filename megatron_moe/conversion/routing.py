@@ -24,6 +24,8 @@ class EvalRouting:
     dtype before choosing). ``router_tensor``: our router parameter, ``weight`` or BASE's ``centroids``.
     ``remote_config`` / ``remote_flags``: how our remote code computes it (its config.json fields) and
     the flags that rebuild it on import. ``flags``: the flags that chose this rule, for messages.
+    ``native_note``: what a native class computing this rule may still decide otherwise, printed by export
+    (docs/conversion.md).
     """
 
     topk: int
@@ -36,6 +38,7 @@ class EvalRouting:
     router_tensor: str = "weight"
     remote_config: Mapping[str, Any] = field(default_factory=dict)
     remote_flags: Tuple[str, ...] = ()
+    native_note: str = ""
 
 
 def router_fp32(args) -> bool:
