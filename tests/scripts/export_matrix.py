@@ -34,16 +34,11 @@ LEGACY_FIELDS = {"rope_theta", "partial_rotary_factor", "torch_dtype"}
 
 
 def hf_logits(folder: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                              trust_remote_code=True).eval()
-    with torch.no_grad():
-        return type(model).__name__, model(TOKENS).logits
-
-
-def servable(folder: Path) -> dict:
-    """What would keep a serving engine from loading the folder as its class."""
+    """(class name, logits on TOKENS, what would keep a serving engine from loading the folder as its class)."""
     model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                                                     trust_remote_code=True, output_loading_info=True)
+    with torch.no_grad():
+        logits = model.eval()(TOKENS).logits
     config = json.loads((folder / "config.json").read_text())
     arch = architecture(config["architectures"][0])
     defined = set(type(model.config)().to_dict()) | LEGACY_FIELDS | arch.reads
@@ -52,10 +47,11 @@ def servable(folder: Path) -> dict:
     sizes = {}
     for shard in folder.glob("*.safetensors"):
         sizes.update({name: shape for name, (shape, _, _) in safetensors_header(shard).items()})
-    return {"loading_info": {key: sorted(map(str, info[key])) for key in ("missing_keys", "unexpected_keys",
-                                                                          "mismatched_keys")},
-            "zero_sized": sorted(name for name, shape in sizes.items() if 0 in shape),
-            "unknown_fields": sorted(set(config) - defined)}
+    return type(model).__name__, logits, {
+        "loading_info": {key: sorted(map(str, info[key])) for key in ("missing_keys", "unexpected_keys",
+                                                                      "mismatched_keys")},
+        "zero_sized": sorted(name for name, shape in sizes.items() if 0 in shape),
+        "unknown_fields": sorted(set(config) - defined)}
 
 
 def logits(argv):
@@ -77,15 +73,15 @@ def run_case(work: Path, job_flags, flags, remote_code: bool):
         export(str(work / "ckpt"), str(work / "hf"), remote_code=remote_code)
     except ConversionError as error:
         return {"refused": str(error)}
-    name, theirs = hf_logits(work / "hf")
-    result = {"class": name, "diff": (theirs - ours).abs().max().item(), **servable(work / "hf")}
+    name, theirs, servable = hf_logits(work / "hf")
+    result = {"class": name, "diff": (theirs - ours).abs().max().item(), **servable}
     parallel_state.destroy_model_parallel()
     lines = import_hf(str(work / "hf"), str(work / "imported"))
     # the imported checkpoint is what --load --finetune reads, with the flags the import printed
     pretrain = next(line for line in lines if line.startswith("pretrain with: ")).split()[2:]
     result["load_diff"] = (logits(job_flags + pretrain)[0] - ours).abs().max().item()
     export(str(work / "imported"), str(work / "hf2"), remote_code=remote_code)
-    name2, again = hf_logits(work / "hf2")
+    name2, again, _ = hf_logits(work / "hf2")
     result.update(round_trip_class=name2, round_trip_diff=(again - theirs).abs().max().item())
     return result
 
