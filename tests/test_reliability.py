@@ -188,23 +188,40 @@ def _records(prefix: Path, rank: int) -> list:
     return [json.loads(p.read_text()) for p in paths]
 
 
-def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(tmp_path):
-    """Two torchrun agents ("nodes", one rank each) meet by c10d rendezvous with --max-restarts 1. Rank 1 is
-    SIGKILLed after iteration 3 (the last checkpoint is iteration 2): torchrun relaunches both nodes, the job
-    resumes from iteration 2, and its losses and final weights equal an uninterrupted run's bit for bit."""
-    flags = TINY_MOE + ["--expert-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "2"]
-    reference = tmp_path / "reference"
-    torchrun(2, SCRIPTS / "train_with_fault.py", [str(reference), *flags, "--save", str(tmp_path / "ref_ckpt")])
+RESTART_FLAGS = TINY_MOE + ["--expert-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "2"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """What each rank of an uninterrupted run of RESTART_FLAGS records."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    torchrun(2, SCRIPTS / "train_with_fault.py", [str(tmp / "reference"), *RESTART_FLAGS, "--save", str(tmp / "ckpt")])
+    return [_records(tmp / "reference", rank)[-1] for rank in (0, 1)]
+
+
+def _rendezvous(backend: str, port: int, node_rank: int) -> list:
+    if backend == "c10d":
+        return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reliability"]
+    # torchrun's default: static rendezvous on the master's address
+    return ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node-rank", str(node_rank)]
+
+
+@pytest.mark.parametrize("backend, share_store", [("c10d", "1"), ("static", "0")])
+def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(backend, share_store, uninterrupted, tmp_path):
+    """Two torchrun agents ("nodes", one rank each) meet by c10d rendezvous (with a fresh store per attempt)
+    or by torchrun's default static rendezvous (its store shared with the workers across attempts), with
+    --max-restarts 2. Rank 1 is SIGKILLed after iteration 3 (the last checkpoint is iteration 2): torchrun
+    relaunches both nodes, the job resumes from iteration 2, and its losses and final weights equal an
+    uninterrupted run's bit for bit."""
     ckpt, out, port = tmp_path / "ckpt", tmp_path / "elastic", _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reliability",
-            "--max-restarts", "1", str(SCRIPTS / "train_with_fault.py"), str(out), *flags,
-            "--save", str(ckpt), "--load", str(ckpt)]
-    nodes = [subprocess.Popen(node, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE=share_store)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               *_rendezvous(backend, port, node_rank), "--max-restarts", "2",
+                               str(SCRIPTS / "train_with_fault.py"), str(out), *RESTART_FLAGS,
+                               "--save", str(ckpt), "--load", str(ckpt)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node_rank in range(2)]
     try:
         logs = [n.communicate(timeout=400)[0] for n in nodes]
     finally:
@@ -212,14 +229,36 @@ def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(tmp_path):
             n.kill()
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
 
-    straight = [_records(reference, rank)[-1] for rank in (0, 1)]
     elastic = [_records(out, rank) for rank in (0, 1)]
     assert all(len(attempts) >= 2 for attempts in elastic), "both ranks ran again after the kill"
     killed_at = elastic[1][0]["iteration_end_times"]["3"]
     for rank in (0, 1):
         resumed = elastic[rank][-1]
         assert sorted(resumed["iteration_end_times"], key=int) == ["3", "4", "5", "6"], "resumed from iteration 2"
-        assert resumed["losses"] == straight[rank]["losses"][2:]
-        assert resumed["parameter_sums"] == straight[rank]["parameter_sums"]
+        assert resumed["losses"] == uninterrupted[rank]["losses"][2:]
+        assert resumed["parameter_sums"] == uninterrupted[rank]["parameter_sums"]
     first_step = min(records[-1]["iteration_end_times"]["3"] for records in elastic)
-    print(f"restart to first step: {first_step - killed_at:.1f} s after the kill")
+    print(f"{backend} rendezvous: restart to first step {first_step - killed_at:.1f} s after the kill")
+
+
+def test_restarts_that_could_not_meet_are_refused_with_the_ways_that_work(monkeypatch):
+    """c10d rendezvous over several nodes with its store shared across attempts: the restart counts of the
+    nodes may differ, so the start is refused naming TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and static rendezvous.
+    One node, or static rendezvous (recognised by its agents' rank assignment in the store), may restart."""
+    import torch.distributed as dist
+
+    from megatron_moe.platform import elastic_restart_problem
+
+    store = dist.HashStore()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    problem = elastic_restart_problem(store)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in problem and "static rendezvous" in problem
+    store.set("job7/torchelastic/assigned_ranks/0", "[]")  # what torchrun's agents write with static rendezvous
+    assert elastic_restart_problem(store) is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert elastic_restart_problem(dist.HashStore()) is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert elastic_restart_problem(dist.HashStore()) is None
