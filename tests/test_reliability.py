@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import REPO, SCRIPTS, TINY_MOE, torchrun
-from test_training_job import assert_one_line_error, launch
+from launcher import REPO, SCRIPTS, TINY_MOE, assert_one_line_error, launch, torchrun
 
 from megatron_moe.arguments import ConfigError
 
