@@ -232,9 +232,9 @@ def elastic_restart_problem(agent_store: dist.Store) -> Optional[str]:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if agent_store.check([f"{run_id}/torchelastic/assigned_ranks/0"]):
         return None  # static rendezvous
-    return ("torchrun --max-restarts with c10d rendezvous over several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-            "in torchrun's environment (every attempt then gets a fresh store), or torchrun's default static "
-            "rendezvous (--master-addr/--master-port)")
+    return ("torchrun --max-restarts with c10d rendezvous over several nodes needs "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (every attempt then gets a fresh store), "
+            "or torchrun's default static rendezvous (--master-addr/--master-port)")
 
 
 _forker = {"pid": 0, "main_thread": True}  # who is forking: set just before each fork, read in the child

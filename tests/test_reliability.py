@@ -261,3 +261,101 @@ def test_restarts_that_could_not_meet_are_refused_with_the_ways_that_work(monkey
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
     assert elastic_restart_problem(dist.HashStore()) is None
+
+
+# --- one writer per --save directory ---------------------------------------------------------------------
+
+def _wait_for(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie that nobody reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _start(script, args, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_second_job_on_the_same_save_is_refused_and_a_dead_job_leaves_no_lock(tmp_path):
+    """A job resubmitted while the first still writes --save stops in one line naming the running one; once the
+    first is killed (SIGKILL: no clean-up of its own), a new job starts and saves."""
+    ckpt, log = tmp_path / "ckpt", tmp_path / "first.log"
+    first = _start(REPO / "pretrain_gpt_moe.py", [*TINY_MOE, "--train-iters", "100000", "--save-interval", "1000",
+                                                  "--save", str(ckpt)], log)
+    try:
+        _wait_for(lambda: " iteration        1/" in log.read_text() or first.poll() is not None, "the first job")
+        second = launch(TINY_MOE + ["--train-iters", "1", "--save", str(ckpt)])
+        line = assert_one_line_error(second, f"--save {ckpt}: another job is writing there (pid {first.pid} on ")
+        assert "give this job another --save" in line and "arguments ---" not in second.stdout
+    finally:
+        first.kill()
+        first.wait()
+    third = launch(TINY_MOE + ["--train-iters", "1", "--save", str(ckpt)])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (ckpt / TRACKER).read_text() == "1"
+
+
+def test_rank_killed_mid_save_takes_its_writer_processes_along(tmp_path):
+    """megatron-core's checkpoint writer forks write processes; SIGKILL the rank while they write (held in
+    a 300 s sleep): they end with it. The save's unfinished folder never takes the iteration's name, and the
+    next job on --save removes it and resumes from the last whole checkpoint."""
+    ckpt, pids, log = tmp_path / "ckpt", tmp_path / "pids", tmp_path / "rank.log"
+    pids.mkdir()
+    rank = _start(SCRIPTS / "slow_checkpoint_writer.py", [str(pids), *TINY_MOE, "--train-iters", "2",
+                                                          "--save", str(ckpt)], log)
+    try:
+        _wait_for(lambda: len(list(pids.glob("writer.*"))) >= 2 or rank.poll() is not None, "the write processes")
+        writers = {int(path.name.split(".")[1]): int(path.read_text()) for path in pids.glob("writer.*")}
+        assert len(writers) >= 2 and set(writers.values()) == {rank.pid}, (writers, log.read_text()[-3000:])
+        rank.kill()
+        rank.wait()
+        _wait_for(lambda: not any(_alive(pid) for pid in writers), "the write processes to end", timeout=10)
+    finally:
+        rank.kill()
+        for pid in writers if "writers" in locals() else ():
+            if _alive(pid):
+                os.kill(pid, 9)
+    assert not (ckpt / "iter_0000002").exists() and not (ckpt / TRACKER).exists()
+    unfinished = [path.name for path in ckpt.glob("iter_0000002.partial-*")]
+    assert len(unfinished) == 1, sorted(os.listdir(ckpt))
+
+    again = launch(TINY_MOE + ["--train-iters", "2", "--save", str(ckpt), "--load", str(ckpt)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"removed 1 unfinished save folder(s) of a job that ended during a save: {unfinished[0]}" in again.stdout
+    assert sorted(path.name for path in ckpt.glob("iter_*")) == ["iter_0000002"]
+
+
+def test_tracker_naming_a_missing_iteration_says_the_folder_is_missing(saved, tmp_path):
+    root = copy_of(saved, tmp_path)
+    shutil.rmtree(root / "iter_0000002")
+    assert_one_line_error(resume(root), f"--load: {root / TRACKER} names iteration 2, but the folder "
+                                        f"{root / 'iter_0000002'} is missing")
+
+
+def test_our_own_error_while_loading_is_not_reported_as_a_damaged_checkpoint(saved, tmp_path):
+    """Only the read of the files is reported as damage: a bug of ours building the load template surfaces."""
+    code = ("import sys\n"
+            "from megatron_moe import checkpointing\n"
+            "def broken(*args, **kwargs):\n"
+            "    raise KeyError('a bug of ours')\n"
+            "checkpointing._sharded_state_dict = broken\n"
+            "sys.argv = ['pretrain_gpt_moe.py'] + sys.argv[1:]\n"
+            "import pretrain_gpt_moe\n"
+            "sys.exit(pretrain_gpt_moe.main())\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", code, *TINY_MOE, "--train-iters", "3", "--load",
+                             str(copy_of(saved, tmp_path))], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "KeyError: 'a bug of ours'" in result.stderr, result.stderr[-3000:]
+    assert "damaged" not in result.stderr
