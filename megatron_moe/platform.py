@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from megatron_moe.errors import ConfigError
+from megatron_moe.preprocessing.worker_lifetime import die_with_parent  # imported here, never in a forked child
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,6 @@ def _note_forker() -> None:
 
 
 def _die_with_forker() -> None:
-    from megatron_moe.preprocessing.worker_lifetime import die_with_parent
-
     die_with_parent(_forker["pid"], kernel=_forker["main_thread"])
 
 
