@@ -91,6 +91,9 @@ def _check_on_this_node(args, vocab_size: int) -> Dict[str, object]:
                 checks.append((prefix, check_dataset(prefix, vocab_size, args.data_cache_path)))
             except DatasetError as error:
                 raise ConfigError(f"--data-path: {error}") from None
+            except OSError as error:
+                raise ConfigError(f"--data-path: cannot read {error.filename or prefix} ({error.strerror or error}); "
+                                  "give this job read access to the dataset") from None
     except ConfigError as error:
         return {"problem": str(error), "notes": []}
     return {"problem": None, "notes": [note for prefix, check in checks

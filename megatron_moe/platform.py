@@ -146,8 +146,7 @@ def fp8_problem() -> Optional[str]:
     name = torch.cuda.get_device_name(_local_rank())
     if capability < FP8_MIN_CAPABILITY:
         return (f"--fp8-format needs a GPU of compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
-                f"or later (Hopper, Ada); {name} has {capability[0]}.{capability[1]}: leave out --fp8-format "
-                "(bf16 runs on it)")
+                f"or later (Hopper, Ada); {name} has {capability[0]}.{capability[1]}: leave out --fp8-format")
     cuda = tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
     if capability < (9, 0) and cuda < FP8_ADA_MIN_CUDA:
         return (f"--fp8-format on {name} (compute capability {capability[0]}.{capability[1]}) needs CUDA "

@@ -130,7 +130,8 @@ def test_training_on_read_only_data_without_a_cache_path(files, read_only, tmp_p
     result = launch(ON_FILES + files["tokenizer"] + ["--data-path", prefix, "--split", "90,10,0", "--train-iters", "1"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"> {prefix}.bin scanned for its largest token id" in result.stdout
-    assert "its folder is not writable and no --data-cache-path is given: the next start scans it again" in result.stdout
+    assert ("its folder is not writable and no --data-cache-path is given: the next start scans it again"
+            in result.stdout)
     assert "the sample indices are built in memory at every start" in result.stdout
     assert " iteration        1/" in result.stdout
     assert sorted(os.listdir(folder)) == ["a.bin", "a.idx"]

@@ -133,8 +133,9 @@ def test_cpu_machine_refuses_cuda_and_nccl_in_one_line(monkeypatch):
 
 
 def test_gpu_machine_without_transformer_engine_names_the_way_out(gpu):
-    with pytest.raises(ConfigError, match=r"^--transformer-impl transformer_engine \(the default on CUDA\) needs "
-                                          r"NVIDIA Transformer Engine, which is not installed: .*pass --transformer-impl local$"):
+    missing = (r"^--transformer-impl transformer_engine \(the default on CUDA\) needs NVIDIA Transformer Engine, "
+               r"which is not installed: .*pass --transformer-impl local$")
+    with pytest.raises(ConfigError, match=missing):
         platform.check_start(_Run(transformer_impl="transformer_engine"))
     with pytest.raises(ConfigError, match=r"with --fp8-format needs NVIDIA Transformer Engine, which is not installed"):
         platform.check_start(_Run(transformer_impl="transformer_engine", fp8_format="hybrid"))
