@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--load", default=None, help="checkpoint directory to resume from (its latest iteration)")
     g.add("--ckpt-format", choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"], default="torch_dist",
           help="only torch_dist (megatron-core distributed checkpoints) is written and read")
-    g.add("--save-interval", type=int, default=None, valid=at_least(1), help="save every N iterations (and at the end)")
+    g.add("--save-interval", "--persistent-save-interval", type=int, default=None, valid=at_least(1),
+          help="save every N iterations (and at the end)")
     g.add("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit")
     g.add("--finetune", action="store_true",
           help="load model weights only; iteration, data position, optimizer and RNG start fresh")
@@ -24,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                "DP reshardability (--use-distributed-optimizer; other optimizers always reshard fully)")
     g.add("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
           help="load without checking the checkpoint's file digests (manifest.json)")
-    g.add("--override-opt_param-scheduler", action="store_true",
+    g.add("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
           help="on --load: the LR schedule follows these flags where it differs from the checkpoint's")
-    g.add("--use-checkpoint-opt_param-scheduler", action="store_true",
+    g.add("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler", action="store_true",
           help="on --load: the LR schedule follows the checkpoint where it differs from these flags")
 
 
