@@ -43,7 +43,8 @@ SCHEMES = {
 
 def model_flags(ep: int, topk: int, scheme: str):
     return ["--num-layers", "1", "--hidden-size", str(HIDDEN), "--num-attention-heads", "4",
-            "--seq-length", "32", "--swiglu", "--normalization", "RMSNorm", "--num-experts", str(EXPERTS),
+            "--seq-length", "32", "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
+            "--num-experts", str(EXPERTS),
             "--moe-ffn-hidden-size", str(FFN), "--moe-router-topk", str(topk), "--moe-aux-loss-coeff", "0",
             "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
             "--sam-alignment-loss-coeff", "0", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",

@@ -43,7 +43,8 @@ WORKER = Path(__file__).resolve().parent / "_train_step_worker.py"
 # PP=4 has one per stage, 8 experts so EP=4 has two per rank, 8 micro batches so PP has a pipeline to fill.
 MODEL = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
-    "--max-position-embeddings", "128", "--swiglu", "--normalization", "RMSNorm", "--num-experts", "8",
+    "--max-position-embeddings", "128", "--swiglu", "--ffn-hidden-size", "512", "--disable-bias-linear",
+    "--normalization", "RMSNorm", "--num-experts", "8",
     "--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "1e-4", "--lr-warmup-iters", "0",
     "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "1000000", "--eval-iters", "1",

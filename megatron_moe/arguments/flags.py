@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -100,9 +102,20 @@ def check_flags(config) -> None:
             require(problem is None, f"{flag_name(field.name)} {problem}")
 
 
+def default_of(config, dest: str):
+    return config.__dataclass_fields__[dest].default
+
+
 def given(config, dest: str) -> bool:
     """Whether flag ``dest`` differs from its default."""
-    return getattr(config, dest) != config.__dataclass_fields__[dest].default
+    return getattr(config, dest) != default_of(config, dest)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, from the first rank only: a flag taken with Megatron-LM's meaning that a user may
+    not expect."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def require(condition: bool, message: str) -> None:

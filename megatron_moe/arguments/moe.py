@@ -76,6 +76,13 @@ def validate(c) -> Optional[Dict[str, Any]]:
             "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core requires it)")
     require(1 <= c.moe_router_topk <= c.num_experts,
             f"--moe-router-topk {c.moe_router_topk} must be between 1 and --num-experts {c.num_experts}")
+    if not c.disable_bias_linear:  # what megatron-core 0.16.1's experts can do with biases
+        require(c.tensor_model_parallel_size == 1,
+                "MoE layers with linear biases need an expert tensor-parallel size of 1 (megatron-core; here it is "
+                "--tensor-model-parallel-size): pass --disable-bias-linear or --tensor-model-parallel-size 1")
+        require(c.moe_shared_expert_intermediate_size is None,
+                "--moe-shared-expert-intermediate-size needs --disable-bias-linear (megatron-core's shared experts "
+                "have no biases)")
     filled = {"moe_ffn_hidden_size": c.moe_ffn_hidden_size or c.ffn_hidden_size,
               "moe_layer_pattern": moe_layer_pattern(c), **_validate_router_flags(c)}
     scheme = SCHEME_FLAGS[c.moe_router_type]

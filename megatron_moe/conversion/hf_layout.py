@@ -67,7 +67,7 @@ def head_dim(args) -> int:
 
 
 def query_groups(args) -> int:
-    return args.num_query_groups or args.num_attention_heads
+    return args.num_query_groups if args.group_query_attention else args.num_attention_heads
 
 
 def check_exportable(args) -> None:
@@ -78,6 +78,8 @@ def check_exportable(args) -> None:
     _require(args.rotary_percent == 1.0, f"--rotary-percent {args.rotary_percent}: the exported classes need 1.0")
     _require(args.normalization == "RMSNorm", f"--normalization {args.normalization}: the exported classes need RMSNorm")
     _require(args.swiglu, "--swiglu is off: the exported classes use SwiGLU experts")
+    _require(args.disable_bias_linear, "--disable-bias-linear is off: the model's linear layers have biases, the "
+             "exported classes have none (export a model trained with --disable-bias-linear)")
     _require(getattr(args, "fp8_format", None) is None,
              f"--fp8-format {args.fp8_format}: our model computes its GEMMs in FP8, the exported classes cannot")
 
@@ -196,9 +198,11 @@ def args_from_hf_config(config: Dict) -> List[str]:
         else:
             _require(topk > 1, "norm_topk_prob true with num_experts_per_tok 1: megatron's top-1 is not renormalised")
     heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
     flags = [
         "--num-layers", str(layers), "--hidden-size", str(config["hidden_size"]),
-        "--num-attention-heads", str(heads), "--num-query-groups", str(config.get("num_key_value_heads") or heads),
+        "--num-attention-heads", str(heads),
+        *(["--group-query-attention", "--num-query-groups", str(kv_heads)] if kv_heads != heads else []),
         "--kv-channels", str(config.get("head_dim") or config["hidden_size"] // heads),
         "--ffn-hidden-size", str(ffn), "--moe-ffn-hidden-size", str(moe_ffn),
         "--max-position-embeddings", str(config["max_position_embeddings"]),
