@@ -131,8 +131,13 @@ def summarize_run(flags: List[str], k: int, start: float, scalars: Dict[str, lis
     """The figures of one run from its scalars (see the module docstring)."""
     tokens_per_iter = int(flag_value(flags, "--global-batch-size")) * int(flag_value(flags, "--seq-length"))
     log_interval = int(flag_value(flags, "--log-interval"))
+    interval = int(flag_value(flags, "--eval-interval"))
+    periodic = {}  # the validations every --eval-interval (the final one, after the last iteration, left out)
+    for step, wall, value in scalars["validation lm loss"]:
+        if step % interval == 0:
+            periodic.setdefault(step, (wall, value))
     validation = [{"iteration": step, "tokens": step * tokens_per_iter, "seconds": wall - start, "loss": value}
-                  for step, wall, value in scalars["validation lm loss"]]
+                  for step, (wall, value) in periodic.items()]
     throughput = [value for _, _, value in scalars["throughput (tokens/s)"]][1:] or \
                  [value for _, _, value in scalars["throughput (tokens/s)"]]
     layers = sorted({tag.split("/")[1] for tag in scalars if tag.startswith("expert-load/")})

@@ -68,10 +68,14 @@ def _from_format_1(values: Dict[str, Any]) -> Dict[str, Any]:
     return values
 
 
+# Defaults format 3 changed to Megatron-LM's: a file written before that lacks the setting ran with these
+_FORMAT_2_DEFAULTS = {"eval_interval": 1000}
+
+
 def _from_format_2(values: Dict[str, Any]) -> Dict[str, Any]:
     """A format-2 run config as format-3 values: MoE models had no linear biases whatever
     ``--disable-bias-linear`` said, and ``--num-query-groups`` alone meant grouped-query attention."""
-    values = dict(values)
+    values = {**_FORMAT_2_DEFAULTS, **values}
     if values.get("num_experts") is not None:
         values["disable_bias_linear"] = True
     groups = values.pop("num_query_groups", None)

@@ -130,6 +130,7 @@ def test_format_1_run_configs_still_load():
     config = run_config.from_json(json.dumps(FORMAT_1))
     assert (config.sam_num_groups, config.sam_renormalize_gates, config.moe_layer_pattern) == (2, True, (0, 1, 1, 1))
     assert saved_sharding_type(config) == "fully_reshardable" and config.padded_vocab_size == 1280
+    assert config.eval_interval == 1000  # the default when it was written
     rebuilt = parse_args(config.flags((ARCHITECTURE, MODEL, TOKENIZER)) + ["--train-iters", "1", "--lr", "0",
                                                                               "--micro-batch-size", "1", "--mock-data"])
     assert all(getattr(rebuilt, name) == getattr(config, name) for name in RunConfig.names([ARCHITECTURE])
