@@ -157,6 +157,26 @@ def test_query_groups_need_group_query_attention(capsys):
         args_with("--group-query-attention", "--num-query-groups", "3")
 
 
+def _dense():
+    """REQUIRED without its MoE flags."""
+    flags = REQUIRED
+    for moe_flag in [flag for flag in REQUIRED if flag.startswith(("--num-experts", "--moe-"))]:
+        flags = _without(flags, moe_flag)
+    return flags
+
+
+@pytest.mark.parametrize("flags", [["--moe-router-topk", "4"], ["--moe-aux-loss-coeff", "0.01"],
+                                   ["--moe-router-type", "sam"], ["--sam-num-groups", "2"], ["--no-base-shuffle"],
+                                   ["--moe-layer-freq", "2"], ["--moe-grouped-gemm"], ["--moe-layer-recompute"]],
+                         ids=lambda flags: flags[0])
+def test_moe_flags_on_a_dense_model_are_refused(flags):
+    parse_args(_dense())
+    with pytest.raises(ConfigError, match=re.escape(f"{flags[0]} needs --num-experts (without it the model is "
+                                                    f"dense and the flag would be ignored); give --num-experts or "
+                                                    f"remove {flags[0]}")):
+        parse_args(_dense() + flags)
+
+
 def test_moe_models_keep_their_linear_biases_unless_disabled():
     biased = parse_args(_without(REQUIRED, "--disable-bias-linear"))
     assert transformer_config_from_args(biased).add_bias_linear

@@ -126,8 +126,8 @@ class _RunConfigMethods:
 
 def _run_config_class(parser: argparse.ArgumentParser) -> type:
     fields = [(dest, _field_type(action), dataclasses.field(default=_frozen(action.default),
-                                                            metadata=field_metadata(action, category)))
-              for dest, (action, category) in flag_actions(parser).items()]
+                                                            metadata=field_metadata(action, group)))
+              for dest, (action, group) in flag_actions(parser).items()]
     fields += [(name, kind, dataclasses.field(default=None, metadata={"category": category}))
                for name, (category, kind) in DERIVED.items()]
     return dataclasses.make_dataclass("RunConfig", fields, bases=(_RunConfigMethods,), frozen=True,

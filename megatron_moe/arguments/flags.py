@@ -1,5 +1,6 @@
-"""How an area declares its flags: an argument group with a category, and on each flag what can be checked
-without looking at any other flag (its valid range, whether it needs Transformer Engine).
+"""How an area declares its flags: an argument group with a category, and on each flag (or the whole group)
+what can be checked of it alone: its valid range, whether it needs Transformer Engine, the flag without
+which it would be ignored.
 
 A flag is declared once, in its area's module, with everything about it::
 
@@ -65,41 +66,66 @@ def between(low, high, high_open: bool = False) -> Bound:
     return Bound(low, high, high_open=high_open)
 
 
-class FlagGroup:
-    """An argument group of one category; :meth:`add` is ``add_argument`` plus the flag's own checks."""
+# A flag that means nothing without another: (the other's dest, what happens without it)
+Requirement = Tuple[str, str]
 
-    def __init__(self, parser: argparse.ArgumentParser, title: str, category: str):
+
+class FlagGroup:
+    """An argument group of one category; :meth:`add` is ``add_argument`` plus the flag's own checks.
+    ``requires``: every flag of the group but that one needs it (flags added to :attr:`group` directly too)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str, category: str,
+                 requires: Optional[Requirement] = None):
         self.group = parser.add_argument_group(title)
         self.group.category = category
+        self.group.requires = requires
 
     def add(self, *names: str, valid: Union[Bound, Sequence[Bound], None] = None,
-            needs_transformer_engine: bool = False, **kwargs) -> argparse.Action:
+            needs_transformer_engine: bool = False, requires: Optional[Requirement] = None,
+            **kwargs) -> argparse.Action:
         """``valid``: the bound(s) its value must be within, checked in order. ``needs_transformer_engine``:
-        anything but its default needs ``--transformer-impl transformer_engine``."""
+        anything but its default needs ``--transformer-impl transformer_engine``. ``requires``: anything but
+        its default needs that flag set."""
         action = self.group.add_argument(*names, **kwargs)
         action.bounds = (valid,) if isinstance(valid, Bound) else tuple(valid or ())
         action.needs_transformer_engine = needs_transformer_engine
+        action.requires = requires
         return action
 
 
-def flag_actions(parser: argparse.ArgumentParser) -> Dict[str, Tuple[argparse.Action, str]]:
-    """dest -> (action, category of its group) for every flag."""
-    return {action.dest: (action, group.category) for group in parser._action_groups
+def flag_actions(parser: argparse.ArgumentParser) -> Dict[str, Tuple[argparse.Action, argparse._ArgumentGroup]]:
+    """dest -> (action, its group) for every flag."""
+    return {action.dest: (action, group) for group in parser._action_groups
             if hasattr(group, "category") for action in group._group_actions}
 
 
-def field_metadata(action: argparse.Action, category: str) -> Dict[str, Any]:
-    """What a RunConfig field records of its flag: its category and its own checks."""
-    return {"category": category, "bounds": getattr(action, "bounds", ()),
-            "needs_transformer_engine": getattr(action, "needs_transformer_engine", False)}
+def field_metadata(action: argparse.Action, group: argparse._ArgumentGroup) -> Dict[str, Any]:
+    """What a RunConfig field records of its flag: its group's category and its own checks."""
+    requires = getattr(action, "requires", None) or group.requires
+    flag = action.option_strings[0]
+    return {"category": group.category, "flag": flag, "bounds": getattr(action, "bounds", ()),
+            # how a given value is spelled: --no-X for a negatable switch turned off
+            "off": f"--no-{flag[2:]}" if isinstance(action, argparse.BooleanOptionalAction) else flag,
+            "needs_transformer_engine": getattr(action, "needs_transformer_engine", False),
+            "requires": requires if requires and requires[0] != action.dest else None}
 
 
 def check_flags(config) -> None:
-    """Every flag within its bounds (a bad value otherwise surfaces as a traceback much later)."""
+    """Every flag within its bounds (a bad value otherwise surfaces as a traceback much later), and none
+    given that would be ignored."""
     for field in dataclasses.fields(config):
-        for bound in field.metadata.get("bounds", ()):
-            problem = bound.problem(getattr(config, field.name))
-            require(problem is None, f"{flag_name(field.name)} {problem}")
+        if "flag" not in field.metadata:
+            continue  # a derived value
+        value = getattr(config, field.name)
+        flag = field.metadata["off" if value is False else "flag"]
+        for bound in field.metadata["bounds"]:
+            problem = bound.problem(value)
+            require(problem is None, f"{flag} {problem}")
+        requires = field.metadata["requires"]
+        if requires and given(config, field.name):
+            needed, without = requires
+            require(getattr(config, needed), f"{flag} needs {flag_name(needed)} ({without}); give "
+                                              f"{flag_name(needed)} or remove {flag}")
 
 
 def default_of(config, dest: str):

@@ -12,8 +12,12 @@ from megatron_moe.errors import ConfigError
 from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
 
 
+# Every MoE flag (the routing schemes' too) but --num-experts: refused on a dense model, which would ignore it
+MOE_ONLY = ("num_experts", "without it the model is dense and the flag would be ignored")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = FlagGroup(parser, "mixture of experts", ARCHITECTURE)
+    g = FlagGroup(parser, "mixture of experts", ARCHITECTURE, requires=MOE_ONLY)
     g.add("--num-experts", type=int, default=None, valid=at_least(1), help="experts per MoE layer (unset: dense)")
     g.add("--moe-ffn-hidden-size", type=int, default=None, valid=at_least(1), help="default: --ffn-hidden-size")
     g.add("--moe-router-type", choices=sorted(SCHEME_FLAGS), default="topk",
@@ -23,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--moe-shared-expert-gate", action="store_true",
           help="scale the shared expert's output by sigmoid(h . g), a learned g (Qwen2-MoE's shared_expert_gate)")
 
-    g = FlagGroup(parser, "mixture of experts: routing", MODEL)
+    g = FlagGroup(parser, "mixture of experts: routing", MODEL, requires=MOE_ONLY)
     g.add("--moe-router-topk", type=int, default=2)
     g.add("--moe-layer-freq", type=str, default="1",
           help="N: MoE every N-th layer; or a Python list such as '[0,1,1,1]' (1 = MoE)")
@@ -56,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if scheme.add_arguments is not None:
             scheme.add_arguments(g.group)
 
-    g = FlagGroup(parser, "mixture of experts: kernels", RUN)
+    g = FlagGroup(parser, "mixture of experts: kernels", RUN, requires=MOE_ONLY)
     g.add("--moe-grouped-gemm", action="store_true", needs_transformer_engine=True,
           help="all local experts in one grouped GEMM (Transformer Engine's TEGroupedMLP; "
                "needs --transformer-impl transformer_engine)")

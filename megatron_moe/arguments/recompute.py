@@ -7,6 +7,7 @@ import importlib.util
 from typing import Any, Dict, Optional
 
 from megatron_moe.arguments.flags import RUN, FlagGroup, flag_name, require
+from megatron_moe.arguments.moe import MOE_ONLY
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = FlagGroup(parser, "activation recomputation", RUN)
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           choices=["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"],
           help="selective recompute: submodules to recompute (default: core_attn)")
     g.add("--recompute-activations", action="store_true", help="same as --recompute-granularity selective")
-    g.add("--moe-layer-recompute", action="store_true",
+    g.add("--moe-layer-recompute", action="store_true", requires=MOE_ONLY,
           help="deprecated in Megatron-LM: same as --recompute-granularity selective with 'moe' added "
                "to --recompute-modules")
 

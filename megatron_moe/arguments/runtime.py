@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 from typing import Any, Dict
 
-from megatron_moe.arguments.flags import RUN, FlagGroup, above, flag_name, given, require
+from megatron_moe.arguments.flags import RUN, FlagGroup, above, given, require
 
 # megatron-core's AttnBackend names (tests/test_run_config.py checks them against megatron-core)
 ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
@@ -62,9 +62,9 @@ def validate(c) -> Dict[str, Any]:
                 f"--attention-backend {attention_backend} needs --transformer-impl transformer_engine "
                 "(the local spec has megatron's unfused attention only: unfused, local or auto)")
     for field in dataclasses.fields(c):
-        require(te or not (field.metadata.get("needs_transformer_engine") and given(c, field.name)),
-                f"{flag_name(field.name)} needs --transformer-impl transformer_engine (Transformer Engine "
-                "kernels, CUDA only)")
+        if field.metadata.get("needs_transformer_engine") and given(c, field.name):
+            require(te, f"{field.metadata['flag']} needs --transformer-impl transformer_engine (Transformer Engine "
+                        "kernels, CUDA only)")
     return {"transformer_impl": transformer_impl, "attention_backend": attention_backend}
 
 
