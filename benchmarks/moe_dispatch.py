@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 HIDDEN, EXPERTS, FFN, TOKENS_PER_RANK = 256, 16, 512, 2048
 SCHEMES = {
     "sam": lambda ep: ["--moe-router-type", "sam", "--sam-num-groups", str(ep)],
-    "topk": lambda ep: ["--moe-router-type", "topk"],
-    "group-limited": lambda ep: ["--moe-router-type", "topk", "--moe-router-num-groups", str(ep),
-                                 "--moe-router-group-topk", "1"],
+    "topk": lambda ep: ["--moe-router-type", "topk", "--moe-token-dispatcher-type", "alltoall"],
+    "group-limited": lambda ep: ["--moe-router-type", "topk", "--moe-token-dispatcher-type", "alltoall",
+                                 "--moe-router-num-groups", str(ep), "--moe-router-group-topk", "1"],
 }
 
 
@@ -48,7 +48,7 @@ def model_flags(ep: int, topk: int, scheme: str):
             "--moe-ffn-hidden-size", str(FFN), "--moe-router-topk", str(topk), "--moe-aux-loss-coeff", "0",
             "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
             "--sam-alignment-loss-coeff", "0", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
-            "--mock-data", "--vocab-size", "1000", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--device", "cpu", "--expert-model-parallel-size", str(ep), *SCHEMES[scheme](ep)]
 
 

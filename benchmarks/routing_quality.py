@@ -53,7 +53,7 @@ DATA = REPO / "data"
 MODEL = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
     "--max-position-embeddings", "128", "--normalization", "RMSNorm", "--swiglu", "--ffn-hidden-size", "512",
-    "--disable-bias-linear",
+    "--disable-bias-linear", "--moe-token-dispatcher-type", "alltoall",
     "--position-embedding-type", "rope", "--num-experts", "8", "--hidden-dropout", "0",
     "--attention-dropout", "0", "--micro-batch-size", "8", "--global-batch-size", "16",
     "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "10", "--lr-decay-style", "cosine",
@@ -62,7 +62,7 @@ MODEL = [
 SMOKE_MODEL = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
     "--max-position-embeddings", "64", "--normalization", "RMSNorm", "--swiglu", "--ffn-hidden-size", "256",
-    "--disable-bias-linear",
+    "--disable-bias-linear", "--moe-token-dispatcher-type", "alltoall",
     "--position-embedding-type", "rope", "--num-experts", "8", "--hidden-dropout", "0",
     "--attention-dropout", "0", "--micro-batch-size", "4", "--global-batch-size", "8",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",

@@ -53,7 +53,8 @@ MODEL = [
 # Per routing scheme: BASE routes to one expert with no auxiliary loss; SAM's 4 groups of 2 experts are a
 # multiple of every EP size here, so all rows train the same SAM model.
 ROUTERS = {
-    "topk": ["--moe-router-type", "topk", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01"],
+    "topk": ["--moe-router-type", "topk", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01",
+             "--moe-token-dispatcher-type", "alltoall"],
     "base": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"],
     "sam": ["--moe-router-type", "sam", "--moe-router-topk", "2", "--sam-num-groups", "4"],
 }

@@ -15,7 +15,8 @@ else
 fi
 
 case "$ROUTER" in
-    topk) ROUTER_ARGS=(--moe-router-type topk --moe-router-topk 2 --moe-aux-loss-coeff 0.01) ;;
+    topk) ROUTER_ARGS=(--moe-router-type topk --moe-router-topk 2 --moe-aux-loss-coeff 0.01
+                       --moe-token-dispatcher-type alltoall) ;;
     base) ROUTER_ARGS=(--moe-router-type base --moe-router-topk 1) ;;
     sam)  ROUTER_ARGS=(--moe-router-type sam --sam-num-groups 2 --moe-router-topk 2) ;;
     *) echo "ROUTER must be topk, base or sam" >&2; exit 2 ;;

@@ -69,7 +69,8 @@ def _from_format_1(values: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # Defaults format 3 changed to Megatron-LM's: a file written before that lacks the setting ran with these
-_FORMAT_2_DEFAULTS = {"eval_interval": 1000}
+_FORMAT_2_DEFAULTS = {"eval_interval": 1000, "moe_token_dispatcher_type": "alltoall", "tokenizer_type": "NullTokenizer",
+                      "split": "969,30,1"}
 
 
 def _from_format_2(values: Dict[str, Any]) -> Dict[str, Any]:

@@ -177,6 +177,19 @@ def test_moe_flags_on_a_dense_model_are_refused(flags):
         parse_args(_dense() + flags)
 
 
+def test_tokenizer_type_is_required_as_in_megatron_lm():
+    with pytest.raises(ConfigError, match=r"^give --tokenizer-type \(Megatron-LM has no default\)"):
+        parse_args(_without(REQUIRED, "--tokenizer-type"))
+
+
+def test_split_defaults_to_megatron_lms_legacy_value_with_data_files(capsys):
+    on_files = _without(REQUIRED, "--mock-data") + ["--data-path", "corpus_text_document"]
+    assert parse_args(on_files).split == "969,30,1"
+    assert "warning: --data-path without --split: using Megatron-LM's legacy default 969,30,1" in capsys.readouterr().err
+    assert parse_args(on_files + ["--split", "98,2,0"]).split == "98,2,0" and not capsys.readouterr().err
+    assert args_with().split is None  # mock data: megatron-core draws every split alike
+
+
 def test_moe_models_keep_their_linear_biases_unless_disabled():
     biased = parse_args(_without(REQUIRED, "--disable-bias-linear"))
     assert transformer_config_from_args(biased).add_bias_linear

@@ -15,7 +15,8 @@ LAYER = [
     "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
     "--max-position-embeddings", "16", "--swiglu", "--ffn-hidden-size", "128", "--disable-bias-linear",
     "--num-experts", "12", "--moe-router-type", "base",
-    "--moe-router-topk", "1", "--micro-batch-size", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "128",
+    "--moe-router-topk", "1", "--micro-batch-size", "2", "--lr", "1e-3", "--mock-data",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--train-iters", "1", "--device", "cpu",
 ]
 CHUNKS = 4

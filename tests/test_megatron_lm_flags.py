@@ -58,15 +58,6 @@ def _shared():
     return [action for action in _ours() if action.option_strings[0] in TABLE]
 
 
-# Megatron-LM's defaults not yet taken (the next commits take them)
-_NOT_YET = {"--moe-token-dispatcher-type", "--tokenizer-type", "--split"}
-
-
-def _shared_params():
-    return [pytest.param(action, marks=pytest.mark.xfail(strict=True, reason="default not yet Megatron-LM's"))
-            if action.option_strings[0] in _NOT_YET else action for action in _shared()]
-
-
 def _flips(kind: str, default) -> bool:
     """Whether giving a boolean flag changes its destination (a store_true flag defaulting to True does not)."""
     return (kind == "store_true") != bool(default)
@@ -84,7 +75,7 @@ def test_our_flags_are_megatron_lms_or_listed_as_ours():
     assert flags - set(TABLE) == OUR_FLAGS
 
 
-@pytest.mark.parametrize("action", _shared_params(), ids=lambda action: action.option_strings[0])
+@pytest.mark.parametrize("action", _shared(), ids=lambda action: action.option_strings[0])
 def test_shared_flag_has_megatron_lms_default_spellings_and_choices(action):
     flag = action.option_strings[0]
     theirs = TABLE[flag]

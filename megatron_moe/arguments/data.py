@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Dict, Optional
 
-from megatron_moe.arguments.flags import RUN, TOKENIZER, FlagGroup, at_least, require
+from megatron_moe.arguments.flags import RUN, TOKENIZER, FlagGroup, at_least, require, warn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = FlagGroup(parser, "tokenizer", TOKENIZER)
-    g.add("--tokenizer-type", default="NullTokenizer",
-          choices=["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer"])
+    g.add("--tokenizer-type", default=None, choices=["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer"],
+          help="required (as in Megatron-LM)")
     g.add("--vocab-size", type=int, default=None, valid=at_least(1), help="NullTokenizer vocabulary size")
     g.add("--vocab-file", default=None)
     g.add("--merge-file", default=None)
@@ -20,11 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--mock-data", action="store_true", help="synthetic tokens (no files)")
     g.add("--data-path", nargs="*", default=None,
           help="indexed dataset prefixes, optionally weighted: 'PREFIX' or '0.3 PREFIX_A 0.7 PREFIX_B'")
-    g.add("--split", default="969,30,1", help="train,valid,test proportions of each dataset")
+    g.add("--split", default=None,
+          help="train,valid,test proportions of each --data-path dataset (default, as Megatron-LM's: 969,30,1 "
+               "with a warning)")
     g.add("--data-cache-path", default=None, help="where the sample index caches go")
 
 
-def validate(c) -> None:
+def validate(c) -> Optional[Dict[str, Any]]:
+    """Tokenizer and data; fills in the --split of a --data-path run."""
+    require(c.tokenizer_type is not None,
+            "give --tokenizer-type (Megatron-LM has no default): NullTokenizer with --vocab-size, GPT2BPETokenizer "
+            "with --vocab-file and --merge-file, or HuggingFaceTokenizer with --tokenizer-model DIR")
     if c.tokenizer_type == "NullTokenizer":
         require(c.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
     if not c.mock_data:
@@ -34,9 +41,16 @@ def validate(c) -> None:
         require(c.vocab_file and c.merge_file, "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     if c.tokenizer_type == "HuggingFaceTokenizer":
         require(c.tokenizer_model, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR")
-    split = c.split.replace("/", ",").split(",")
-    require(all(x.strip().replace(".", "", 1).isdigit() for x in split) and 1 <= len(split) <= 3,
-            f"--split {c.split!r}: expected up to three numbers such as 969,30,1")
+    if not c.data_path:
+        return None  # mock data: megatron-core draws every split alike, whatever --split says
+    split = c.split
+    if split is None:
+        split = "969,30,1"
+        warn(f"--data-path without --split: using Megatron-LM's legacy default {split}")
+    parts = split.replace("/", ",").split(",")
+    require(all(x.strip().replace(".", "", 1).isdigit() for x in parts) and 1 <= len(parts) <= 3,
+            f"--split {split!r}: expected up to three numbers such as 969,30,1")
+    return {"split": split}
 
 
 CHECKS = (validate,)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--moe-aux-loss-coeff", type=float, default=0.0, valid=at_least(0))
     g.add("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
           default="aux_loss")
-    g.add("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall",
+    g.add("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather",
           help="megatron's dispatcher for --moe-router-type topk")
     g.add("--moe-router-num-groups", type=int, default=None, valid=at_least(1),
           help="megatron group-limited routing")
