@@ -2,7 +2,8 @@
 
 The spec is megatron-core's decoder block spec (dense and MoE layers per ``--moe-layer-freq``) with four
 swaps: our sequence-parallel norms and expert fc2 (:class:`ExpertRowParallelLinear`) on the local path,
-``RoutedMoELayer`` for the MoE MLP, and the router of the chosen routing scheme. Nothing the model computes depends on the parallel layout:
+``RoutedMoELayer`` for the MoE MLP, and the router of the chosen routing scheme. Nothing the model computes
+depends on the parallel layout:
 
 - initialisation is ours (:func:`initialize_weights`): every TP/PP/EP/DP layout starts from the same model
   as one process does, which is what makes the parity tests exact;

@@ -41,16 +41,14 @@ def validate(c) -> Optional[Dict[str, Any]]:
         require(c.vocab_file and c.merge_file, "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     if c.tokenizer_type == "HuggingFaceTokenizer":
         require(c.tokenizer_model, "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR")
-    if not c.data_path:
-        return None  # mock data: megatron-core draws every split alike, whatever --split says
-    split = c.split
-    if split is None:
-        split = "969,30,1"
-        warn(f"--data-path without --split: using Megatron-LM's legacy default {split}")
-    parts = split.replace("/", ",").split(",")
-    require(all(x.strip().replace(".", "", 1).isdigit() for x in parts) and 1 <= len(parts) <= 3,
-            f"--split {split!r}: expected up to three numbers such as 969,30,1")
-    return {"split": split}
+    if c.split is not None:
+        parts = c.split.replace("/", ",").split(",")
+        require(all(x.strip().replace(".", "", 1).isdigit() for x in parts) and 1 <= len(parts) <= 3,
+                f"--split {c.split!r}: expected up to three numbers such as 969,30,1")
+    elif c.data_path:  # (mock data: megatron-core draws every split alike)
+        warn("--data-path without --split: using Megatron-LM's legacy default 969,30,1")
+        return {"split": "969,30,1"}
+    return None
 
 
 CHECKS = (validate,)
