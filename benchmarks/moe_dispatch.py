@@ -48,7 +48,8 @@ def model_flags(ep: int, topk: int, scheme: str):
             "--moe-ffn-hidden-size", str(FFN), "--moe-router-topk", str(topk), "--moe-aux-loss-coeff", "0",
             "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
             "--sam-alignment-loss-coeff", "0", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
-            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000", "--hidden-dropout", "0",
+            "--attention-dropout", "0",
             "--device", "cpu", "--expert-model-parallel-size", str(ep), *SCHEMES[scheme](ep)]
 
 
