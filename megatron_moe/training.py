@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe import checkpoint_files, checkpointing, data, metrics, run_config
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
+from megatron_moe.arguments import training as schedule
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
 from megatron_moe.moe import comm_stats
@@ -76,6 +77,57 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
     )
 
 
+def optimizer_config_from_args(args, config: GPTMoEConfig) -> OptimizerConfig:
+    """megatron-core's Adam with Megatron-LM's settings: mixed precision and loss scaling, the decoupled
+    learning rate of the embedding and output layer."""
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+    )
+
+
+def scheduler_from_args(args, optimizer) -> OptimizerParamScheduler:
+    """megatron-core's scheduler as Megatron-LM's get_optimizer_param_scheduler sets it up: it counts samples
+    (iterations x global batch size, or --train-samples)."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_steps(args),
+        lr_decay_steps=schedule.lr_decay_steps(args),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=schedule.wd_incr_steps(args),
+        wd_incr_style=args.weight_decay_incr_style,
+        # on resume, where the saved schedule differs (checkpointing.check_scheduler refuses it without these)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=schedule.wsd_decay_steps(args),
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+
+
 def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> TrainingJob:
     """Parse and validate (unless ``args`` is given), join the process group, check the checkpoint --load
     names against the flags, build model + DDP + optimizer + scheduler."""
@@ -98,10 +150,10 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     checkpoint_files.check_checkpoint_files(checkpoint, args.verify_checkpoint)
     _set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
-    data.check_datasets(args, tokenizer.vocab_size)
+    data.check_datasets(args, tokenizer.model_vocab_size)
     saved = run_config.load(checkpoint) if checkpoint is not None else None
-    args = args.replace(tokenizer_vocab_size=tokenizer.vocab_size,
-                        padded_vocab_size=_vocabulary_rows(args, tokenizer.vocab_size, saved, checkpoint))
+    args = args.replace(tokenizer_vocab_size=tokenizer.model_vocab_size,
+                        padded_vocab_size=_vocabulary_rows(args, tokenizer.model_vocab_size, saved, checkpoint))
     if saved is not None:
         checkpointing.check_compatible(saved, args, checkpoint)
     print_rank_0(format_arguments(args))
@@ -118,41 +170,8 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
         # their last backward ends instead of bucket by bucket.
         config.grad_sync_func = model.start_grad_sync
 
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_param_gather=args.overlap_param_gather,
-        ),
-        [model],
-    )
-    # megatron-core's scheduler counts samples, as Megatron-LM's does.
-    decay_samples = (args.lr_decay_iters or args.train_iters) * args.global_batch_size
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
-        lr_decay_steps=decay_samples,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=decay_samples,
-        wd_incr_style="constant",
-        # on resume, where the saved schedule differs (checkpointing.check_scheduler refuses it without these)
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
-    )
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args, config), [model])
+    scheduler = scheduler_from_args(args, optimizer)
     job = TrainingJob(args, platform, config, model, optimizer, scheduler, tokenizer, started, checkpoint, saved)
     if args.save:
         needed = checkpointing.checkpoint_bytes(job)
@@ -255,7 +274,7 @@ def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
     args = job.args
     job.model.eval()
     first = eval_index * args.eval_iters * args.global_batch_size
-    iterator = data.micro_batches(dataset, args, first, parallel_state.get_data_parallel_rank())
+    iterator = data.micro_batches(dataset, args, first, parallel_state.get_data_parallel_rank(), args.num_workers)
     with torch.no_grad():
         losses = [run_micro_batches(job, iterator, forward_only=True) for _ in range(args.eval_iters)]
     job.model.train()
@@ -310,7 +329,8 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     args = job.args
     start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
     train_ds, valid_ds, _ = data.build_datasets(args, job.tokenizer)
-    iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank())
+    iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank(),
+                                  args.num_workers)
     writer = metrics.tensorboard_writer(args)
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
