@@ -20,10 +20,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe import checkpoint_files, checkpointing, data, metrics, run_config
+from megatron_moe.batches import GlobalBatches
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.arguments import training as schedule
 from megatron_moe.errors import ConfigError
@@ -32,6 +33,7 @@ from megatron_moe.moe import comm_stats
 from megatron_moe.platform import (Platform, check_start, children_die_with_this_process, init_distributed,
                                    select_platform)
 from megatron_moe.run_control import NonFiniteError, RunControl
+from megatron_moe.step_extras import StepExtras
 from megatron_moe.tokenizer import build_tokenizer
 
 
@@ -47,6 +49,7 @@ class TrainingJob:
     started: float  # time.time() when setup began: --exit-duration-in-mins counts from here, as Megatron-LM's
     checkpoint: Optional[Path] = None  # the iteration directory --load resumes from
     saved_config: Optional[RunConfig] = None  # the run config it was written with
+    num_zeros_in_grad: Optional[float] = None  # of the last step, with --log-num-zeros-in-grad
 
 
 def print_rank_last(message: str) -> None:
@@ -171,6 +174,7 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
         config.grad_sync_func = model.start_grad_sync
 
     optimizer = get_megatron_optimizer(optimizer_config_from_args(args, config), [model])
+    config.grad_scale_func = optimizer.scale_loss  # as Megatron-LM: fp16's loss scaling (1 otherwise)
     scheduler = scheduler_from_args(args, optimizer)
     job = TrainingJob(args, platform, config, model, optimizer, scheduler, tokenizer, started, checkpoint, saved)
     if args.save:
@@ -216,13 +220,16 @@ def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[float]:
     return total.item() / dist.get_world_size(group)
 
 
-def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) -> Optional[float]:
+def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool,
+                      num_microbatches: Optional[int] = None) -> Optional[float]:
+    """The lm loss of one global batch of ``num_microbatches`` micro batches (default: a full
+    --global-batch-size)."""
     args = job.args
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, job.platform.device),
         data_iterator=micro_batch_iter,
         model=[job.model],
-        num_microbatches=args.num_microbatches,
+        num_microbatches=num_microbatches or args.num_microbatches,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
@@ -243,8 +250,9 @@ def _local_grads_finite(job: TrainingJob) -> bool:
                if getattr(p, "main_grad", None) is not None)
 
 
-def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0):
-    """One optimizer step. Returns (lm loss or None off the last stage, grad norm, update applied).
+def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0, batches: Optional[GlobalBatches] = None):
+    """One optimizer step on the global batch ``batches`` sets (default: --global-batch-size). Returns (lm loss
+    or None off the last stage, grad norm, update applied).
 
     A NaN/Inf loss or gradient on any rank is found before the update: the run stops naming the
     iteration and rank, or with --skip-nan-iterations the update is skipped (and counted by the caller).
@@ -252,7 +260,8 @@ def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0):
     args = job.args
     job.model.zero_grad_buffer()
     job.optimizer.zero_grad()
-    lm_loss = run_micro_batches(job, micro_batch_iter, forward_only=False)
+    lm_loss = run_micro_batches(job, micro_batch_iter, forward_only=False,
+                                num_microbatches=batches.num_microbatches if batches else None)
     if args.check_for_nan_in_loss_and_grad or args.skip_nan_iterations:
         loss_bad = lm_loss is not None and not math.isfinite(lm_loss)
         local_bad = loss_bad or not _local_grads_finite(job)
@@ -264,9 +273,9 @@ def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0):
                 raise NonFiniteError(f"iteration {iteration}: {what} on rank {dist.get_rank()}; lower --lr, "
                                      "check the data, or pass --skip-nan-iterations to skip such steps")
             raise NonFiniteError(f"iteration {iteration}: a NaN/Inf loss or gradient on another rank")
-    update_successful, grad_norm, _ = job.optimizer.step()
-    if update_successful:
-        job.scheduler.step(increment=args.global_batch_size)
+    update_successful, grad_norm, job.num_zeros_in_grad = job.optimizer.step()
+    if update_successful:  # the schedule counts samples (an overflow skipped by fp16 loss scaling: none)
+        job.scheduler.step(increment=batches.global_batch_size if batches else args.global_batch_size)
     return lm_loss, grad_norm, update_successful
 
 
@@ -290,24 +299,42 @@ def format_arguments(args) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class StepReport:
+    """What the log line of an iteration shows besides the loss (Megatron-LM's fields)."""
+
+    global_batch_size: int  # this iteration's (it grows with --rampup-batch-size)
+    consumed_samples: int  # after this iteration
+    loss_scale: float = 1.0  # fp16 loss scaling (1 otherwise)
+    num_zeros_in_grad: Optional[float] = None  # --log-num-zeros-in-grad
+    params_norm: Optional[float] = None  # --log-params-norm
+
+
 def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float, grad_norm, skipped: int,
-             nan_iterations: int = 0, extra: Optional[Dict[str, float]] = None) -> str:
+             nan_iterations: int = 0, extra: Optional[Dict[str, float]] = None,
+             report: Optional[StepReport] = None) -> str:
     """Megatron-LM's training log line; ``extra``: MoE losses and registered scalars (per-layer ones, named
-    ``.../layer_NN/...``, go to TensorBoard only)."""
-    tokens_per_s = args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0)
+    ``.../layer_NN/...``, go to TensorBoard only); ``report``: the batch, samples and optional fields (default:
+    a full global batch per iteration)."""
+    report = report or StepReport(args.global_batch_size, iteration * args.global_batch_size)
+    tokens_per_s = report.global_batch_size * args.seq_length / (elapsed_ms / 1000.0)
     grad_norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
     extra_text = "".join(f" {name.replace('_', ' ')}: {value:.6E} |" for name, value in (extra or {}).items()
                          if "/layer_" not in name)
+    optional = (f" num zeros: {report.num_zeros_in_grad} |" if report.num_zeros_in_grad is not None else "") + \
+        (f" params norm: {report.params_norm:.3f} |" if report.params_norm is not None else "")
     return (
         f" iteration {iteration:8d}/{args.train_iters:8d} |"
-        f" consumed samples: {iteration * args.global_batch_size:12d} |"
+        f" consumed samples: {report.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
         f" throughput (tokens/s): {tokens_per_s:.1f} |"
         f" learning rate: {lr:.6E} |"
-        f" global batch size: {args.global_batch_size:5d} |"
+        f" global batch size: {report.global_batch_size:5d} |"
         f" lm loss: {lm_loss:.6E} |"
         f"{extra_text}"
+        f" loss scale: {report.loss_scale:.1f} |"
         f" grad norm: {grad_norm_text} |"
+        f"{optional}"
         f" number of skipped iterations: {skipped:3d} |"
         f" number of nan iterations: {nan_iterations:3d} |"
     )
@@ -325,13 +352,19 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
 
     ``after_iteration(iteration, losses)`` runs after every iteration (tests use it to crash a run).
+
+    As in Megatron-LM, each iteration's global batch follows the consumed samples (``--rampup-batch-size``:
+    :mod:`megatron_moe.batches`), and with --save a checkpoint is written when the batch size changes.
     """
     args = job.args
     start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
     train_ds, valid_ds, _ = data.build_datasets(args, job.tokenizer)
     iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank(),
                                   args.num_workers)
-    writer = metrics.tensorboard_writer(args)
+    batches = GlobalBatches(args, dist.get_rank())
+    batches.update(consumed_samples)
+    writer = metrics.scalar_writer(args)
+    extras = StepExtras(args, job.platform.device)
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
         expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
@@ -342,39 +375,54 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
                  f"EP={args.expert_model_parallel_size} DP={args.data_parallel_size}")
     losses: List[float] = []
     skipped = nan_iterations = 0
-    iteration = start_iteration
+    iteration = saved_iteration = start_iteration
     while iteration < args.train_iters:
+        before = batches.global_batch_size
+        if batches.update(consumed_samples):
+            print_rank_0(f"> ramping up batch size from {before} to {batches.global_batch_size}")
+            if args.save and iteration > start_iteration and saved_iteration != iteration:
+                _finish_param_gather(job)  # Megatron-LM saves when the number of micro batches changes
+                checkpointing.save_checkpoint(job, iteration, consumed_samples)
+                saved_iteration = iteration
+        extras.before_step(iteration)
         iteration += 1
         start = time.perf_counter()
-        lm_loss, grad_norm, ok = train_step(job, iterator, iteration)
-        consumed_samples += args.global_batch_size
+        lm_loss, grad_norm, ok = train_step(job, iterator, iteration, batches)
+        consumed_samples += batches.global_batch_size
         if not ok:
             skipped += 1
-            nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
+            nan_iterations += 1 if grad_norm is None and not args.fp16 else 0  # skipped by the NaN/Inf check
         control.count_update(iteration, ok)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
+        extras.after_step(iteration)
+        moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device, batches.num_microbatches)
         if lm_loss is not None:
             losses.append(lm_loss)
-        if iteration % args.log_interval == 0:
+        logs = iteration % args.log_interval == 0
+        report = _step_report(job, batches, consumed_samples, logs)
+        if writer is not None and iteration % args.tensorboard_log_interval == 0 and lm_loss is not None:
+            _write_step_scalars(job, writer, iteration, lm_loss, grad_norm, report, elapsed_ms)
+        if logs:
+            extras.at_log()
             extra = {**moe_losses, **metrics.extra_scalars()}
             load = expert_load.collect() if expert_load is not None else {}
             if lm_loss is not None:
-                lr = job.optimizer.param_groups[0]["lr"]
-                print_rank_last(log_line(iteration, args, elapsed_ms, lr, lm_loss, grad_norm, skipped,
-                                         nan_iterations, extra))
+                print_rank_last(log_line(iteration, args, elapsed_ms, _learning_rate(job), lm_loss, grad_norm,
+                                         skipped, nan_iterations, extra, report))
                 metrics.write_scalars(writer, iteration, {
-                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": grad_norm,
-                    "throughput (tokens/s)": args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
+                    "throughput (tokens/s)": report.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
                     "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
-                    "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
+                    "nan iterations": nan_iterations, **extra})
                 metrics.write_expert_load(writer, iteration, load)
+            _report_memory(job, iteration)
         if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0:
-            _validate(job, valid_ds, iteration, writer)
+            with extras.validation():
+                _validate(job, valid_ds, iteration, writer)
         stop = control.stop_reason(iteration, job.platform.device)
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
+            saved_iteration = iteration
         if after_iteration is not None:
             after_iteration(iteration, losses)
         if stop:
@@ -385,13 +433,61 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
             break
     else:
         _finish_param_gather(job)
-        if args.save and not (args.save_interval and iteration % args.save_interval == 0) and iteration > start_iteration:
+        if args.save and saved_iteration != iteration and iteration > start_iteration:
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
         if args.eval_iters:  # Megatron-LM validates once more when training ends (not when it exits early)
-            _validate(job, valid_ds, iteration, writer, final=True)
+            with extras.validation():
+                _validate(job, valid_ds, iteration, writer, final=True)
+    extras.finish()
     if writer is not None:
         writer.close()
     return losses
+
+
+def _learning_rate(job: TrainingJob) -> float:
+    """The learning rate Megatron-LM logs: the default parameter group's (not --decoupled-lr's)."""
+    return get_canonical_lr_for_logging(job.optimizer.param_groups)
+
+
+def _step_report(job: TrainingJob, batches: GlobalBatches, consumed_samples: int, logs: bool) -> StepReport:
+    """The iteration's batch, samples and loss scale; at log iterations the optional norms (collective)."""
+    args = job.args
+    return StepReport(
+        global_batch_size=batches.global_batch_size, consumed_samples=consumed_samples,
+        loss_scale=job.optimizer.get_loss_scale().item(),
+        num_zeros_in_grad=job.num_zeros_in_grad,
+        params_norm=metrics.params_norm(job.model.module) if args.log_params_norm and logs else None)
+
+
+def _write_step_scalars(job: TrainingJob, writer, iteration: int, lm_loss: float, grad_norm, report: StepReport,
+                        elapsed_ms: float) -> None:
+    """Megatron-LM's scalars of a --tensorboard-log-interval iteration (TensorBoard and W&B)."""
+    args = job.args
+    scalars = {"lm loss": lm_loss, "learning-rate": _learning_rate(job), "batch-size": report.global_batch_size,
+               "samples vs steps": report.consumed_samples,
+               "grad-norm": grad_norm, "num-zeros": report.num_zeros_in_grad, "params-norm": report.params_norm}
+    if args.log_loss_scale_to_tensorboard:
+        scalars["loss-scale"] = report.loss_scale
+    if args.log_world_size_to_tensorboard:
+        scalars["world-size"] = args.world_size
+    if args.log_timers_to_tensorboard:
+        scalars["iteration-time"] = elapsed_ms / 1000.0
+    if job.platform.is_cuda and args.log_memory_to_tensorboard:
+        scalars.update(metrics.cuda_memory_scalars())
+    if job.platform.is_cuda and args.log_device_memory_used:
+        scalars["mem-device-used-bytes"] = torch.cuda.device_memory_used()
+    metrics.write_scalars(writer, iteration, scalars)
+
+
+def _report_memory(job: TrainingJob, iteration: int) -> None:
+    """--log-memory-interval: Megatron-LM's memory line (CUDA)."""
+    interval = job.args.log_memory_interval
+    if job.platform.is_cuda and interval and iteration % interval == 0:
+        mib = 1024 * 1024
+        print(f"[Rank {dist.get_rank()}] (after {iteration} iterations) memory (MB) | allocated: "
+              f"{torch.cuda.memory_allocated() / mib} | max allocated: {torch.cuda.max_memory_allocated() / mib} | "
+              f"reserved: {torch.cuda.memory_reserved() / mib} | max reserved: {torch.cuda.max_memory_reserved() / mib}",
+              flush=True)
 
 
 def _validate(job: TrainingJob, valid_ds, iteration: int, writer, final: bool = False) -> None:
@@ -405,7 +501,10 @@ def _validate(job: TrainingJob, valid_ds, iteration: int, writer, final: bool = 
     ppl = math.exp(min(20.0, valid_loss))
     where = f"iteration {iteration}{' on validation set' if final else ''}"
     print_rank_last(f" validation loss at {where} | lm loss value: {valid_loss:.6E} | lm loss PPL: {ppl:.6E} |")
-    metrics.write_scalars(writer, iteration, {"validation lm loss": valid_loss, "validation lm loss PPL": ppl})
+    scalars = {"validation lm loss": valid_loss}
+    if job.args.log_validation_ppl_to_tensorboard:
+        scalars["validation lm loss PPL"] = ppl
+    metrics.write_scalars(writer, iteration, scalars)
 
 
 def pretrain(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> List[float]:

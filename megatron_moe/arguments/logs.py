@@ -4,6 +4,7 @@ how often the model is validated, and what is profiled."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any, Dict
 
 from megatron_moe.arguments.flags import RUN, FlagGroup, NoEffect, at_least, require
@@ -85,11 +86,18 @@ def validate(c) -> Dict[str, Any]:
     for flag in ("wandb_exp_name", "wandb_save_dir", "wandb_entity"):
         require(getattr(c, flag) is None or c.wandb_project,
                 f"--{flag.replace('_', '-')} needs --wandb-project (without it nothing goes to W&B)")
+    if c.wandb_project:
+        require(c.wandb_save_dir or c.save, "--wandb-project needs --wandb-save-dir DIR or --save DIR (the W&B run's "
+                                            "files go to --save/wandb by default, as in Megatron-LM)")
+        require(c.wandb_exp_name != "", "--wandb-exp-name is empty; give the run a name or leave the flag out")
+        require(importlib.util.find_spec("wandb") is not None,
+                "--wandb-project needs the wandb package: pip install wandb (or leave the flag out)")
     if c.profile:
         require(c.profile_step_start < c.profile_step_end,
                 f"--profile-step-start {c.profile_step_start} must be below --profile-step-end {c.profile_step_end}")
     if c.use_pytorch_profiler:
         require(c.profile, "--use-pytorch-profiler needs --profile")
+        require(c.tensorboard_dir, "--use-pytorch-profiler writes its trace to --tensorboard-dir: give one")
     return {}
 
 

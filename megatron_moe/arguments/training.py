@@ -269,6 +269,9 @@ def validate_precision(c) -> Dict[str, Any]:
                      "fp16_lm_cross_entropy"):
             require(not given(c, flag), f"{flag_name(flag)} needs --fp16")
         return {}
+    require(c.loss_scale is not None or not c.skip_nan_iterations,
+            "--skip-nan-iterations with --fp16 dynamic loss scaling: an overflow already skips the iteration (and "
+            "lowers the loss scale); leave --skip-nan-iterations out or give a static --loss-scale")
     if c.loss_scale is None and c.check_for_nan_in_loss_and_grad:
         warn("--fp16 with dynamic loss scaling: the NaN/Inf check is off (as in Megatron-LM): an overflow skips "
              "the iteration and lowers the loss scale")
