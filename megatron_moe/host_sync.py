@@ -7,7 +7,8 @@ things break that, and both are visible on CPU, where the tests run:
   (``.item()``, ``bool(t)`` / ``if t``, ``int(t)``, ``float(t)``, ``.tolist()``), a copy to the host
   (``.cpu()``, ``.to('cpu')``, ``.numpy()``), or an output whose *shape* depends on the data
   (``nonzero``/``argwhere``/one-argument ``torch.where``, boolean-mask indexing, ``masked_select``,
-  ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``, ``torch.equal``);
+  ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``, ``torch.equal``; not
+  ``x[mask] = number``, which ATen runs as ``masked_fill_``);
 * **launches**: every aten operation that computes something is about one kernel launch (a few µs of
   host time each on a GPU); views, reshapes and allocations are not counted.
 
@@ -137,6 +138,20 @@ def _has_bool_index(args) -> bool:
     return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices or ())
 
 
+def _is_masked_fill(func, args, kwargs) -> bool:
+    """``x[mask] = scalar``: ATen's ``index_put_`` runs it as ``masked_fill_`` (no nonzero, no sync) when the
+    only index is one mask on ``x``'s device and the value is a single element on the host (a Python
+    number)."""
+    if func not in (_aten.index_put_.default, _aten.index_put.default):
+        return False
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    masks = [index for index in args[1] if index is not None]
+    value = args[2]
+    return (not accumulate and len(masks) == 1 and masks[0].dtype in (torch.bool, torch.uint8)
+            and masks[0].device == args[0].device and value.numel() == 1 and value.dim() == 0
+            and value.device.type == "cpu")
+
+
 def _is_view(func) -> bool:
     return any(argument.alias_info is not None and not argument.alias_info.is_write
                for argument in func._schema.returns)
@@ -154,7 +169,7 @@ class _Dispatch(TorchDispatchMode):
             counter._sync(str(func), _SYNC_OPS[func])
         elif func in _REPEAT_INTERLEAVE and kwargs.get("output_size") is None:
             counter._sync(str(func), "repeat_interleave without output_size")
-        elif func in _INDEX_OPS and _has_bool_index(args):
+        elif func in _INDEX_OPS and _has_bool_index(args) and not _is_masked_fill(func, args, kwargs):
             counter._sync(str(func), "boolean-mask indexing")
         if func not in _FREE_OPS and not _is_view(func):
             counter.ops[func.overloadpacket.__name__] += 1

@@ -187,6 +187,9 @@ class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.padding = expert_padding.ExpertRowPadding(align) if align > 1 else None
 
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        # megatron's preprocess only ever moves its sync point earlier; one greedy (eval) forward would
+        # otherwise leave every later balanced forward waiting on the device
+        self.cuda_sync_point = "no_sync"
         if not is_balanced(routing_map):
             return super().preprocess(routing_map)
         num_tokens = routing_map.size(0)

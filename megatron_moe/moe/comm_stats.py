@@ -166,17 +166,17 @@ def snapshot_and_reset() -> Dict[str, float]:
     for layer, row in _counts.items():
         table[layer - 1] = row
     if dist.is_initialized():
-        table = table.to(_device())
+        table = table.to(_device(), non_blocking=True)
         dist.all_reduce(table)
-        table = table.cpu()
     reset()
+    rows = table.tolist()
     scalars: Dict[str, float] = {}
-    for index, row in enumerate(table.tolist()):
+    for index, row in enumerate(rows):
         if row[_TOKENS] > 0:
             for field, value in zip(FIELDS, row):
                 if field != "seconds" or timing:
                     scalars[f"moe-comm/layer_{index + 1:02d}/{field}"] = value
-    totals = table.sum(0).tolist() if table.numel() else [0.0] * len(FIELDS)
+    totals = [sum(column) for column in zip(*rows)] if rows else [0.0] * len(FIELDS)
     if totals[_TOKENS] > 0:
         scalars["moe-comm/rows_per_token"] = totals[_ROWS] / totals[_TOKENS]
         scalars["moe-comm/remote_bytes_per_token"] = totals[_REMOTE_BYTES] / totals[_TOKENS]
