@@ -92,7 +92,7 @@ class ExpertLoad:
         counts = self.counts.clone()
         dist.all_reduce(counts)  # every rank routed distinct tokens (SP slices, DP batches, PP layers)
         self.counts.zero_()
-        return {i + 1: row.tolist() for i, row in enumerate(counts) if row.sum() > 0}
+        return {i + 1: row for i, row in enumerate(counts.tolist()) if sum(row) > 0}  # one host read
 
 
 def load_imbalance(tokens_per_expert: List[float]) -> float:
