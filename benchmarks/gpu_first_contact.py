@@ -131,37 +131,51 @@ class Run:
             return subprocess.Popen([sys.executable, str(WORKER), str(plan_file)], cwd=REPO, env=env,
                                     stdout=stream, stderr=subprocess.STDOUT, text=True)
 
-    def work(self, name: str, plans: List[dict], timeout: float) -> Dict[str, dict]:
-        """Runs the plans in worker processes, a new one after a crash, until each has a result."""
+    def work(self, name: str, plans: List[dict], timeout: float, on_result=None) -> Dict[str, dict]:
+        """Runs the plans in worker processes, a new one after a crash, until each has a result; hands each
+        result to ``on_result(step name, result)`` as soon as it is written."""
         results: Dict[str, dict] = {}
         deadline = time.monotonic() + min(timeout, self.seconds_left())
+
+        def collect(plans_left):
+            for plan in plans_left:
+                if plan["step_name"] not in results and Path(plan["out"]).exists():
+                    results[plan["step_name"]] = json.loads(Path(plan["out"]).read_text())
+                    if on_result is not None:
+                        on_result(plan["step_name"], results[plan["step_name"]])
+
         attempt = 0
         while len(results) < len(plans):
             left = [plan for plan in plans if plan["step_name"] not in results]
             process = self.start_worker(f"{name}.{attempt}", left)
-            status = wait(process, deadline)
-            for plan in left:
-                if Path(plan["out"]).exists():
-                    results[plan["step_name"]] = json.loads(Path(plan["out"]).read_text())
+            status = wait(process, deadline, poll=lambda: collect(left))
+            collect(left)
             unfinished = [plan for plan in left if plan["step_name"] not in results]
-            if unfinished:  # the first of them was running when the process died or ran out of time
-                why = "timed out" if status is None else f"the worker process died (status {status})"
-                results[unfinished[0]["step_name"]] = {"status": "failed", "error": f"{why}; see logs/{name}.{attempt}.log"}
-            if status is None:
-                for plan in unfinished[1:]:
-                    results[plan["step_name"]] = {"status": "failed", "error": "not started: out of time"}
+            for index, plan in enumerate(unfinished):
+                # the first was running when the process died or ran out of time; the others wait for a new
+                # process, unless the time is out
+                if index == 0 or status is None:
+                    why = ("timed out" if status is None else f"the worker process died (status {status})")
+                    results[plan["step_name"]] = {"status": "failed", "error": (
+                        f"{why}; see logs/{name}.{attempt}.log" if index == 0 else "not started: out of time")}
+                    if on_result is not None:
+                        on_result(plan["step_name"], results[plan["step_name"]])
             attempt += 1
         return results
 
 
-def wait(process: subprocess.Popen, deadline: float) -> Optional[int]:
-    """The process's exit status, or None after killing it at ``deadline``."""
-    try:
-        return process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return None
+def wait(process: subprocess.Popen, deadline: float, poll=None) -> Optional[int]:
+    """The process's exit status, or None after killing it at ``deadline``; ``poll()`` every 2 s meanwhile."""
+    while True:
+        try:
+            return process.wait(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                process.kill()
+                process.wait()
+                return None
+            if poll is not None:
+                poll()
 
 
 def environment(dry_run: bool) -> dict:
@@ -239,10 +253,11 @@ def run_device_steps(run: Run, steps: List[str]) -> None:
     if "fp8_gemm" in steps:
         plans.append(plan(run, "fp8_gemm", "fp8_gemm", device="cpu" if run.dry_run else "cuda",
                           shapes=TINY_FP8_SHAPES if run.dry_run else FP8_SHAPES, repeats=2 if run.dry_run else 20))
-    results = run.work("device", plans, timeout=run.seconds_left() - 120) if plans else {}
-    for name, result in results.items():
-        if name != "grads_device":
+    def record(name, result):
+        if name != "grads_device":  # compared with the CPU reference below
             run.record(name, result)
+
+    results = run.work("device", plans, timeout=run.seconds_left() - 120, on_result=record) if plans else {}
     if reference is not None:
         status = wait(reference, time.monotonic() + 120)
         cpu = json.loads(Path(results_dir / "grads_cpu.json").read_text()) if status == 0 else None

@@ -51,3 +51,21 @@ def test_figures_are_the_promised_ones(dry_run):
     assert gemm["fp8_tflops"] > 0 and gemm["fp8_relative_error"] < 0.1  # e4m3 keeps 3 mantissa bits
     resumed = figures["save_kill_resume"]
     assert resumed["same_next_losses"] and resumed["killed_run_status"] == -9
+
+
+def test_a_failing_step_keeps_the_others_and_a_dead_worker_is_replaced(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_first_contact as script
+
+    run = script.Run(tmp_path, dry_run=True, budget=120)
+    (tmp_path / "results").mkdir()
+    fp8 = dict(device="cpu", shapes=script.TINY_FP8_SHAPES, repeats=1)
+    plans = [script.plan(run, "broken", "fp8_gemm", **{**fp8, "device": "no-such-device"}),
+             # argparse ends the worker process (status 2): the next worker runs what is left
+             script.plan(run, "exits", "resume", flags=["--not-a-flag"]),
+             script.plan(run, "fine", "fp8_gemm", **fp8)]
+    arrived = []
+    results = run.work("test", plans, timeout=100, on_result=lambda name, result: arrived.append(name))
+    assert results["broken"]["status"] == "failed" and "no-such-device" in results["broken"]["error"]
+    assert results["exits"]["status"] == "failed" and "worker process died (status 2)" in results["exits"]["error"]
+    assert results["fine"]["status"] == "ok" and arrived == ["broken", "exits", "fine"]
