@@ -12,8 +12,9 @@ the one process's losses and saves every iteration; one process loads the 2-proc
 (2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the optimizer state).
 The export of each 2-process checkpoint must give the one-process model's logits. A top-2 all-MoE model
 with GQA, untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through
-import. BASE and SAM models trained with TP=2, PP=2 or EP=2 go to our own modeling code
-(trust_remote_code).
+import. BASE models trained with TP=2, PP=2 or EP=2 go to GLM-4.5's class, SAM models to our own modeling
+code (trust_remote_code). Every exported folder is checked servable: it loads with no missing, unexpected or
+mismatched tensor, none zero-sized, and config.json holds only its class's fields (docs/conversion.md).
 """
 
 import json
@@ -148,28 +149,31 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
     assert torch.equal(round_trip, logits)
 
 
-ROUTED = {
-    "BASE": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
-             "--moe-layer-freq", "[0,1,1,1]"],
-    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2", "--sam-renormalize-gates"],
+ROUTED = {  # routing scheme -> its flags, the class it exports to
+    "BASE": (["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
+              "--moe-layer-freq", "[0,1,1,1]"], "Glm4MoeForCausalLM"),
+    "SAM": (["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2", "--sam-renormalize-gates"],
+            "MegatronMoeForCausalLM"),
 }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("router", sorted(ROUTED))
-def test_remote_code_export_from_layout(router, layout, tmp_path):
-    """BASE (greedy argmax at inference, sigmoid gate) and SAM (group switch, top-k inside) have no
-    transformers class: the folder carries our modeling code, loaded with trust_remote_code."""
-    flags = TINY_MOE + ROPE + ROUTED[router] + LAYOUTS[layout] + ["--train-iters", "2",
-                                                                  "--save", str(tmp_path / "ckpt")]
-    train(tmp_path, router, 2, flags)
-    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
+def test_base_and_sam_export_from_layout(router, layout, tmp_path):
+    """BASE at inference (greedy argmax of h . c, gate sigmoid(h . c)) is GLM-4.5's sigmoid top-1 router; SAM
+    (group switch, top-k inside) has no transformers class: the folder carries our modeling code, loaded with
+    trust_remote_code."""
+    flags, expected = ROUTED[router]
+    train(tmp_path, router, 2, TINY_MOE + ROPE + flags + LAYOUTS[layout] + ["--train-iters", "2",
+                                                                          "--save", str(tmp_path / "ckpt")])
+    exported = convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
+    assert ("note: the class takes BASE's expert" in exported.stdout) == (router == "BASE")  # where it may differ
     # our model from the same checkpoint, one process, evaluation mode (BASE: greedy)
-    ref = checkpoint_logits(tmp_path, TINY_MOE + ROPE + ROUTED[router] + ["--load", str(tmp_path / "ckpt"),
-                                                                          "--finetune", "--train-iters", "1"])
+    ref = checkpoint_logits(tmp_path, TINY_MOE + ROPE + flags + ["--load", str(tmp_path / "ckpt"),
+                                                                 "--finetune", "--train-iters", "1"])
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
                                                               trust_remote_code=True).eval()
-    assert type(model).__name__ == "MegatronMoeForCausalLM" and model.config.moe_router_type == router.lower()
+    assert type(model).__name__ == expected
     with torch.no_grad():
         diff = (model(ref["tokens"]).logits - ref["logits"]).abs().max().item()
     print(f"{router}: max abs logit diff {diff:.3e}")
@@ -247,21 +251,30 @@ def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
 # every router option: exact or refused (one process for all cases)
 # ----------------------------------------------------------------------------------------------------------
 
-MIXTRAL, QWEN, REMOTE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "MegatronMoeForCausalLM"
+MIXTRAL, QWEN, GLM, REMOTE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Glm4MoeForCausalLM", "MegatronMoeForCausalLM"
 ONE = TINY_MOE + ROPE + ["--train-iters", "1"]
 NO_AUX = ["--moe-aux-loss-coeff", "0"]
-# case -> (extra flags, the class it exports to, or the refusal naming the flag)
+SIGMOID = ["--moe-router-score-function", "sigmoid"]
+BASE = ["--moe-router-type", "base", "--moe-router-topk", "1"] + NO_AUX
+# case -> (extra flags, the class it exports to, or the refusal naming the flag); "--remote-code" first: exported so
 ROUTER_CASES = {
     "softmax_topk2": ([], MIXTRAL),
     "softmax_topk2_dense_layers": (["--moe-layer-freq", "[0,1,1,1]"], QWEN),
     "softmax_topk1": (["--moe-router-topk", "1"], QWEN),
     "pre_softmax": (["--moe-router-pre-softmax"], QWEN),
-    "sigmoid_topk2": (["--moe-router-score-function", "sigmoid"], REMOTE),
-    "sigmoid_topk1": (["--moe-router-score-function", "sigmoid", "--moe-router-topk", "1"], REMOTE),
+    "sigmoid_topk2": (SIGMOID, GLM),
+    "sigmoid_topk1": (SIGMOID + ["--moe-router-topk", "1"], GLM),
+    "sigmoid_dense_first_layer": (SIGMOID + ["--moe-layer-freq", "[0,1,1,1]"], GLM),
+    "sigmoid_dense_middle_layer": (SIGMOID + ["--moe-layer-freq", "[1,0,1,1]"], REMOTE),
+    "sigmoid_ungated_shared_expert": (SIGMOID + ["--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size",
+                                                 "64"], GLM),
+    "sigmoid_qkv_bias_partial_rotary": (SIGMOID + ["--add-qkv-bias", "--rotary-percent", "0.5"], GLM),
     "group_limited": (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"], REMOTE),
     "group_limited_sigmoid": (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
-                               "--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], REMOTE),
-    "sinkhorn_topk1": (["--moe-router-load-balancing-type", "sinkhorn", "--moe-router-topk", "1"] + NO_AUX, REMOTE),
+                               "--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], GLM),
+    "group_limited_sigmoid_top3": (SIGMOID + ["--num-experts", "8", "--moe-router-num-groups", "2",
+                                              "--moe-router-group-topk", "1", "--moe-router-topk", "3"], REMOTE),
+    "sinkhorn_topk1": (["--moe-router-load-balancing-type", "sinkhorn", "--moe-router-topk", "1"] + NO_AUX, GLM),
     "sinkhorn_topk2": (["--moe-router-load-balancing-type", "sinkhorn"] + NO_AUX, QWEN),
     "seq_aux_loss": (["--moe-router-load-balancing-type", "seq_aux_loss"], MIXTRAL),
     "no_balancing_loss": (["--moe-router-load-balancing-type", "none"] + NO_AUX, MIXTRAL),
@@ -269,11 +282,14 @@ ROUTER_CASES = {
     "router_dtype_fp32": (["--moe-router-dtype", "fp32"], MIXTRAL),
     "router_dtype_fp64": (["--moe-router-dtype", "fp64"], "--moe-router-dtype fp64"),
     "allgather_dispatcher": (["--moe-token-dispatcher-type", "allgather"], MIXTRAL),
+    "kv_channels": (["--kv-channels", "32", "--num-query-groups", "2"], MIXTRAL),
+    "kv_channels_dense_layers": (["--kv-channels", "32", "--moe-layer-freq", "[0,1,1,1]"], REMOTE),
     "capacity_factor": (["--moe-expert-capacity-factor", "0.5"], "--moe-expert-capacity-factor 0.5"),
     "capacity_factor_position_padded": (["--moe-expert-capacity-factor", "2", "--moe-token-drop-policy", "position",
                                          "--moe-pad-expert-input-to-capacity"], "--moe-expert-capacity-factor 2"),
-    "base": (["--moe-router-type", "base", "--moe-router-topk", "1"] + NO_AUX, REMOTE),
-    "base_no_shuffle": (["--moe-router-type", "base", "--moe-router-topk", "1", "--no-base-shuffle"] + NO_AUX, REMOTE),
+    "base": (BASE, GLM),
+    "base_no_shuffle": (BASE + ["--no-base-shuffle"], GLM),
+    "base_remote_code": (["--remote-code"] + BASE, REMOTE),
     "sam_groups_renormalized": (["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2",
                                  "--sam-renormalize-gates"], REMOTE),
     "sam_capacity_no_losses": (["--moe-router-type", "sam", "--sam-capacity-factor", "1.0", "--moe-router-dtype", "fp32",
@@ -290,9 +306,11 @@ ROUTER_CASES = {
 @pytest.fixture(scope="module")
 def router_matrix(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix")
-    cases = tmp / "cases.json"
-    cases.write_text(json.dumps({name: ONE + flags for name, (flags, _) in ROUTER_CASES.items()}))
-    result = subprocess.run([sys.executable, str(SCRIPTS / "export_matrix.py"), str(tmp / "out.json"), str(tmp), str(cases)],
+    cases = {name: {"flags": [f for f in flags if f != "--remote-code"], "remote_code": "--remote-code" in flags}
+             for name, (flags, _) in ROUTER_CASES.items()}
+    (tmp / "cases.json").write_text(json.dumps({"job": ONE, "cases": cases}))
+    result = subprocess.run([sys.executable, str(SCRIPTS / "export_matrix.py"), str(tmp / "out.json"), str(tmp),
+                             str(tmp / "cases.json")],
                             cwd=REPO, capture_output=True, text=True, env=dict(CONVERT_ENV, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-6000:]
     return json.loads((tmp / "out.json").read_text())
@@ -309,6 +327,97 @@ def test_router_option_exports_exactly_or_is_refused(case, router_matrix):
     assert got["diff"] <= TOLERANCE  # the folder computes our model
     assert got["load_diff"] <= TOLERANCE  # its import is our model under --load --finetune
     assert got["round_trip_diff"] <= TOLERANCE  # export -> import -> export keeps the logits
+    # servable by construction: the class loads every tensor and no other, none is empty, and config.json has
+    # only the fields its config class defines (or that its modeling code reads, docs/conversion.md)
+    assert got["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert got["zero_sized"] == [] and got["unknown_fields"] == []
+
+
+def bf16_target(*flags, remote_code=False):
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion.hf_layout import ConversionError, export_target
+
+    try:
+        return export_target(parse_args(ONE + ["--bf16", *flags], world_size=1), remote_code).architecture.name
+    except ConversionError as error:
+        return str(error)
+
+
+def test_bf16_routing_goes_to_a_class_that_chooses_on_the_same_precision():
+    """In a --bf16 model megatron chooses experts on scores rounded to the router's dtype: a native class is
+    chosen only where it chooses on the same values (fp32 logits can only be compared in fp32, above)."""
+    assert bf16_target() == MIXTRAL  # top k of the bf16 logits, in both
+    assert bf16_target("--moe-router-dtype", "fp32") == REMOTE  # Mixtral's logits are bf16
+    assert bf16_target("--moe-router-pre-softmax") == REMOTE  # megatron rounds the probabilities to bf16
+    assert bf16_target(*SIGMOID) == REMOTE  # megatron rounds sigmoid scores to bf16, GLM-4.5 keeps fp32
+    assert bf16_target(*SIGMOID, "--moe-router-dtype", "fp32") == GLM
+    assert bf16_target(*BASE) == GLM  # BASE chooses on fp32 affinities
+    assert bf16_target(remote_code=True) == REMOTE
+    refused = bf16_target(*SIGMOID, "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate")
+    assert refused.startswith("--moe-shared-expert-intermediate-size 32: MegatronMoeForCausalLM has no shared expert;")
+
+
+def test_an_architecture_is_one_record(monkeypatch):
+    """Removing a record removes its class from export (the next record that computes the model takes it)
+    and from import."""
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion import hf_layout
+
+    sigmoid = parse_args(ONE + SIGMOID, world_size=1)
+    assert hf_layout.export_target(sigmoid).architecture.name == GLM
+    monkeypatch.setattr(hf_layout, "ARCHITECTURES", tuple(a for a in hf_layout.ARCHITECTURES if a.name != GLM))
+    assert hf_layout.export_target(sigmoid).architecture.name == REMOTE
+    with pytest.raises(hf_layout.ConversionError, match=r"architectures \['Glm4MoeForCausalLM'\]: import supports"):
+        hf_layout.args_from_hf_config({"architectures": [GLM]})
+
+
+def test_remote_code_routing_equals_training_code():
+    """The remote code's routing functions are copies of the training code's (the folder must run without
+    megatron-moe): the same experts and gates, bit for bit, on random logits for every option."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from megatron_moe.conversion.remote_code import modeling_megatron_moe as remote
+    from megatron_moe.moe import sam
+
+    def dense(experts, gates, num_experts):
+        return torch.zeros(experts.shape[0], num_experts, dtype=gates.dtype).scatter(1, experts, gates)
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(512, 8, generator=generator) * 3).to(dtype)
+        for score, pre, k, groups, group_topk in [("softmax", False, 2, None, None), ("softmax", True, 2, None, None),
+                                                   ("softmax", True, 1, None, None), ("sigmoid", False, 2, None, None),
+                                                   ("sigmoid", False, 1, None, None), ("softmax", False, 2, 4, 1),
+                                                   ("softmax", True, 4, 4, 2), ("sigmoid", False, 2, 2, 1),
+                                                   ("sigmoid", False, 3, 2, 1)]:
+            probs, routing_map = topk_routing_with_score_function(logits, k, use_pre_softmax=pre, num_groups=groups,
+                                                                  group_topk=group_topk, score_function=score)
+            experts, gates = remote.topk_route(logits, k, score, pre, groups, group_topk)
+            assert torch.equal(dense(experts, gates, 8), probs), (score, pre, k, groups, dtype)
+            assert torch.equal(dense(experts, torch.ones_like(gates), 8).bool(), routing_map)
+        for groups, k, renormalize in [(2, 1, False), (2, 2, True), (4, 2, False), (1, 3, True)]:
+            _, _, sam_experts, sam_gates = sam.sam_route(logits, groups, k, renormalize)
+            experts, gates = remote.sam_route(logits, groups, k, renormalize)
+            assert torch.equal(dense(experts, gates, 8), dense(sam_experts, sam_gates, 8)), (groups, k, dtype)
+        hidden, centroids = torch.randn(512, 16, generator=generator).to(dtype), torch.randn(8, 16).to(dtype)
+        probs, routing_map = base_router_eval(hidden, centroids)
+        experts, gates = remote.base_route(hidden, centroids)
+        assert torch.equal(dense(experts, gates, 8), probs) and torch.equal(dense(experts, gates, 8) > 0, routing_map)
+
+
+def base_router_eval(hidden, centroids):
+    """megatron_moe's BaseRouter in evaluation mode, on one process."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_moe.moe.base import BaseRouter
+
+    config = TransformerConfig(num_layers=1, hidden_size=hidden.shape[1], num_attention_heads=1,
+                               num_moe_experts=centroids.shape[0], params_dtype=hidden.dtype)
+    config.moe_routing_options = None
+    router = BaseRouter(config).eval()
+    with torch.no_grad():
+        router.centroids.copy_(centroids)
+        return router(hidden)
 
 
 def test_sam_folder_never_imports_as_topk(tmp_path):
@@ -332,10 +441,19 @@ def test_sam_folder_never_imports_as_topk(tmp_path):
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]
 
 
-def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
-    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
+def word_tokenizer(folder: Path) -> None:
+    """A tokenizer.json of WORDS (bos 1, eos 2) with its tokenizer_config.json."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>"}))
+
+
+def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
+    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
     torch.manual_seed(0)
     config = transformers.Qwen2MoeConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -344,11 +462,7 @@ def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bia
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = transformers.Qwen2MoeForCausalLM(config).eval()
     model.save_pretrained(folder, max_shard_size="40KB" if shards else "1GB")
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                              "unk_token": "<unk>"}))
+    word_tokenizer(folder)
     return folder
 
 
@@ -384,6 +498,28 @@ def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(shared, qkv_bias,
     assert (tmp_path / "back" / "tokenizer.json").is_file()
     mode = (tmp_path / "back").stat().st_mode & 0o777
     assert mode == 0o777 & ~current_umask()
+
+
+def test_real_glm4_moe_folder_imports_and_exports_back(tmp_path):
+    """A random GLM-4.5-shaped model made by transformers (sigmoid top-2 over one group, a dense first layer, an
+    ungated shared expert, 4 half-rotary heads of 16 in a hidden size of 32) imports with its logits and
+    exports back to its class."""
+    torch.manual_seed(0)
+    config = transformers.Glm4MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    transformers.Glm4MoeForCausalLM(config).save_pretrained(tmp_path / "glm")
+    word_tokenizer(tmp_path / "glm")
+    pretrain = convert("import", "--hf", str(tmp_path / "glm"), "--save", str(tmp_path / "ckpt")).stdout.split(
+        "pretrain with: ")[1].split()
+    assert {"--rotary-percent", "--moe-shared-expert-intermediate-size"} <= set(pretrain)
+    ours = checkpoint_logits(tmp_path, QWEN_RUN + pretrain)
+    _, theirs = hf_logits(tmp_path / "glm", ours["tokens"])
+    assert (theirs[..., :96] - ours["logits"]).abs().max().item() <= TOLERANCE
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
+    model, again = hf_logits(tmp_path / "back", ours["tokens"])
+    assert type(model).__name__ == GLM and (again - ours["logits"]).abs().max().item() <= TOLERANCE
 
 
 def current_umask() -> int:

@@ -48,13 +48,15 @@ def with_overrides(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
 
 
 def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[str] = (),
-           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True) -> List[str]:
+           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True,
+           remote_code: bool = False) -> List[str]:
     """Writes the HF folder; returns the lines to print (what was written). ``verify``: check every file of
-    the checkpoint against its manifest meanwhile (a damaged shard is named, never exported)."""
+    the checkpoint against its manifest meanwhile (a damaged shard is named, never exported).
+    ``remote_code``: our modeling code even where a native class computes the model."""
     hf_files.refuse_existing(output, overwrite, "--output")
     directory = latest_checkpoint(load)
     args = with_overrides(run_config.load(directory), overrides)
-    target = hf_layout.export_target(args)  # refusals come before any weight is read
+    target = hf_layout.export_target(args, remote_code)  # refusals come before any weight is read
     with _in_background(checkpoint_files.verify_checkpoint if verify else None, directory) as verification:
         try:
             return _write_folder(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
@@ -86,7 +88,7 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
     torch_dtype = hf_layout.TORCH_DTYPES[dtype or ("bf16" if args.bf16 else "fp32")]
 
     reader = CheckpointReader(directory)
-    plan = hf_layout.units(args, target)
+    plan = hf_layout.units(args, target) + hf_layout.export_only_units(args, target)
     missing = sorted({unit.key for unit in plan} - set(reader.tensors))
     if missing:
         raise ConversionError(f"{directory} has no tensor {missing[0]} ({len(missing)} missing): not the model "
@@ -96,8 +98,8 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
         shape = reader.shape(unit.key)[1:] if unit.expert is not None else reader.shape(unit.key)
         parts = hf_layout.to_hf(unit, torch.empty(shape, device="meta"), args, vocab)
         layout += [(name, tuple(part.shape), torch_dtype) for name, part in zip(unit.hf, parts)]
-    zeros = hf_layout.zero_shared_experts(args, target)
-    layout += [(name, shape, torch_dtype) for name, shape in zeros]
+    zeros = hf_layout.zero_fills(args, target, torch_dtype)
+    layout += zeros
     config = hf_layout.hf_config(args, target, vocab, bos, eos, torch_dtype)
 
     with hf_files.atomic_directory(output, overwrite, "--output") as folder:
@@ -105,19 +107,21 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
         for unit in plan:
             for name, part in zip(unit.hf, hf_layout.to_hf(unit, reader.read(unit.key, unit.expert), args, vocab)):
                 writer.write(name, part.to(torch_dtype))
-        for name, shape in zeros:
-            writer.write(name, torch.zeros(shape, dtype=torch_dtype))
+        for name, shape, zero_dtype in zeros:
+            writer.write(name, torch.zeros(shape, dtype=zero_dtype))
         written = writer.finish()
         hf_files.write_json(folder / "config.json", config)
         hf_files.write_json(folder / "generation_config.json",
                             {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
-        if "auto_map" in config:
+        if target.architecture.remote_code:
             written += hf_files.copy_remote_code(folder)
         tokenizer_line = hf_files.write_tokenizer(args, folder, eos)
         if verification is not None:
             verification.result()  # the folder is kept only if the checkpoint matched its digests
-    lines = [f"exported {directory} as {target.architecture} ({json.dumps(str(torch_dtype))[1:-1]}) to {output} "
+    lines = [f"exported {directory} as {target.architecture.name} ({json.dumps(str(torch_dtype))[1:-1]}) to {output} "
              f"({', '.join(written)})", tokenizer_line]
-    if "auto_map" in config:
+    if target.architecture.remote_code:
         lines.append("load it with trust_remote_code=True (its modeling code is in the folder)")
+    elif target.routing.native_note:
+        lines.append(f"note: {target.routing.native_note}")
     return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from megatron_moe.conversion.routing import EvalRouting
 from megatron_moe.errors import ConfigError
 
 
@@ -50,8 +51,15 @@ def options_from_args(config) -> BaseOptions:
     return BaseOptions(shuffle=config.base_shuffle)
 
 
-def export(args) -> dict:
-    """tools/convert_checkpoint.py export: BASE in evaluation mode (greedy argmax of ``h . c_e``, gate
-    ``sigmoid(h . c_e)``, the balancing is training-only) is our remote code's ``base_route``."""
-    return dict(architecture="MegatronMoeForCausalLM", config={"moe_router_type": "base"}, router_tensor="centroids",
-                flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"))
+def export(args) -> EvalRouting:
+    """tools/convert_checkpoint.py export: BASE in evaluation mode (the balancing is training-only) sends each
+    token to the expert of largest ``h . c_e`` (fp32) with gate ``sigmoid(h . c_e)``: a sigmoid top-1
+    router without renormalisation, whose weight is the centroids. Except where two affinities have equal
+    fp32 sigmoids, which such a router cannot order."""
+    return EvalRouting(topk=1, score="sigmoid", renormalize=False, router_fp32=True, flags="--moe-router-type base",
+                       router_tensor="centroids", remote_config={"moe_router_type": "base"},
+                       remote_flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"),
+                       native_note="the class takes BASE's expert as the top fp32 sigmoid of h . c, BASE the top h . c: "
+                                   "they differ where two of a token's sigmoids are equal in fp32 (affinities above "
+                                   "about 16.6, or within 6e-8 * e^a of each other); --remote-code exports BASE's "
+                                   "argmax (docs/conversion.md)")

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from megatron_moe.conversion.routing import EvalRouting, router_fp32
 from megatron_moe.errors import ConfigError
 
 
@@ -87,11 +88,12 @@ def options_from_args(config) -> SAMOptions:
     )
 
 
-def export(args) -> dict:
+def export(args) -> EvalRouting:
     """tools/convert_checkpoint.py export: SAM in evaluation mode (dropless whatever --sam-capacity-factor,
-    the losses are training-only) is our remote code's ``sam_route``."""
+    the losses are training-only): no top-k rule, only our remote code's ``sam_route`` computes it."""
     flags = ["--moe-router-type", "sam", "--sam-num-groups", str(args.sam_num_groups)]
-    return dict(architecture="MegatronMoeForCausalLM",
-                flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
-                config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
-                        "sam_renormalize_gates": args.sam_renormalize_gates})
+    return EvalRouting(topk=args.moe_router_topk, score=None, renormalize=args.sam_renormalize_gates,
+                       router_fp32=router_fp32(args), flags="--moe-router-type sam",
+                       remote_flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
+                       remote_config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
+                                      "sam_renormalize_gates": args.sam_renormalize_gates})

@@ -1,9 +1,17 @@
-"""Hugging Face model of a megatron-moe model routed by BASE, SAM or a top-k rule no transformers class has.
+"""Hugging Face model of a megatron-moe model routed by a rule no transformers class computes (SAM, and the
+top-k options listed in megatron-moe's docs/conversion.md).
 
-Written into every exported folder by megatron-moe's tools/convert_checkpoint.py, loaded with
+Written into exported folders by megatron-moe's tools/convert_checkpoint.py, loaded with
 ``trust_remote_code=True``. The model is Qwen2-MoE's (attention, norms, rotary embedding, dense layers,
 KV cache, ``generate()``) with each MoE block replaced by :class:`MegatronMoeSparseBlock`, which computes
 what megatron-moe computes in evaluation mode.
+
+The routing functions are COPIES of megatron-moe's training code, because this file must run where
+megatron-moe is not installed: ``base_route`` of ``megatron_moe.moe.base.BaseRouter`` in evaluation
+mode, ``sam_route`` of ``megatron_moe.moe.sam.sam_route``, ``topk_route`` of megatron-core's
+``topk_routing_with_score_function`` (TopKRouter in evaluation mode). megatron-moe's
+tests/test_convert_checkpoint.py (``test_remote_code_routing_equals_training_code``) keeps each equal to
+the code it copies, decision for decision and gate for gate, on random inputs for every option.
 """
 
 import torch
@@ -23,16 +31,19 @@ def base_route(hidden: torch.Tensor, centroids: torch.Tensor):
 
 def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: bool):
     """SAM: ``p = softmax(logits)`` over all experts; the group whose experts' ``p`` sum highest; its ``topk``
-    most probable experts, gated by their ``p`` (divided by the sum of the k with ``renormalize``)."""
+    most probable experts (ascending ids), gated by their ``p`` (divided by the sum of the k with
+    ``renormalize``)."""
     tokens, num_experts = logits.shape
     width = num_experts // num_groups
-    p = torch.softmax(logits.float(), dim=-1).view(tokens, num_groups, width)
-    group = p.sum(-1).argmax(-1)
-    in_group = p[torch.arange(tokens, device=p.device), group]
-    gates, slot = torch.topk(in_group, topk, dim=-1)
+    p = torch.softmax(logits.float(), dim=-1)
+    group = p.view(tokens, num_groups, width).sum(-1).argmax(-1)
+    in_group = p.view(tokens, num_groups, width)[torch.arange(tokens, device=p.device), group]
+    _, slot = torch.topk(in_group, topk, dim=-1)
+    experts = (group.unsqueeze(1) * width + slot).sort(-1).values
+    gates = p.gather(1, experts)
     if renormalize:
         gates = gates / gates.sum(-1, keepdim=True)
-    return group.unsqueeze(1) * width + slot, gates
+    return experts, gates
 
 
 def topk_route(logits: torch.Tensor, topk: int, score_function: str, pre_softmax: bool, num_groups, group_topk):
@@ -76,14 +87,19 @@ class MegatronMoeSparseBlock(nn.Module):
         self.experts = nn.ModuleList(Qwen2MoeMLP(config, intermediate_size=config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.moe_router_dtype == "fp32":  # megatron's --moe-router-dtype fp32
+            return nn.functional.linear(hidden.float(), self.gate.weight.float())
+        return self.gate(hidden)
+
     def route(self, hidden: torch.Tensor):
         if self.config.moe_router_type == "base":
             return base_route(hidden, self.centroids)
         if self.config.moe_router_type == "topk":
             c = self.config
-            return topk_route(self.gate(hidden), c.num_experts_per_tok, c.moe_router_score_function,
+            return topk_route(self.logits(hidden), c.num_experts_per_tok, c.moe_router_score_function,
                               c.moe_router_pre_softmax, c.moe_router_num_groups, c.moe_router_group_topk)
-        return sam_route(self.gate(hidden), self.config.sam_num_groups, self.config.num_experts_per_tok,
+        return sam_route(self.logits(hidden), self.config.sam_num_groups, self.config.num_experts_per_tok,
                          self.config.sam_renormalize_gates)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
