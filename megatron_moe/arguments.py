@@ -136,6 +136,10 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-permute-fusion", action="store_true",
                    help="fused token permutation in megatron's dispatchers (Transformer Engine kernels; "
                         "topk and base)")
+    g.add_argument("--moe-router-padding-for-fp8", action="store_true",
+                   help="topk with --fp8-format: pad the routing map so that every expert gets a multiple of 16 "
+                        "tokens (gate 0), sparing the experts' own FP8 padding (Megatron-LM's flag; the BASE and "
+                        "SAM dispatchers always align under --fp8-format)")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -522,6 +526,11 @@ def _validate_router_flags(c: RunConfig) -> Dict[str, Any]:
         _require(c.moe_z_loss_coeff >= 0, f"--moe-z-loss-coeff must be >= 0, got {c.moe_z_loss_coeff}")
         if c.moe_z_loss_coeff == 0:
             filled["moe_z_loss_coeff"] = None  # off; megatron would log z-loss / 0
+    if c.moe_router_padding_for_fp8:
+        _require(c.fp8_format is not None, "--moe-router-padding-for-fp8 pads for FP8 GEMMs: it needs --fp8-format")
+        _require(c.moe_token_dispatcher_type == "alltoall",
+                 "--moe-router-padding-for-fp8 needs --moe-token-dispatcher-type alltoall (megatron-core's "
+                 "allgather dispatcher cannot pad)")
     factor = c.moe_expert_capacity_factor
     if factor is None:
         _require(not c.moe_pad_expert_input_to_capacity,

@@ -47,3 +47,33 @@ def test_aligned_layer_gives_the_same_output_and_gradients(layers, variant):
 def test_base_dispatcher_needs_no_sync_after_an_evaluation_forward(layers):
     """megatron's dispatcher only ever moves its sync point earlier; BASE resets it for balanced forwards."""
     assert [result["base_sync_point_after_eval_then_train"] for result in layers] == ["no_sync", "no_sync"]
+
+
+FP8 = ["--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--moe-router-padding-for-fp8 pads for FP8 GEMMs: it needs --fp8-format"),
+    (FP8 + ["--moe-token-dispatcher-type", "allgather"], "needs --moe-token-dispatcher-type alltoall"),
+    (FP8 + ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"],
+     "does not apply to --moe-router-type base"),
+    (FP8 + ["--moe-router-type", "sam"], "does not apply to --moe-router-type sam"),
+])
+def test_router_padding_flag_is_refused_where_it_cannot_act(flags, message):
+    from megatron_moe.arguments import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=message):
+        parse_args(TINY_MOE + ["--train-iters", "1", "--moe-router-padding-for-fp8", *flags])
+
+
+def test_router_padding_flag_reaches_megatron_as_megatron_lm_passes_it(monkeypatch):
+    from megatron.core.transformer import transformer_config
+
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.model import transformer_config_from_args
+
+    monkeypatch.setattr(transformer_config, "is_te_min_version", lambda version: True)  # MoE FP8 asks for TE
+    args = parse_args(TINY_MOE + ["--train-iters", "1", "--moe-router-padding-for-fp8", *FP8])
+    config = transformer_config_from_args(args)
+    assert config.moe_router_padding_for_fp8 and config.moe_router_padding_for_quantization and config.fp8 == "e4m3"
+    assert not parse_args(TINY_MOE + ["--train-iters", "1"]).moe_router_padding_for_fp8  # Megatron-LM's default
