@@ -33,6 +33,7 @@ demo: data
 	  --vocab-file data/gpt2-vocab.json --merge-file data/gpt2-merges.txt \
 	  --log-interval 10 --eval-interval 40 --eval-iters 2 --seed 1234
 
-# pytest's exit status 5 means "no tests collected": not a failure of the code.
+# Any non-zero pytest status fails, 5 ("no tests collected": a broken collection or a -k that matches nothing)
+# included. pytest's summary (-ra, pyproject.toml) lists every test that did not run, with its reason.
 test: data
-	$(PY) -m pytest $(PYTEST_ARGS) tests || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && exit 0; exit $$rc; }
+	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -8,12 +8,15 @@ Layout of ``--save DIR`` (Megatron-LM's)::
     DIR/iter_0000010/manifest.json    size and digest of each of its other files (verified before loading)
     DIR/latest_checkpointed_iteration.txt
 
-The tracker file is written by rank 0 only after a barrier that every rank reaches once its shards are
-on disk and after the manifest is written, and it is replaced atomically: a crash during a save leaves the
-previous checkpoint the one ``--load`` resumes from. At start every rank checks that ``--save`` is writable
-with room for a checkpoint and that ``--load`` names a complete checkpoint whose files match the manifest
-(:func:`check_save_dir`, :func:`check_save_space`,
-:func:`megatron_moe.checkpoint_files.check_checkpoint_files`).
+A save writes into a folder of its own, ``iter_0000010.partial-XXXXXXXXXXXX``; once every rank's shards are
+on disk and the manifest is written, rank 0 renames it to ``iter_0000010`` (an older save of that iteration
+is moved aside and removed) and only then replaces the tracker, atomically. A crash during a save leaves the
+previous checkpoint the one ``--load`` resumes from, and an iteration folder only ever holds one save's
+files. One job writes a ``--save`` directory at a time (``.writer.lock``, :mod:`megatron_moe.save_lock`);
+the job holding the lock removes the unfinished folders of a job that died during a save. At start every
+rank checks that ``--save`` is writable, free of another writer, with room for a checkpoint, and that
+``--load`` names a complete checkpoint whose files match the manifest (:func:`check_save_dir`,
+:func:`check_save_space`, :func:`megatron_moe.checkpoint_files.check_checkpoint_files`).
 
 A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states of every rank and the number
 of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Three fixes are needed
@@ -42,8 +45,9 @@ import os
 import queue
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,7 +57,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_moe import run_config
+from megatron_moe import run_config, save_lock
 from megatron_moe.arguments import ARCHITECTURE, RunConfig
 from megatron_moe.checkpoint_files import TRACKER, checkpoint_dir, read_tracker, write_manifest
 from megatron_moe.errors import ConfigError
@@ -228,19 +232,52 @@ def _unshare_adam_steps(optimizer) -> None:
 # save / load
 # ----------------------------------------------------------------------------------------------------------
 
+# name parts of the folders a save works in (iter_NNNNNNN.partial-XXXXXXXXXXXX, iter_NNNNNNN.replaced-...)
+PARTIAL, REPLACED = ".partial-", ".replaced-"
+
+
 def check_save_dir(args) -> None:
-    """``--save`` exists (created if need be) and this rank can write a file there: every rank, at start."""
+    """``--save`` exists (created if need be), every rank can write a file there, and no other job writes
+    there (rank 0 takes its lock, then removes what a job that died during a save left). Collective: every
+    rank raises the same one-line ConfigError."""
     if not args.save:
         return
+    problem = _unwritable(args.save)
+    if problem is None and dist.get_rank() == 0:
+        problem = save_lock.take(args.save)
+        if problem is None and save_lock.holds(args.save):
+            _remove_unfinished_saves(args.save)
+    problems: List[Optional[str]] = [problem]
+    if dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise ConfigError(found[0])
+
+
+def _unwritable(save: str) -> Optional[str]:
     try:
-        os.makedirs(args.save, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=args.save, prefix=".write-probe-") as probe:
+        os.makedirs(save, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save, prefix=".write-probe-") as probe:
             probe.write(b"0")
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as error:
-        raise ConfigError(f"--save {args.save}: not writable ({error.strerror or error}); give a directory "
-                          "this job can write") from error
+        return f"--save {save}: not writable ({error.strerror or error}); give a directory this job can write"
+    return None
+
+
+def _remove_unfinished_saves(save: str) -> None:
+    """Removes the working folders of saves that never finished (their job died): only the lock's holder may,
+    as only then is no other job writing them."""
+    leftovers = sorted(path for path in Path(save).glob("iter_*") if path.is_dir() and
+                       (PARTIAL in path.name or REPLACED in path.name))
+    for path in leftovers:
+        shutil.rmtree(path)
+    if leftovers:
+        print(f"> removed {len(leftovers)} unfinished save folder(s) of a job that ended during a save: "
+              f"{', '.join(path.name for path in leftovers)}", flush=True)
 
 
 def checkpoint_bytes(job) -> int:
@@ -270,29 +307,45 @@ def check_save_space(save: str, needed: int) -> None:
 
 
 def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
-    """Writes ``--save``/iter_NNNNNNN on every rank, then (rank 0, after all finished) the tracker."""
+    """Writes ``--save``/iter_NNNNNNN on every rank into a folder of this save's own, which rank 0 renames into
+    place once every rank's shards and the manifest are written; then (rank 0) the tracker."""
     args = job.args
     directory = checkpoint_dir(args.save, iteration)
+    working = [None]
     if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        working[0] = str(directory.with_name(f"{directory.name}{PARTIAL}{uuid.uuid4().hex[:12]}"))
+        os.mkdir(working[0])
+    dist.broadcast_object_list(working, src=0)
+    working = Path(working[0])
     metadata = sharded_metadata(args)
     state = _sharded_state_dict(job, metadata, is_loading=False, with_optimizer=True, with_rng=True)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     _keep_write_results_in_process()
-    dist_checkpointing.save(state, str(directory), content_metadata=metadata)
+    dist_checkpointing.save(state, str(working), content_metadata=metadata)
     if dist.get_rank() == 0:
-        run_config.save(args, directory)
+        run_config.save(args, working)
     dist.barrier()  # every rank's shards are on disk
-    write_manifest(directory)  # only now may the tracker name this iteration
+    write_manifest(working)
     if dist.get_rank() == 0:
+        _publish(working, directory)  # only now may the tracker name this iteration
         tracker = Path(args.save) / TRACKER
         tmp = tracker.with_suffix(".tmp")
         tmp.write_text(str(iteration))
         os.replace(tmp, tracker)
     dist.barrier()
     return directory
+
+
+def _publish(working: Path, directory: Path) -> None:
+    """Renames a finished save's folder to its iteration's name, replacing an older save of it."""
+    if not directory.exists():
+        os.rename(working, directory)
+        return
+    replaced = directory.with_name(f"{directory.name}{REPLACED}{uuid.uuid4().hex[:12]}")
+    os.rename(directory, replaced)
+    os.rename(working, directory)
+    shutil.rmtree(replaced)
 
 
 def _keep_write_results_in_process() -> None:
@@ -328,11 +381,9 @@ def load_checkpoint(job) -> Tuple[int, int]:
         raise _damaged(args, directory, error) from error
     if load_optimizer:
         check_scheduler(common["scheduler"], job.scheduler, args, directory)
-    try:
-        if load_optimizer:
-            _create_missing_adam_state(job.optimizer)
-        template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer,
-                                       with_rng=load_rng)
+        _create_missing_adam_state(job.optimizer)
+    template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng)
+    try:  # only the read: an error of ours building the template or applying the state is no damaged file
         loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
     except (Exception, CheckpointException) as error:
         raise _damaged(args, directory, error) from error

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe.arguments import RunConfig
 from megatron_moe.moe.registry import ROUTING_SCHEMES, RoutedMoELayer
+from megatron_moe.platform import require_transformer_engine
 from megatron_moe.norms import norm_class
 
 
@@ -45,21 +46,11 @@ class GPTMoEConfig(TransformerConfig):
     moe_routing_options: Any = None  # the scheme's options object (SchemeFlags.options_from_args)
 
 
-def require_transformer_engine() -> None:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "--transformer-impl transformer_engine (and --fp8-format) need NVIDIA Transformer Engine: "
-            "pip install '.[gpu]' on a CUDA machine, or use --transformer-impl local"
-        ) from error
-
-
 def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Optional[int] = None):
     """Layer specs of this pipeline stage, with our norms (local path) and routing scheme plugged in."""
     use_te = transformer_impl == "transformer_engine"
     if use_te:
-        require_transformer_engine()
+        require_transformer_engine()  # one line naming --transformer-impl local, if TE is missing
     block: TransformerBlockSubmodules = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization, pp_rank=pp_rank
     )

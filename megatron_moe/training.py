@@ -28,7 +28,8 @@ from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
 from megatron_moe.moe import comm_stats
-from megatron_moe.platform import Platform, elastic_restart_problem, init_distributed, select_platform
+from megatron_moe.platform import (Platform, check_start, children_die_with_this_process, init_distributed,
+                                   select_platform)
 from megatron_moe.run_control import NonFiniteError, RunControl
 from megatron_moe.tokenizer import build_tokenizer
 
@@ -82,11 +83,10 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     started = time.time()
     if args is None:  # errors surface before any process group exists
         args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_start(args)  # device, NCCL, Transformer Engine, FP8: one line each, before any process group
+    children_die_with_this_process()  # megatron-core's checkpoint writer forks; a killed rank takes them along
     platform = select_platform(args.device)
-    restart_problem = elastic_restart_problem()
-    if restart_problem is not None:
-        raise ConfigError(restart_problem)
-    init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)
+    init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)  # refuses restarts that cannot meet
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -38,11 +38,13 @@ def one_process(tmp_path_factory):
 
 
 def assert_same_layer(parallel, reference):
+    for key in ("route", "eval_route", "output", "input_grad", "eval_output"):  # every chunk, from every rank
+        assert len(parallel[key]) == len(reference[key]) == CHUNKS, (key, len(parallel[key]), len(reference[key]))
     for key in ("route", "eval_route"):
-        for got, want in zip(parallel[key], reference[key]):
+        for got, want in zip(parallel[key], reference[key], strict=True):
             assert torch.equal(got, want), key
     for key in ("output", "input_grad", "eval_output"):
-        for got, want in zip(parallel[key], reference[key]):
+        for got, want in zip(parallel[key], reference[key], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert sorted(parallel["expert_grads"]) == sorted(reference["expert_grads"])
     for name, grad in reference["expert_grads"].items():
@@ -51,10 +53,11 @@ def assert_same_layer(parallel, reference):
 
 
 def test_one_process_routes_balanced_and_greedy_at_eval(one_process):
-    for load, route in zip(one_process["load"], one_process["route"]):
+    assert len(one_process["load"]) == len(one_process["eval_route"]) == CHUNKS
+    for load, route in zip(one_process["load"], one_process["route"], strict=True):
         assert load.tolist() == CAPACITIES
         assert torch.bincount(route, minlength=12).tolist() == CAPACITIES
-    for got, greedy in zip(one_process["eval_route"], one_process["greedy_route"]):
+    for got, greedy in zip(one_process["eval_route"], one_process["greedy_route"], strict=True):
         assert torch.equal(got, greedy)
     # greedy routing is not balanced on these inputs, so eval really took the other path
     assert any(torch.bincount(r, minlength=12).tolist() != CAPACITIES for r in one_process["eval_route"])
@@ -69,6 +72,7 @@ def test_expert_parallel_equals_one_process(ep, one_process, tmp_path):
 
 def test_shuffled_routing_is_balanced_and_returns_to_its_tokens(one_process, tmp_path):
     shuffled = run_layer(2, ["--expert-model-parallel-size", "2"], tmp_path)
+    assert len(shuffled["load"]) == len(shuffled["eval_output"]) == CHUNKS
     for load in shuffled["load"]:  # every rank's shuffled batch: 16 tokens from each rank
         assert load.tolist() == CAPACITIES
     routes = torch.stack(shuffled["route"])
@@ -76,7 +80,7 @@ def test_shuffled_routing_is_balanced_and_returns_to_its_tokens(one_process, tmp
     # the assignment batches differ from one process's, so some routes do too ...
     assert not torch.equal(routes, torch.stack(one_process["route"]))
     # ... but eval never shuffles: greedy routes and outputs equal one process's
-    for got, want in zip(shuffled["eval_output"], one_process["eval_output"]):
+    for got, want in zip(shuffled["eval_output"], one_process["eval_output"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

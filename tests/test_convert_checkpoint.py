@@ -29,7 +29,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from launcher import REPO, SCRIPTS, TINY_MOE, torchrun  # noqa: E402
+from launcher import REPO, SCRIPTS, TINY_MOE, checkpoint_at, torchrun  # noqa: E402
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 ROPE = ["--position-embedding-type", "rope"]
@@ -73,14 +73,6 @@ def hf_logits(folder, tokens):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
         return model, model(tokens).logits
-
-
-def checkpoint_at(root: Path, iteration: int, dest: Path) -> Path:
-    """A --save directory holding only ``root``'s checkpoint of ``iteration``."""
-    name = f"iter_{iteration:07d}"
-    shutil.copytree(root / name, dest / name)
-    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    return dest
 
 
 # the learning-rate schedule must not depend on --train-iters: runs of different lengths are compared

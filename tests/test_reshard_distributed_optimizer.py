@@ -12,13 +12,11 @@ line naming the fix.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from launcher import REPO, SCRIPTS, TINY_MOE, torchrun
-from test_training_job import assert_one_line_error, launch
+from launcher import REPO, SCRIPTS, TINY_MOE, assert_one_line_error, checkpoint_at, launch, torchrun
 
 MODEL = TINY_MOE + ["--position-embedding-type", "rope", "--moe-layer-freq", "[0,1,1,1]",
                     # the learning-rate schedule must not depend on --train-iters: runs of different lengths
@@ -36,14 +34,6 @@ def losses(tmp: Path, name: str, nproc: int, flags):
     out = tmp / f"{name}.json"
     torchrun(nproc, SCRIPTS / "train_losses.py", [str(out), *flags])
     return json.loads(out.read_text())
-
-
-def checkpoint_at(root: Path, iteration: int, dest: Path) -> Path:
-    """A --save directory holding only ``root``'s checkpoint of ``iteration``."""
-    name = f"iter_{iteration:07d}"
-    shutil.copytree(root / name, dest / name)
-    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    return dest
 
 
 def two_and_back(tmp: Path, flags, two_only):
