@@ -26,7 +26,8 @@ demo: data
 	$(TORCHRUN) --nproc_per_node 2 pretrain_gpt_moe.py \
 	  --num-layers 4 --hidden-size 128 --ffn-hidden-size 256 --num-attention-heads 4 \
 	  --seq-length 64 --max-position-embeddings 64 --normalization RMSNorm --swiglu \
-	  --position-embedding-type rope --num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 \
+	  --position-embedding-type rope --disable-bias-linear --num-experts 4 --moe-router-topk 2 \
+	  --moe-aux-loss-coeff 0.01 --moe-token-dispatcher-type alltoall \
 	  --expert-model-parallel-size 2 --micro-batch-size 4 --global-batch-size 16 \
 	  --train-iters 80 --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine \
 	  --data-path data/kjv_text_document --split 98,2,0 --tokenizer-type GPT2BPETokenizer \

@@ -158,7 +158,7 @@ def _sample_index_cache(args, prefixes: List[str]) -> Optional[str]:
 
 def _dataset_sizes(args) -> List[int]:
     """Samples each split must provide for the whole run (train, every validation, test)."""
-    eval_runs = args.train_iters // args.eval_interval + 1
+    eval_runs = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1  # and the final one
     return [
         args.train_iters * args.global_batch_size,
         eval_runs * args.eval_iters * args.global_batch_size,

@@ -1,8 +1,9 @@
 """The GPT mixture-of-experts model: megatron-core's GPTModel built from our layer spec.
 
-The spec is megatron-core's decoder block spec (dense and MoE layers per ``--moe-layer-freq``) with three
-swaps: our sequence-parallel norms on the local path, ``RoutedMoELayer`` for the MoE MLP, and the router of
-the chosen routing scheme. Nothing the model computes depends on the parallel layout:
+The spec is megatron-core's decoder block spec (dense and MoE layers per ``--moe-layer-freq``) with four
+swaps: our sequence-parallel norms and expert fc2 (:class:`ExpertRowParallelLinear`) on the local path,
+``RoutedMoELayer`` for the MoE MLP, and the router of the chosen routing scheme. Nothing the model computes
+depends on the parallel layout:
 
 - initialisation is ours (:func:`initialize_weights`): every TP/PP/EP/DP layout starts from the same model
   as one process does, which is what makes the parity tests exact;
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -46,6 +48,22 @@ class GPTMoEConfig(TransformerConfig):
     moe_routing_options: Any = None  # the scheme's options object (SchemeFlags.options_from_args)
 
 
+class ExpertRowParallelLinear(RowParallelLinear):
+    """The local spec's expert fc2, whose output may be changed in place.
+
+    megatron-core 0.16.1's expert MLP adds its fc2 bias, scaled by the routing probability, in place
+    (``MLP.forward``: ``output += output_bias * per_token_scale``). With one expert-parallel and one expert
+    tensor-parallel rank, RowParallelLinear returns its output through an identity autograd Function, and
+    autograd forbids changing that in place; biased experts train on a copy then.
+    """
+
+    def forward(self, input_):
+        output, bias = super().forward(input_)
+        if bias is not None and not self.explicit_expert_comm:
+            output = output.clone()
+        return output, bias
+
+
 def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Optional[int] = None):
     """Layer specs of this pipeline stage, with our norms (local path) and routing scheme plugged in."""
     use_te = transformer_impl == "transformer_engine"
@@ -64,6 +82,8 @@ def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Opt
         if layers.mlp.module is MoELayer:
             layers.mlp.module = RoutedMoELayer
             layers.mlp.submodules.router = ROUTING_SCHEMES[config.moe_router_type].router
+            if not use_te:
+                layers.mlp.submodules.experts.submodules.linear_fc2 = ExpertRowParallelLinear
     if not use_te:
         block.layer_norm = norm
     return block
@@ -99,13 +119,13 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
         kv_channels=args.kv_channels,
         normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
         gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=not (args.disable_bias_linear or moe),
+        add_bias_linear=not args.disable_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,

@@ -402,7 +402,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         else:
             interval_seconds += time.perf_counter() - start
             metrics.clear_moe_aux_losses()  # what a log iteration reduces is its own step's
-        if args.eval_iters and iteration % args.eval_interval == 0:  # --eval-iters 0: no validation
+        if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0:
             _validate(job, valid_ds, iteration, writer)
         stop = control.stop_reason(iteration, job.platform.device)
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
@@ -420,18 +420,24 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         _finish_param_gather(job)
         if args.save and not (args.save_interval and iteration % args.save_interval == 0) and iteration > start_iteration:
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
+        if args.eval_iters:  # Megatron-LM validates once more when training ends (not when it exits early)
+            _validate(job, valid_ds, iteration, writer, final=True)
     if writer is not None:
         writer.close()
     return history.read()
 
 
-def _validate(job: TrainingJob, valid_ds, iteration: int, writer) -> None:
-    valid_loss = evaluate(job, valid_ds, iteration // job.args.eval_interval - 1)
+def _validate(job: TrainingJob, valid_ds, iteration: int, writer, final: bool = False) -> None:
+    """Megatron-LM's validation: the periodic ones (every --eval-interval) and the final one after the last
+    iteration, each on the next --eval-iters global batches of the validation split."""
+    interval = job.args.eval_interval
+    periodic_before = iteration // interval if interval else 0
+    valid_loss = evaluate(job, valid_ds, periodic_before if final else periodic_before - 1)
     if valid_loss is None:
         return
     ppl = math.exp(min(20.0, valid_loss))
-    print_rank_last(f" validation loss at iteration {iteration} | lm loss value: {valid_loss:.6E} |"
-                    f" lm loss PPL: {ppl:.6E} |")
+    where = f"iteration {iteration}{' on validation set' if final else ''}"
+    print_rank_last(f" validation loss at {where} | lm loss value: {valid_loss:.6E} | lm loss PPL: {ppl:.6E} |")
     metrics.write_scalars(writer, iteration, {"validation lm loss": valid_loss, "validation lm loss PPL": ppl})
 
 

@@ -20,8 +20,9 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 # the parity tests compare against one process, and dropout masks depend on the layout.
 TINY_MOE = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-    "--max-position-embeddings", "32", "--swiglu", "--normalization", "RMSNorm",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01",
+    "--max-position-embeddings", "32", "--swiglu", "--ffn-hidden-size", "256", "--normalization", "RMSNorm",
+    "--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01",
+    "--moe-token-dispatcher-type", "alltoall",
     "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "0",
     "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "1000",

@@ -120,8 +120,91 @@ def test_moe_layer_frequency_forms():
 def test_config_carries_megatron_moe_requirements():
     config = transformer_config_from_args(args_with("--moe-router-topk", "1"))
     assert config.moe_router_pre_softmax  # megatron's top-1 routing requires it
-    assert not config.add_bias_linear  # SequentialMLP experts fail in autograd with biases
     assert config.num_moe_experts == 4 and config.moe_router_type == "topk"
+
+
+def _without(flags, name):
+    """``flags`` without flag ``name`` (and its value, unless it is a switch)."""
+    i = flags.index(name)
+    return flags[:i] + flags[i + (1 if i + 1 == len(flags) or flags[i + 1].startswith("--") else 2):]
+
+
+@pytest.mark.parametrize("hidden, swiglu, ffn", [(64, True, 128), (100, True, 256), (4096, True, 10880),
+                                                 (64, False, 256)])
+def test_ffn_hidden_size_defaults_to_megatron_lms(hidden, swiglu, ffn):
+    """Megatron-LM: 4h, or with --swiglu int(8h/3/64) x 64 (about the parameters of a 4h MLP)."""
+    flags = _without(REQUIRED, "--ffn-hidden-size") + ["--hidden-size", str(hidden)]
+    assert parse_args(flags if swiglu else _without(flags, "--swiglu")).ffn_hidden_size == ffn
+
+
+def test_swiglu_width_of_zero_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("int(8 x 16 / 3 / 64) x 64 = 0 for --hidden-size 16; give "
+                                                    "--ffn-hidden-size")):
+        parse_args(_without(REQUIRED, "--ffn-hidden-size") + ["--hidden-size", "16"])
+
+
+def test_query_groups_need_group_query_attention(capsys):
+    """Megatron-LM ignores --num-query-groups without --group-query-attention: full multi-head attention;
+    here a warning says so."""
+    mha = args_with("--num-query-groups", "2")
+    assert "warning: --num-query-groups 2 is ignored without --group-query-attention" in capsys.readouterr().err
+    assert (mha.group_query_attention, mha.num_query_groups) == (False, 1)
+    assert transformer_config_from_args(mha).num_query_groups == 4
+    gqa = args_with("--group-query-attention", "--num-query-groups", "2")
+    assert transformer_config_from_args(gqa).num_query_groups == 2 and not capsys.readouterr().err
+    assert transformer_config_from_args(args_with("--group-query-attention")).num_query_groups == 1
+    with pytest.raises(ConfigError, match="--num-query-groups 3 must divide --num-attention-heads"):
+        args_with("--group-query-attention", "--num-query-groups", "3")
+
+
+def _dense():
+    """REQUIRED without its MoE flags."""
+    flags = REQUIRED
+    for moe_flag in [flag for flag in REQUIRED if flag.startswith(("--num-experts", "--moe-"))]:
+        flags = _without(flags, moe_flag)
+    return flags
+
+
+@pytest.mark.parametrize("flags", [["--moe-router-topk", "4"], ["--moe-aux-loss-coeff", "0.01"],
+                                   ["--moe-router-type", "sam"], ["--sam-num-groups", "2"], ["--no-base-shuffle"],
+                                   ["--moe-layer-freq", "2"], ["--moe-grouped-gemm"], ["--moe-layer-recompute"]],
+                         ids=lambda flags: flags[0])
+def test_moe_flags_on_a_dense_model_are_refused(flags):
+    parse_args(_dense())
+    with pytest.raises(ConfigError, match=re.escape(f"{flags[0]} needs --num-experts (without it the model is "
+                                                    f"dense and the flag would be ignored); give --num-experts or "
+                                                    f"remove {flags[0]}")):
+        parse_args(_dense() + flags)
+
+
+def test_tokenizer_type_is_required_as_in_megatron_lm():
+    with pytest.raises(ConfigError, match=r"^give --tokenizer-type \(Megatron-LM has no default\)"):
+        parse_args(_without(REQUIRED, "--tokenizer-type"))
+
+
+def test_split_defaults_to_megatron_lms_legacy_value_with_data_files(capsys):
+    on_files = _without(REQUIRED, "--mock-data") + ["--data-path", "corpus_text_document"]
+    assert parse_args(on_files).split == "969,30,1"
+    assert "warning: --data-path without --split: using Megatron-LM's legacy default 969,30,1" in capsys.readouterr().err
+    assert parse_args(on_files + ["--split", "98,2,0"]).split == "98,2,0" and not capsys.readouterr().err
+    assert args_with().split is None  # mock data: megatron-core draws every split alike
+
+
+def test_moe_models_keep_their_linear_biases_unless_disabled():
+    biased = parse_args(_without(REQUIRED, "--disable-bias-linear"))
+    assert transformer_config_from_args(biased).add_bias_linear
+    assert not transformer_config_from_args(args_with()).add_bias_linear  # TINY_MOE: --disable-bias-linear
+
+
+@pytest.mark.parametrize("flags, world_size, message", [
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
+     "MoE layers with linear biases need an expert tensor-parallel size of 1"),
+    (["--moe-shared-expert-intermediate-size", "64"], 1, "--moe-shared-expert-intermediate-size needs "
+                                                         "--disable-bias-linear"),
+])
+def test_biased_experts_megatron_core_cannot_build_are_refused(flags, world_size, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(_without(REQUIRED, "--disable-bias-linear") + flags, world_size=world_size)
 
 
 def test_data_parallel_flags_reach_megatron_ddp_config():

@@ -12,8 +12,10 @@ from launcher import SCRIPTS, TINY_MOE, torchrun
 # dispatcher's split sizes differ per expert and per rank; EP=2 holds 6 experts per rank, EP=4 three.
 LAYER = [
     "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-    "--max-position-embeddings", "16", "--swiglu", "--num-experts", "12", "--moe-router-type", "base",
-    "--moe-router-topk", "1", "--micro-batch-size", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "128",
+    "--max-position-embeddings", "16", "--swiglu", "--ffn-hidden-size", "128", "--disable-bias-linear",
+    "--num-experts", "12", "--moe-router-type", "base",
+    "--moe-router-topk", "1", "--micro-batch-size", "2", "--lr", "1e-3", "--mock-data",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--train-iters", "1", "--device", "cpu",
 ]
 CHUNKS = 4

@@ -121,7 +121,7 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
     i = TINY_MOE.index("--tokenizer-type")
     # GPT-2's ids (eod 50256): mock data cannot be drawn with the GPT-2 tokenizer object itself
     flags = TINY_MOE[:i] + TINY_MOE[i + 4:] + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "50256"]
-    flags += ROPE + ["--num-query-groups", "2", "--untie-embeddings-and-output-weights",
+    flags += ROPE + ["--group-query-attention", "--num-query-groups", "2", "--untie-embeddings-and-output-weights",
                                          "--train-iters", "2", "--save", str(tmp_path / "ckpt")]
     ref = train(tmp_path, "mixtral", 1, flags)
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"), "--", *GPT2, *gpt2_files)
@@ -220,9 +220,13 @@ def test_unsupported_config_names_the_field():
     from megatron_moe.conversion.hf_layout import ConversionError, check_exportable
 
     args = SimpleNamespace(num_experts=4, moe_router_type="topk", position_embedding_type="learned_absolute",
-                           rotary_percent=1.0, normalization="RMSNorm", swiglu=True, fp8_format=None)
+                           rotary_percent=1.0, normalization="RMSNorm", swiglu=True, fp8_format=None,
+                           disable_bias_linear=True)
     with pytest.raises(ConversionError, match="--position-embedding-type learned_absolute"):
         check_exportable(args)
+    biased = SimpleNamespace(**{**vars(args), "position_embedding_type": "rope", "disable_bias_linear": False})
+    with pytest.raises(ConversionError, match="--disable-bias-linear is off: the model's linear layers have biases"):
+        check_exportable(biased)
 
 
 def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
@@ -233,7 +237,7 @@ def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
     from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
 
     args = SimpleNamespace(num_experts=4, moe_router_type="topk", position_embedding_type="rope", rotary_percent=1.0,
-                           normalization="RMSNorm", swiglu=True, fp8_format=None)
+                           normalization="RMSNorm", swiglu=True, fp8_format=None, disable_bias_linear=True)
     monkeypatch.setitem(SCHEME_FLAGS, "topk", dataclasses.replace(SCHEME_FLAGS["topk"], export=None))
     with pytest.raises(ConversionError, match=r"--moe-router-type topk: this routing scheme has no export \(exported: base, sam\)"):
         export_target(args)

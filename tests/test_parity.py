@@ -40,6 +40,16 @@ def test_losses_equal_one_process(layout, reference_losses, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_biased_experts_train_the_same_under_expert_parallelism(reference_losses, tmp_path):
+    """Megatron-LM's default: MoE models keep their linear biases (megatron-core adds the experts' fc2 bias in
+    place, which one expert-parallel rank can do thanks to model.ExpertRowParallelLinear)."""
+    flags = [flag for flag in TINY_MOE if flag != "--disable-bias-linear"]
+    one = train_losses(1, flags, tmp_path, ITERATIONS)
+    assert train_losses(2, flags + ["--expert-model-parallel-size", "2"], tmp_path, ITERATIONS) == pytest.approx(
+        one, rel=1e-5)
+    assert one[1:] != pytest.approx(reference_losses[1:], rel=1e-5), "the biases (zero at first) change the training"
+
+
 def test_overlapped_param_gather_equals_one_process_and_leaves_parameters_gathered(reference_losses, tmp_path):
     """--overlap-param-gather defers the all-gather of updated parameters to the next forward: after the
     last step each rank holds only its own shard updated unless training ends by gathering them."""

@@ -139,6 +139,18 @@ def test_eval_iters_zero_means_no_validation():
     assert " iteration        2/" in result.stdout and "validation loss" not in result.stdout
 
 
+@pytest.mark.parametrize("flags, validated", [
+    ([], ["iteration 2 on validation set"]),  # no --eval-interval: only the final validation
+    (["--eval-interval", "1", "--exit-interval", "1"], ["iteration 1"]),  # an early exit skips the final one
+])
+def test_validation_happens_when_megatron_lm_validates(flags, validated):
+    i = TINY_MOE.index("--eval-interval")
+    result = launch(TINY_MOE[:i] + TINY_MOE[i + 2:] + ["--train-iters", "2", *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split(" | ")[0].removeprefix(" validation loss at ") for line in result.stdout.splitlines()
+            if line.startswith(" validation loss at")] == validated
+
+
 @pytest.mark.parametrize("cap_flags, stops_at", [([], 11), (["--max-consecutive-skipped-iterations", "3"], 4),
                                                  (["--max-skipped-iterations", "2"], 3)])
 def test_skipped_iterations_are_capped(cap_flags, stops_at):

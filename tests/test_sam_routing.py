@@ -172,7 +172,8 @@ def test_losses_backpropagate_to_the_router_logits():
 
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-        "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--vocab-size", "100",
+        "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--mock-data",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
         "--moe-router-type", "sam", "--num-experts", "8"]
 
 

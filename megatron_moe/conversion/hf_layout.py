@@ -97,7 +97,7 @@ def head_dim(args) -> int:
 
 
 def query_groups(args) -> int:
-    return args.num_query_groups or args.num_attention_heads
+    return args.num_query_groups if args.group_query_attention else args.num_attention_heads
 
 
 def _router_role(routing: EvalRouting) -> str:
@@ -391,6 +391,8 @@ def check_exportable(args) -> None:
              f"--position-embedding-type {args.position_embedding_type}: the exported classes need rope")
     _require(args.normalization == "RMSNorm", f"--normalization {args.normalization}: the exported classes need RMSNorm")
     _require(args.swiglu, "--swiglu is off: the exported classes use SwiGLU experts")
+    _require(args.disable_bias_linear, "--disable-bias-linear is off: the model's linear layers have biases, the "
+             "exported classes have none (export a model trained with --disable-bias-linear)")
     _require(getattr(args, "fp8_format", None) is None,
              f"--fp8-format {args.fp8_format}: our model computes its GEMMs in FP8, the exported classes cannot")
 
@@ -499,9 +501,11 @@ def args_from_hf_config(config: Dict, zero: Callable[[str], bool] = lambda role:
     _require(arch.partial_rotary is not None or rotary in (None, 1.0),
              f"partial_rotary_factor {rotary}: {arch.name} rotates the whole head")
     heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
     flags = [
         "--num-layers", str(config["num_hidden_layers"]), "--hidden-size", str(config["hidden_size"]),
-        "--num-attention-heads", str(heads), "--num-query-groups", str(config.get("num_key_value_heads") or heads),
+        "--num-attention-heads", str(heads),
+        *(["--group-query-attention", "--num-query-groups", str(kv_heads)] if kv_heads != heads else []),
         "--kv-channels", str(config.get("head_dim") or config["hidden_size"] // heads),
         "--max-position-embeddings", str(config["max_position_embeddings"]),
         "--normalization", "RMSNorm", "--norm-epsilon", repr(float(config["rms_norm_eps"])), "--swiglu",

@@ -1,0 +1,141 @@
+"""Mixture-of-experts flags: the experts, megatron's router, the routing scheme (each scheme's own flags are in
+its ``megatron_moe.moe.NAME_flags`` module) and the MoE kernels."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Optional
+
+from megatron_moe.arguments.flags import (ARCHITECTURE, MODEL, RUN, FlagGroup, above, at_least, flag_name, given,
+                                          require)
+from megatron_moe.errors import ConfigError
+from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
+
+
+# Every MoE flag (the routing schemes' too) but --num-experts: refused on a dense model, which would ignore it
+MOE_ONLY = ("num_experts", "without it the model is dense and the flag would be ignored")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = FlagGroup(parser, "mixture of experts", ARCHITECTURE, requires=MOE_ONLY)
+    g.add("--num-experts", type=int, default=None, valid=at_least(1), help="experts per MoE layer (unset: dense)")
+    g.add("--moe-ffn-hidden-size", type=int, default=None, valid=at_least(1), help="default: --ffn-hidden-size")
+    g.add("--moe-router-type", choices=sorted(SCHEME_FLAGS), default="topk",
+          help="topk: megatron's router and dispatcher; base: balanced assignment; sam: switch and mixture")
+    g.add("--moe-shared-expert-intermediate-size", type=int, default=None,
+          help="width of a shared expert every token also passes through (Qwen2-MoE; default: none)")
+    g.add("--moe-shared-expert-gate", action="store_true",
+          help="scale the shared expert's output by sigmoid(h . g), a learned g (Qwen2-MoE's shared_expert_gate)")
+
+    g = FlagGroup(parser, "mixture of experts: routing", MODEL, requires=MOE_ONLY)
+    g.add("--moe-router-topk", type=int, default=2)
+    g.add("--moe-layer-freq", type=str, default="1",
+          help="N: MoE every N-th layer; or a Python list such as '[0,1,1,1]' (1 = MoE)")
+    g.add("--moe-aux-loss-coeff", type=float, default=0.0, valid=at_least(0))
+    g.add("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
+          default="aux_loss")
+    g.add("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather",
+          help="megatron's dispatcher for --moe-router-type topk")
+    g.add("--moe-router-num-groups", type=int, default=None, valid=at_least(1),
+          help="megatron group-limited routing")
+    g.add("--moe-router-group-topk", type=int, default=None, valid=at_least(1))
+    g.add("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax",
+          help="topk: score function of the router logits")
+    g.add("--moe-router-pre-softmax", action="store_true",
+          help="topk: softmax (sigmoid) before the top-k selection instead of after it; always on "
+               "for --moe-router-topk 1 with softmax (megatron-core needs it there)")
+    g.add("--moe-router-dtype", choices=["fp32", "fp64"], default=None,
+          help="topk and sam: precision of the router GEMM and routing probabilities (default: params dtype)")
+    g.add("--moe-z-loss-coeff", type=float, default=None, valid=at_least(0),
+          help="topk: z-loss coefficient (ST-MoE), penalising large router logits; 1e-3 is a good start")
+    g.add("--moe-expert-capacity-factor", type=float, default=None, valid=above(0),
+          help="topk: each expert takes at most factor x tokens x topk / experts tokens of a micro batch; "
+               "the rest are dropped (default: dropless)")
+    g.add("--moe-token-drop-policy", choices=["probs", "position"], default="probs",
+          help="topk with a capacity factor: drop the lowest-probability tokens (probs) or the last ones "
+               "of the batch (position)")
+    g.add("--moe-pad-expert-input-to-capacity", action="store_true",
+          help="topk with a capacity factor: pad every expert's input to its capacity (static shapes)")
+    for scheme in SCHEME_FLAGS.values():
+        if scheme.add_arguments is not None:
+            scheme.add_arguments(g.group)
+
+    g = FlagGroup(parser, "mixture of experts: kernels", RUN, requires=MOE_ONLY)
+    g.add("--moe-grouped-gemm", action="store_true", needs_transformer_engine=True,
+          help="all local experts in one grouped GEMM (Transformer Engine's TEGroupedMLP; "
+               "needs --transformer-impl transformer_engine)")
+    g.add("--moe-permute-fusion", action="store_true", needs_transformer_engine=True,
+          help="fused token permutation in megatron's dispatchers (Transformer Engine kernels; topk and base)")
+    g.add("--moe-router-padding-for-fp8", action="store_true",
+          help="topk with --fp8-format: pad the routing map so that every expert gets a multiple of 16 tokens "
+               "(gate 0), sparing the experts' own FP8 padding; the BASE and SAM dispatchers always align under "
+               "--fp8-format")
+
+
+def validate(c) -> Optional[Dict[str, Any]]:
+    """Experts, router and routing scheme; fills in --moe-ffn-hidden-size and the MoE layer pattern."""
+    ep = c.expert_model_parallel_size
+    if c.num_experts is None:
+        require(ep == 1, "--expert-model-parallel-size > 1 needs --num-experts")
+        return None
+    require(c.num_experts % ep == 0,
+            f"--num-experts {c.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    require(c.tensor_model_parallel_size == 1 or c.sequence_parallel,
+            "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core requires it)")
+    require(1 <= c.moe_router_topk <= c.num_experts,
+            f"--moe-router-topk {c.moe_router_topk} must be between 1 and --num-experts {c.num_experts}")
+    if not c.disable_bias_linear:  # what megatron-core 0.16.1's experts can do with biases
+        require(c.tensor_model_parallel_size == 1,
+                "MoE layers with linear biases need an expert tensor-parallel size of 1 (megatron-core; here it is "
+                "--tensor-model-parallel-size): pass --disable-bias-linear or --tensor-model-parallel-size 1")
+        require(c.moe_shared_expert_intermediate_size is None,
+                "--moe-shared-expert-intermediate-size needs --disable-bias-linear (megatron-core's shared experts "
+                "have no biases)")
+    filled = {"moe_ffn_hidden_size": c.moe_ffn_hidden_size or c.ffn_hidden_size,
+              "moe_layer_pattern": moe_layer_pattern(c), **_validate_router_flags(c)}
+    scheme = SCHEME_FLAGS[c.moe_router_type]
+    filled.update(scheme.validate(c) or {})
+    for dest, why in scheme.inapplicable.items():
+        require(not given(c, dest), f"{flag_name(dest)} does not apply to --moe-router-type {scheme.name}: {why}; "
+                                    "remove it")
+    return filled
+
+
+def _validate_router_flags(c) -> Dict[str, Any]:
+    """megatron-core's topk router options (routing schemes reject those that do not apply to them)."""
+    filled = {}
+    if c.moe_z_loss_coeff == 0:
+        filled["moe_z_loss_coeff"] = None  # off; megatron would log z-loss / 0
+    if c.moe_router_padding_for_fp8:
+        require(c.fp8_format is not None, "--moe-router-padding-for-fp8 pads for FP8 GEMMs: it needs --fp8-format")
+        require(c.moe_token_dispatcher_type == "alltoall",
+                "--moe-router-padding-for-fp8 needs --moe-token-dispatcher-type alltoall (megatron-core's allgather "
+                "dispatcher cannot pad)")
+    if c.moe_expert_capacity_factor is None:
+        require(not c.moe_pad_expert_input_to_capacity,
+                "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+        require(c.moe_token_drop_policy == "probs",
+                "--moe-token-drop-policy needs --moe-expert-capacity-factor (without it no token is dropped)")
+    else:
+        require(c.moe_router_load_balancing_type != "sinkhorn",
+                "--moe-expert-capacity-factor does not work with --moe-router-load-balancing-type sinkhorn "
+                "(megatron-core: aux_loss, seq_aux_loss or none)")
+    return filled
+
+
+CHECKS = (validate,)
+
+
+def moe_layer_pattern(args) -> List[int]:
+    """1 for each layer that is MoE, 0 for dense, from ``--moe-layer-freq``."""
+    spec = args.moe_layer_freq.strip()
+    if spec.startswith("["):
+        try:
+            pattern = [int(x) for x in spec.strip("[]").split(",")]
+        except ValueError:
+            raise ConfigError(f"--moe-layer-freq {spec!r}: expected an integer or a list like '[0,1,1,1]'")
+        require(len(pattern) == args.num_layers and set(pattern) <= {0, 1},
+                f"--moe-layer-freq list must hold {args.num_layers} entries of 0 or 1, got {spec}")
+        return pattern
+    require(spec.isdigit() and int(spec) > 0, f"--moe-layer-freq must be a positive integer or a list, got {spec!r}")
+    return [1 if i % int(spec) == 0 else 0 for i in range(args.num_layers)]
