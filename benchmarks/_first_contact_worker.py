@@ -109,11 +109,12 @@ def model_flops_per_token(args) -> dict:
         6 * (L * (attention 2h(h + h_kv) + router h E + k experts x 3 h f (SwiGLU; 2 h f otherwise))
              + LM head h V) + 12 L h s   (attention scores and weighted sum, full s x s as computed)
 
-    with h hidden, h_kv = kv channels x query groups, L layers (all MoE here), E experts, k experts per
-    token, f expert FFN size, V padded vocabulary, s sequence length. Norms, softmax, activations and
-    the dispatch are left out, as in the usual MFU formula (PaLM, Megatron-LM)."""
+    with h hidden, h_kv = kv channels x query groups (h without --group-query-attention), L layers (all MoE
+    here), E experts, k experts per token, f expert FFN size, V padded vocabulary, s sequence length. Norms,
+    softmax, activations and the dispatch are left out, as in the usual MFU formula (PaLM, Megatron-LM)."""
     h, layers, seq = args.hidden_size, args.num_layers, args.seq_length
-    kv = (args.kv_channels or h // args.num_attention_heads) * (args.num_query_groups or args.num_attention_heads)
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    kv = (args.kv_channels or h // args.num_attention_heads) * groups
     matrices = 3 if args.swiglu else 2
     experts = args.num_experts or 0
     ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size

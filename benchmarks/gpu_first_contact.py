@@ -51,9 +51,9 @@ STEPS = ("cuda_vs_cpu", "pretrain", "mfu_topk", "mfu_sam", "mfu_base", "base_sol
 WHEELS = ("pip install --no-index --no-deps wheels/*.whl  (megatron_core-0.16.1-cp312-*.whl, numpy, packaging, "
           "psutil: see docs/gpu_first_contact.md)")
 
-COMMON = ["--swiglu", "--normalization", "RMSNorm", "--mock-data", "--tokenizer-type", "NullTokenizer",
-          "--hidden-dropout", "0", "--attention-dropout", "0", "--transformer-impl", "local", "--seed", "1234",
-          "--eval-iters", "0", "--lr-warmup-iters", "0"]
+COMMON = ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--mock-data", "--tokenizer-type",
+          "NullTokenizer", "--hidden-dropout", "0", "--attention-dropout", "0", "--transformer-impl", "local",
+          "--seed", "1234", "--eval-iters", "0", "--lr-warmup-iters", "0"]
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--max-position-embeddings", "32", "--num-experts", "4", "--moe-router-topk", "2",
         "--moe-ffn-hidden-size", "128", "--moe-aux-loss-coeff", "0.01", "--vocab-size", "1000",

@@ -11,7 +11,7 @@ from launcher import SCRIPTS, TINY_MOE, torchrun
 from megatron_moe.step_guard import poison_if_non_finite
 
 EP2 = TINY_MOE + ["--expert-model-parallel-size", "2", "--train-iters", "3"]
-_MOE_FLAGS = {"--num-experts", "--moe-router-topk", "--moe-aux-loss-coeff"}
+_MOE_FLAGS = {"--num-experts", "--moe-router-topk", "--moe-aux-loss-coeff", "--moe-token-dispatcher-type"}
 # a dense model has one optimizer, whose step computes no grad norm without clipping (a chained one always does)
 DENSE = [flag for i, flag in enumerate(TINY_MOE) if flag not in _MOE_FLAGS and TINY_MOE[i - 1] not in _MOE_FLAGS]
 
