@@ -96,11 +96,14 @@ class Sync:
 
 
 def _short_path(path: str) -> str:
-    """Repository files relative to the repository; installed packages from their package directory."""
+    """Installed packages from their package directory (also in a virtual environment inside the
+    repository, as CI makes it); repository files relative to the repository."""
+    marker = os.sep + "site-packages" + os.sep
+    if marker in path:
+        return path.split(marker, 1)[1]
     if path.startswith(_REPO_DIR + os.sep):
         return os.path.relpath(path, _REPO_DIR)
-    marker = os.sep + "site-packages" + os.sep
-    return path.split(marker, 1)[1] if marker in path else path
+    return path
 
 
 def _origin(path: str) -> str:
