@@ -29,9 +29,10 @@ def validate(config) -> None:
     if config.moe_router_topk != 1:
         raise ConfigError(f"--moe-router-type base sends each token to exactly one expert: "
                           f"pass --moe-router-topk 1 (got {config.moe_router_topk})")
-    if config.moe_aux_loss_coeff != 0:
+    coeffs = config.moe_aux_loss_coeff if isinstance(config.moe_aux_loss_coeff, tuple) else (config.moe_aux_loss_coeff,)
+    if any(coeffs):
         raise ConfigError("--moe-router-type base balances loads exactly and has no auxiliary loss: "
-                          f"remove --moe-aux-loss-coeff {config.moe_aux_loss_coeff} (or set it to 0)")
+                          f"remove --moe-aux-loss-coeff {' '.join(map(str, coeffs))} (or set it to 0)")
 
 
 _EXACT = "every expert gets exactly its share of the tokens, none is dropped"
@@ -44,6 +45,8 @@ INAPPLICABLE = {
     "moe_expert_capacity_factor": _EXACT,
     "moe_token_drop_policy": _EXACT,
     "moe_pad_expert_input_to_capacity": _EXACT,
+    "moe_router_enable_expert_bias": _EXACT,
+    "moe_router_topk_scaling_factor": "its gate is sigmoid(token . centroid) of the assigned expert",
 }
 
 
