@@ -1,8 +1,8 @@
 """Converts checkpoints between megatron-moe and Hugging Face transformers.
 
     python tools/convert_checkpoint.py export --load CKPT_DIR --output HF_DIR [--dtype bf16|fp16|fp32]
-                                              [--remote-code] [--overwrite] [-- TRAINING FLAGS]
-    python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite]
+                                              [--overwrite] [-- TRAINING FLAGS]
+    python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite] [-- TRAINING FLAGS]
 
 ``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration) tensor by tensor; the
 run config it records decides the Hugging Face class, or refuses (naming the flag) before any weight is
@@ -36,9 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     importer = sub.add_parser("import", help="Hugging Face folder -> our checkpoint")
     export.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
                         help="export without checking the checkpoint's file digests (manifest.json)")
-    export.add_argument("--remote-code", action="store_true",
-                        help="write our modeling code (trust_remote_code=True) even where a transformers class "
-                             "computes the model (see docs/conversion.md for when that matters)")
     importer.add_argument("--hf", required=True, help="a Hugging Face Mixtral, Qwen2-MoE or Glm4Moe folder (or one "
                                                       "of our remote-code exports)")
     importer.add_argument("--save", required=True, help="the checkpoint directory to write")
@@ -72,7 +69,7 @@ def main(argv=None) -> int:
             from megatron_moe.conversion.hf_export import export
 
             lines = export(args.load, args.output, args.overwrite, overrides, args.max_shard_size_mb * 2**20,
-                           args.dtype, args.verify_checkpoint, args.remote_code)
+                           args.dtype, args.verify_checkpoint)
         else:
             from megatron_moe.conversion.hf_import import import_hf
 

@@ -56,13 +56,8 @@ def options_from_args(config) -> BaseOptions:
 
 def export(args) -> EvalRouting:
     """tools/convert_checkpoint.py export: BASE in evaluation mode (the balancing is training-only) sends each
-    token to the expert of largest ``h . c_e`` (fp32) with gate ``sigmoid(h . c_e)``: a sigmoid top-1
-    router without renormalisation, whose weight is the centroids. Except where two affinities have equal
-    fp32 sigmoids, which such a router cannot order."""
+    token to the top-1 of the fp32 sigmoid of ``h . c_e`` with gate ``sigmoid(h . c_e)``: a sigmoid top-1
+    router without renormalisation, whose weight is the centroids."""
     return EvalRouting(topk=1, score="sigmoid", renormalize=False, router_fp32=True, flags="--moe-router-type base",
                        router_tensor="centroids", remote_config={"moe_router_type": "base"},
-                       remote_flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"),
-                       native_note="the class takes BASE's expert as the top fp32 sigmoid of h . c, BASE the top h . c: "
-                                   "they differ where two of a token's sigmoids are equal in fp32 (affinities above "
-                                   "about 16.6, or within 6e-8 * e^a of each other); --remote-code exports BASE's "
-                                   "argmax (docs/conversion.md)")
+                       remote_flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"))
