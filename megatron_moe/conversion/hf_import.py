@@ -205,7 +205,7 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
         (out / checkpoint_files.TRACKER).write_text("0")
     lines = [f"imported {arch.name} from {folder} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
-             "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]
+             "pretrain with: " + " ".join(flags + tokenizer + list(overrides)) + f" --load {save} --finetune"]
     mtp = config.get("num_nextn_predict_layers") or 0
     if mtp:
         layers = config["num_hidden_layers"]
