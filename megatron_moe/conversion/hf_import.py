@@ -132,6 +132,10 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
     @functools.lru_cache(maxsize=None)
     def tensors():  # the folder's headers, read at the first question about a tensor
         weights = hf_files.HFWeights(folder)
+        quantized = sorted(name for name in weights.shapes if name.endswith(_QUANTIZATION_TENSORS))
+        if quantized:
+            raise ConversionError(f"{folder}: {quantized[0]} ({len(quantized)} such tensors): the folder stores "
+                                  "quantized (FP8 or MXFP4) weights; convert them to bf16 first")
         return weights, hf_layout.hf_locations(arch, weights.shapes)
 
     def zero(role: str) -> bool:
@@ -139,12 +143,8 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
         names = hf_layout.role_names(arch, role, config["num_hidden_layers"])
         return all(not _read(weights, located, name).any() for name in names if name in located)
 
-    weights, located = tensors()
-    quantized = sorted(name for name in weights.shapes if name.endswith(_QUANTIZATION_TENSORS))
-    if quantized:
-        raise ConversionError(f"{folder}: {quantized[0]} ({len(quantized)} such tensors): the folder stores quantized "
-                              "(FP8 or MXFP4) weights; convert them to bf16 first")
     flags = _flags(config, config_path, zero)
+    weights, located = tensors()
     hf_files.refuse_existing(save, overwrite, "--save")
     final_tokenizer_dir = Path(save).resolve() / TOKENIZER_DIR
     # the tokenizer is read from the folder now, and recorded where its files are kept
