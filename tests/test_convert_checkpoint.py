@@ -3,8 +3,9 @@
 Every router option is exported in one process (tests/scripts/export_matrix.py): exactly (the folder's
 logits equal our model's, the import loads under --load --finetune with the same logits, the re-export
 equals the export) or refused with one line naming the flag. Real Hugging Face folders are built here
-with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards) and imported; malformed
-folders fail in one line naming the file, writing nothing.
+with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards; a Qwen3-MoE and a GLM-4.5 at
+GLM-4.5-Air's head layout, which also train under EP=2) and imported; malformed and quantized folders fail
+in one line naming the file, writing nothing.
 
 One dense+MoE model with DeepSeek-V3's router and Qwen3's attention (sigmoid top-2 with a trained expert
 bias and a routed scaling factor, an ungated shared expert, per-head q/k norm, 8 query heads of 32 in a hidden
