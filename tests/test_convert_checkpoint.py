@@ -333,8 +333,9 @@ ROUTER_CASES = {
     "shared_expert_qkv_bias": (["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
                                 "--add-qkv-bias"], QWEN),
     "qk_layernorm": (["--qk-layernorm"], QWEN3),
-    "qk_layernorm_dense_layers_kv_channels_gqa": (["--qk-layernorm", "--moe-layer-freq", "([0]*1+[1]*3)", "--kv-channels",
-                                                   "32", "--group-query-attention", "--num-query-groups", "2"], QWEN3),
+    "qk_layernorm_dense_layers_kv_channels_gqa": (["--qk-layernorm", "--moe-layer-freq", "([0]*1+[1]*3)",
+                                                   "--kv-channels", "32", "--group-query-attention",
+                                                   "--num-query-groups", "2"], QWEN3),
     # DeepSeek-V3's router without MLA, as GLM-4.5 has it
     "expert_bias_scaling_groups_qk_layernorm_shared_expert": (
         EXPERT_BIAS + ["--moe-router-topk-scaling-factor", "2.5", "--moe-router-num-groups", "2",
@@ -605,7 +606,8 @@ def family_folder(folder: Path, family: str) -> Path:
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / "model.safetensors"))
-        tensors.update({"model.layers.3.eh_proj.weight": torch.randn(32, 64), "model.layers.3.enorm.weight": torch.ones(32)})
+        tensors.update({"model.layers.3.eh_proj.weight": torch.randn(32, 64),
+                        "model.layers.3.enorm.weight": torch.ones(32)})
         write_safetensors(folder / "model.safetensors", tensors)
     word_tokenizer(folder)
     return folder

@@ -25,8 +25,9 @@ def args_with(*flags):
 @pytest.mark.parametrize("flags, message", [
     (["--moe-router-bias-update-rate", "1e-2"], "--moe-router-bias-update-rate needs --moe-router-enable-expert-bias"),
     (["--moe-router-enable-expert-bias"], "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid"),
-    (SIGMOID + ["--moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "sinkhorn", "--moe-aux-loss-coeff",
-                "0"], "--moe-router-enable-expert-bias does not work with --moe-router-load-balancing-type sinkhorn"),
+    (SIGMOID + ["--moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "sinkhorn",
+                "--moe-aux-loss-coeff", "0"],
+     "--moe-router-enable-expert-bias does not work with --moe-router-load-balancing-type sinkhorn"),
     (["--moe-router-topk-scaling-factor", "0"], "--moe-router-topk-scaling-factor must be > 0"),
     (BASE + ["--moe-router-topk-scaling-factor", "2"],
      "--moe-router-topk-scaling-factor does not apply to --moe-router-type base"),
@@ -87,7 +88,8 @@ def test_deepseek_v3_router_flags_reach_megatron_core():
 def test_several_load_balancing_losses_are_megatron_core_lists():
     args = args_with("--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-2",
                      "1e-3")
-    assert (args.moe_router_load_balancing_type, args.moe_aux_loss_coeff) == (("aux_loss", "seq_aux_loss"), (1e-2, 1e-3))
+    assert args.moe_router_load_balancing_type == ("aux_loss", "seq_aux_loss")
+    assert args.moe_aux_loss_coeff == (1e-2, 1e-3)
     config = transformer_config_from_args(args)
     assert config.moe_router_load_balancing_type == ["aux_loss", "seq_aux_loss"]
     assert config.moe_aux_loss_coeff == [1e-2, 1e-3]
@@ -108,10 +110,10 @@ def test_qk_layernorm_is_our_norm_of_head_width(normalization, norm):
     for layer in decoder_block_spec(config, "local", pp_rank=0).layer_specs:
         attention = layer.submodules.self_attention.submodules
         assert attention.q_layernorm is norm and attention.k_layernorm is norm
-    plain = transformer_config_from_args(args_with())
     from megatron.core.transformer.identity_op import IdentityOp
 
-    assert decoder_block_spec(plain, "local", pp_rank=0).layer_specs[0].submodules.self_attention.submodules.q_layernorm is IdentityOp
+    plain = decoder_block_spec(transformer_config_from_args(args_with()), "local", pp_rank=0).layer_specs[0]
+    assert plain.submodules.self_attention.submodules.q_layernorm is IdentityOp
 
 
 def test_recomputing_the_shared_experts_trains_the_same(tmp_path):

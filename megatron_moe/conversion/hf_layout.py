@@ -269,15 +269,15 @@ def _glm4_moe_config(args, routing: EvalRouting) -> Dict[str, Any]:
                 n_shared_experts=shared // width if shared else 1, routed_scaling_factor=routing.scaling_factor or 1.0,
                 n_group=groups, topk_group=routing.group_topk or 1, first_k_dense_replace=dense,
                 norm_topk_prob=routing.renormalize, attention_bias=args.add_qkv_bias, use_qk_norm=args.qk_layernorm,
-                head_dim=head_dim(args),
-                num_nextn_predict_layers=0, output_router_logits=False)
+                head_dim=head_dim(args), num_nextn_predict_layers=0, output_router_logits=False)
 
 
 def _remote_config(args, routing: EvalRouting) -> Dict[str, Any]:
     flags = list(routing.remote_flags) + (["--moe-router-dtype", "fp32"] if args.moe_router_dtype == "fp32" else [])
     shared = args.moe_shared_expert_intermediate_size
     if shared:
-        flags += ["--moe-shared-expert-intermediate-size", str(shared)] + ["--moe-shared-expert-gate"] * args.moe_shared_expert_gate
+        flags += ["--moe-shared-expert-intermediate-size", str(shared)]
+        flags += ["--moe-shared-expert-gate"] * args.moe_shared_expert_gate
     return dict(num_experts=args.num_experts, intermediate_size=args.ffn_hidden_size,
                 moe_intermediate_size=args.moe_ffn_hidden_size, decoder_sparse_step=1, qkv_bias=args.add_qkv_bias,
                 mlp_only_layers=_dense_layers(args), use_sliding_window=False, sliding_window=None,

@@ -4,7 +4,8 @@ ones, 1 and 0, would hide a swapped or dropped tensor), save it, take its evalua
 tokens, export it (in process), load the folder with transformers and compare; then import the folder
 back, export that again and compare once more.
 
-CASES.json: {"job": flags every case trains with, "cases": {name: {"flags": its own flags}}}. Writes {case: {"refused": message} or {"class", "diff", "load_diff",
+CASES.json: {"job": flags every case trains with, "cases": {name: {"flags": its own flags}}}. Writes
+{case: {"refused": message} or {"class", "diff", "load_diff",
 "round_trip_class", "round_trip_diff", "loading_info", "zero_sized", "unknown_fields"}}: the exported
 folder's logits, the imported checkpoint's under --load --finetune (the job's flags and the flags the import
 printed: the folder alone decides the model), the re-export's; what transformers reports missing, unexpected
