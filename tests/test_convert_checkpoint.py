@@ -405,6 +405,18 @@ def test_bf16_routing_goes_to_a_class_that_chooses_on_the_same_precision():
     assert bf16_target(*EXPERT_BIAS, "--moe-router-dtype", "fp32") == GLM
 
 
+def test_expert_bias_is_exported_in_fp32_from_a_bf16_model():
+    """megatron keeps the expert bias in fp32 (its routing adds it to fp32 scores), as Glm4Moe does."""
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion import hf_layout
+
+    args = parse_args(ONE + ["--bf16", *EXPERT_BIAS, "--moe-router-dtype", "fp32"], world_size=1)
+    target = hf_layout.export_target(args)
+    fp32 = {name for unit in hf_layout.units(args, target) if unit.fp32 for name in unit.hf}
+    assert target.architecture.name == GLM
+    assert fp32 == {f"model.layers.{layer}.mlp.gate.e_score_correction_bias" for layer in range(4)}
+
+
 def test_an_architecture_is_one_record(monkeypatch):
     """Removing a record removes its class from export (the next record that computes the model takes it)
     and from import."""
