@@ -79,6 +79,10 @@ def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Opt
             for field in ("input_layernorm", "pre_mlp_layernorm"):
                 if getattr(layers, field) is not IdentityOp:
                     setattr(layers, field, norm)
+            attention = layers.self_attention.submodules
+            for field in ("q_layernorm", "k_layernorm"):  # --qk-layernorm: per head, of head width
+                if getattr(attention, field) not in (None, IdentityOp):
+                    setattr(attention, field, norm)
         if layers.mlp.module is MoELayer:
             layers.mlp.module = RoutedMoELayer
             layers.mlp.submodules.router = ROUTING_SCHEMES[config.moe_router_type].router
@@ -87,6 +91,10 @@ def decoder_block_spec(config: GPTMoEConfig, transformer_impl: str, pp_rank: Opt
     if not use_te:
         block.layer_norm = norm
     return block
+
+
+def _list_if_several(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
@@ -113,6 +121,9 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
             moe_router_padding_for_fp8=args.moe_router_padding_for_fp8,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=args.moe_shared_expert_gate,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         )
     return GPTMoEConfig(
         num_layers=args.num_layers,
@@ -121,6 +132,7 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         kv_channels=args.kv_channels,
+        qk_layernorm=args.qk_layernorm,
         normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
         gated_linear_unit=args.swiglu,
@@ -139,8 +151,9 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         moe_router_topk=args.moe_router_topk if moe else 2,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size if moe else None,
         moe_layer_freq=list(args.moe_layer_pattern) if moe else 1,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        # several load-balancing losses: megatron-core takes lists
+        moe_aux_loss_coeff=_list_if_several(args.moe_aux_loss_coeff),
+        moe_router_load_balancing_type=_list_if_several(args.moe_router_load_balancing_type),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_router_num_groups=args.moe_router_num_groups,
         moe_router_group_topk=args.moe_router_group_topk,

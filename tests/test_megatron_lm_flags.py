@@ -31,12 +31,6 @@ CHOICES_NOT_OFFERED = {
                          "NullMultimodalTokenizer", "SFTTokenizer"},
 }
 
-# Flags Megatron-LM takes several values of (one per load-balancing type, their losses summed): we take one.
-ONE_VALUE_ONLY = {
-    "--moe-router-load-balancing-type": "one load-balancing loss per model",
-    "--moe-aux-loss-coeff": "the coefficient of the one --moe-router-load-balancing-type",
-}
-
 # Flags Megatron-LM lacks: ours.
 OUR_FLAGS = {
     "--device", "--moe-router-type", "--log-expert-load", "--no-log-expert-load", "--skip-nan-iterations",
@@ -84,7 +78,7 @@ def test_shared_flag_has_megatron_lms_default_spellings_and_choices(action):
         assert theirs["kind"] in ("store_true", "store_false") and _flips(theirs["kind"], theirs["default"])
         return
     assert theirs["kind"] == "store"
-    assert action.nargs == (None if flag in ONE_VALUE_ONLY else theirs.get("nargs"))
+    assert action.nargs == theirs.get("nargs")
     if action.required:
         assert theirs["default"] is None, "required here, but Megatron-LM has a default"
     elif flag in DIFFERENT_DEFAULTS:
@@ -102,7 +96,7 @@ def test_shared_flag_has_megatron_lms_default_spellings_and_choices(action):
 
 def test_the_exception_lists_name_shared_flags():
     shared = {action.option_strings[0] for action in _shared()}
-    assert set(DIFFERENT_DEFAULTS) | set(CHOICES_NOT_OFFERED) | set(ONE_VALUE_ONLY) <= shared
+    assert set(DIFFERENT_DEFAULTS) | set(CHOICES_NOT_OFFERED) <= shared
 
 
 def test_the_documentation_lists_the_different_defaults():

@@ -113,8 +113,8 @@ class _RunConfigMethods:
                 argv.append(flag if value else f"--no-{flag[2:]}")
             elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                 argv.append(flag)
-            elif action.nargs in ("*", "+"):
-                argv += [flag, *map(str, value)]
+            elif action.nargs in ("*", "+"):  # a list of one is kept as its value (Megatron-LM's rule)
+                argv += [flag, *map(str, value if isinstance(value, tuple) else (value,))]
             else:
                 argv += [flag, str(value)]
         return argv

@@ -54,8 +54,11 @@ def validate(c) -> Optional[Dict[str, Any]]:
         require("moe_act" not in modules or c.moe_grouped_gemm,
                 "--recompute-modules moe_act needs --moe-grouped-gemm (megatron-core recomputes the grouped "
                 "experts' activation only)")
-        for module, missing in (("mla_up_proj", "multi-latent attention"), ("shared_experts", "shared experts")):
-            require(module not in modules, f"--recompute-modules {module} needs {missing}, which this model lacks")
+        require("mla_up_proj" not in modules,
+                "--recompute-modules mla_up_proj needs multi-latent attention, which this model lacks")
+        require("shared_experts" not in modules or c.moe_shared_expert_intermediate_size is not None,
+                "--recompute-modules shared_experts needs shared experts (--moe-shared-expert-intermediate-size), "
+                "which this model lacks")
         require(c.fp8_format is None or not {"moe_act", "layernorm"} & set(modules),
                 "--recompute-modules moe_act and layernorm do not work with --fp8-format (delayed scaling)")
         # megatron-core 0.16.1's output-discarding checkpoint reads Transformer Engine's FP8 state unconditionally

@@ -14,8 +14,12 @@ The whole idea, in the order a token meets it (``--moe-router-type base``):
    gradient and no un-shuffle of the expert output.
 3. **Assignment.** In training, :func:`balanced_assignment` maximises ``sum_t s[t, a(t)]`` subject to each
    expert receiving ``expert_capacities(T, E)`` tokens of the batch it solves (T/E each when E divides T).
-   At evaluation (``model.eval()``) each token simply takes its best expert (greedy argmax), as in the
-   paper: inference must not depend on the other tokens of the batch.
+   At evaluation (``model.eval()``) each token simply takes its best expert (greedy), as in the paper:
+   inference must not depend on the other tokens of the batch. "Best" is the top-1 of the fp32
+   ``sigmoid(s[t, e])``, taken by the very ``torch.topk`` call of GLM-4.5's sigmoid router
+   (``Glm4MoeTopkRouter``), so that the exported model (BASE is that router with one group, no bias and no
+   renormalisation) chooses exactly as ours. It is the argmax of ``s`` except where two affinities have
+   equal fp32 sigmoids (both above about 16.6, where the sigmoid is 1.0): there both take the same one.
 4. **Gate.** The expert output is scaled by ``sigmoid(h_t · c_a(t))``. This is the only path by which the
    centroids receive a gradient (the assignment itself is not differentiable), and there is no auxiliary
    loss: balance is a constraint, not a penalty. megatron's experts apply the gate (``probs``).
@@ -122,9 +126,10 @@ class BaseRouter(MegatronModule):
 
     @torch.no_grad()
     def assign(self, scores: torch.Tensor) -> torch.Tensor:
-        """Expert per token: balanced assignment in training, greedy argmax at evaluation."""
+        """Expert per token: balanced assignment in training; at evaluation the top-1 of the fp32 sigmoid of
+        the affinities, as GLM-4.5's router takes it (same op on the same values: the same choice)."""
         if not self.training:
-            experts = scores.argmax(dim=-1)
+            experts = torch.topk(torch.sigmoid(scores), k=1, dim=-1, sorted=False)[1].squeeze(-1)
             self.tokens_per_expert = _count_per_expert(experts, self.num_experts)
             return experts
         if self._shuffles():
@@ -137,7 +142,7 @@ class BaseRouter(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         tokens = hidden_states.reshape(-1, hidden_states.size(-1))
         centroids = self.centroids.to(tokens.dtype)
-        experts = self.assign(tokens.detach().float() @ centroids.detach().float().t())
+        experts = self.assign(torch.nn.functional.linear(tokens.detach().float(), centroids.detach().float()))
         gate = torch.sigmoid((tokens * centroids[experts]).sum(dim=-1).float())
         chosen = experts.unsqueeze(1)
         probs = torch.zeros(tokens.size(0), self.num_experts, dtype=gate.dtype, device=tokens.device)

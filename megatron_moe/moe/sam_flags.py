@@ -76,6 +76,8 @@ INAPPLICABLE = {
     "moe_token_drop_policy": _OWN_CAPACITY,
     "moe_pad_expert_input_to_capacity": _OWN_CAPACITY,
     "moe_permute_fusion": "SAM's dispatcher does its own permutation",
+    "moe_router_enable_expert_bias": "SAM balances with its --sam-*-balance-loss-coeff losses",
+    "moe_router_topk_scaling_factor": "SAM's gates are its softmax probabilities (--sam-renormalize-gates)",
 }
 
 
