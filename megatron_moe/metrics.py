@@ -66,12 +66,15 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
 class ExpertLoad:
     """Tokens per expert per MoE layer in training forwards since the last :meth:`collect`."""
 
-    def __init__(self, model, num_layers: int, num_experts: int, device: torch.device):
+    def __init__(self, model_chunks, num_layers: int, num_experts: int, device: torch.device):
+        """``model_chunks``: this rank's GPTModels (one per virtual pipeline stage); their layer numbers are
+        global."""
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
-        for layer in model.decoder.layers:
-            router = getattr(layer.mlp, "router", None)
-            if router is not None:
-                router.register_forward_hook(self._hook(layer.layer_number - 1))
+        for chunk in model_chunks:
+            for layer in chunk.decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is not None:
+                    router.register_forward_hook(self._hook(layer.layer_number - 1))
 
     def _hook(self, layer_index: int):
         def count(module, inputs, output):

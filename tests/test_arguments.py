@@ -21,11 +21,31 @@ def args_with(*flags, world_size=1):
 @pytest.mark.parametrize(
     "flags, world_size, message",
     [
-        (["--tensor-model-parallel-size", "3"], 4, "not divisible by tensor x pipeline"),
+        (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by tensor x context x pipeline"),
         (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
         (["--expert-model-parallel-size", "3"], 3, "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
         (["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
-         "must divide the data-parallel size"),
+         "world size 2 is not divisible by expert-tensor x expert-model x pipeline parallel = 2 x 2 x 1"),
+        # expert tensor parallelism (megatron-core: world size divisible by ETP x EP x PP)
+        (["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"], 2,
+         "world size 2 is not divisible by expert-tensor x expert-model x pipeline parallel = 2 x 2 x 1"),
+        (["--expert-tensor-parallel-size", "0"], 1, "--expert-tensor-parallel-size must be >= 1"),
+        # virtual pipeline stages (Megatron-LM's interleaved-schedule rules)
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+          "--num-virtual-stages-per-pipeline-rank", "2"], 2,
+         "give one of --num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+         "--num-layers-per-virtual-pipeline-stage 3 must divide the 2 layers of a pipeline stage"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"], 2,
+         "--num-virtual-stages-per-pipeline-rank 4 must divide the 2 layers of a pipeline stage"),
+        (["--num-layers-per-virtual-pipeline-stage", "2"], 1,
+         "virtual pipeline stages need --pipeline-model-parallel-size > 1, got 1"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+          "--no-overlap-p2p-communication"], 2,
+         "virtual pipeline stages need --pipeline-model-parallel-size > 2 with --no-overlap-p2p-communication"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+          "--global-batch-size", "6"], 2, "3 micro batches per step (global batch / (micro batch x data "
+                                          "parallel)) is not a multiple"),
         (["--tensor-model-parallel-size", "2"], 2, "needs --sequence-parallel"),
         (["--moe-router-topk", "5"], 1, "--moe-router-topk 5 must be between 1 and --num-experts 4"),
         (["--global-batch-size", "6"], 4, "--global-batch-size 6 is not divisible"),
@@ -110,6 +130,26 @@ def test_derived_sizes():
                      world_size=8)
     assert (args.data_parallel_size, args.num_microbatches) == (4, 1)
     assert args.moe_ffn_hidden_size == args.ffn_hidden_size == 256
+    assert args.expert_tensor_parallel_size == 2  # Megatron-LM's default: the tensor-parallel size
+    assert args.virtual_pipeline_model_parallel_size is None
+
+
+@pytest.mark.parametrize("flags, world_size, etp, vpp", [
+    # expert tensor parallelism below, equal to and above TP (MoE parallel folding)
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2",
+      "--expert-tensor-parallel-size", "1"], 4, 1, None),
+    (["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"], 4, 2, None),
+    # 4 layers on 2 pipeline ranks: 2 chunks of 1 layer; 1 chunk per rank is no interleaving (Megatron-LM)
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2, 1, 2),
+    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"], 2, 1, 2),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"], 2, 1, None),
+    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "1"], 2, 1, None),
+])
+def test_expert_tensor_and_virtual_pipeline_sizes(flags, world_size, etp, vpp):
+    args = args_with(*flags, world_size=world_size)
+    assert (args.expert_tensor_parallel_size, args.virtual_pipeline_model_parallel_size) == (etp, vpp)
+    config = transformer_config_from_args(args)
+    assert (config.expert_tensor_parallel_size, config.virtual_pipeline_model_parallel_size) == (etp, vpp)
 
 
 def test_moe_layer_frequency_forms():
@@ -167,7 +207,8 @@ def _dense():
 
 @pytest.mark.parametrize("flags", [["--moe-router-topk", "4"], ["--moe-aux-loss-coeff", "0.01"],
                                    ["--moe-router-type", "sam"], ["--sam-num-groups", "2"], ["--no-base-shuffle"],
-                                   ["--moe-layer-freq", "2"], ["--moe-grouped-gemm"], ["--moe-layer-recompute"]],
+                                   ["--moe-layer-freq", "2"], ["--moe-grouped-gemm"], ["--moe-layer-recompute"],
+                                   ["--expert-tensor-parallel-size", "1"]],
                          ids=lambda flags: flags[0])
 def test_moe_flags_on_a_dense_model_are_refused(flags):
     parse_args(_dense())
@@ -198,7 +239,10 @@ def test_moe_models_keep_their_linear_biases_unless_disabled():
 
 @pytest.mark.parametrize("flags, world_size, message", [
     (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
-     "MoE layers with linear biases need an expert tensor-parallel size of 1"),
+     "MoE layers with linear biases need --expert-tensor-parallel-size 1 (megatron-core), got 2 (its default is "
+     "--tensor-model-parallel-size)"),
+    (["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"], 4,
+     "MoE layers with linear biases need --expert-tensor-parallel-size 1"),
     (["--moe-shared-expert-intermediate-size", "64"], 1, "--moe-shared-expert-intermediate-size needs "
                                                          "--disable-bias-linear"),
 ])
@@ -278,5 +322,6 @@ def test_bad_layout_fails_before_building_anything():
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "pretrain_gpt_moe.py: error: --expert-model-parallel-size 3 must divide the data-parallel size 1")
+        "pretrain_gpt_moe.py: error: world size 1 is not divisible by expert-tensor x expert-model x pipeline "
+        "parallel = 1 x 3 x 1")
     assert "Traceback" not in result.stderr and "iteration" not in result.stdout

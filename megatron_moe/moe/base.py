@@ -167,8 +167,8 @@ def is_balanced(routing_map: torch.Tensor) -> bool:
 class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher whose split sizes come from the balance guarantee when it holds.
 
-    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the tensor x
-    expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
+    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the expert
+    tensor x expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
     every rank sends expert ``e`` exactly ``expert_capacities(T, E)[e]`` tokens, where T is the number of
     tokens each rank holds (the same on every rank of the group, as megatron's fixed micro-batch shape
     guarantees), so all those sizes are known on the host without communication.
@@ -180,7 +180,7 @@ class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
         num_tokens = routing_map.size(0)
         per_expert = expert_capacities(num_tokens, self.num_experts)
         local = per_expert[self.local_expert_indices[0]: self.local_expert_indices[-1] + 1]
-        # [source TP rank, source EP rank, local expert]: every source rank sends the same counts.
+        # [source expert-TP rank, source EP rank, local expert]: every source rank sends the same counts.
         per_source = local.expand(self.tp_size, self.ep_size, self.num_local_experts)
         self.num_out_tokens = num_tokens
         if self.ep_size > 1 or self.tp_size > 1:

@@ -34,10 +34,10 @@ them and each rank attaches its share of the loss (see :func:`sam_losses`):
 Unlike Hetu (which places k copies of a token and allows k <= 2) :class:`SAMDispatcher` sends each token
 ONCE: groups are laid out so that each expert-parallel rank holds whole groups; the token travels to the
 rank of its group, is expanded there to its k local experts, the k outputs are combined with the gates on
-that rank, and one vector per token comes back. With tensor parallelism (expert TP = TP, sequence
-parallel) the tensor-parallel ranks of an expert all-gather the tokens they received and reduce-scatter the
-combined vectors, inside their TP group: each token still crosses the expert-parallel network once each
-way. Same code on CPU/gloo and GPU/NCCL.
+that rank, and one vector per token comes back. With expert tensor parallelism (``--expert-tensor-parallel-size``
+> 1, megatron-core's expert-TP group) the ranks sharing an expert's weights all-gather the tokens they
+received and reduce-scatter the combined vectors, inside that group: each token still crosses the
+expert-parallel network once each way. Same code on CPU/gloo and GPU/NCCL.
 """
 
 from __future__ import annotations
@@ -195,12 +195,14 @@ class SAMDispatcher(MoETokenDispatcher):
     both backward all-to-alls reuse them. megatron's alltoall dispatcher sends k rows each way, hidden
     states and probs in two all-to-alls.
 
-    With expert tensor parallelism (TP > 1, sequence parallel: each TP rank routes its own shard of the
-    sequence) every TP rank of an expert holds a slice of its weights and must see all of its tokens, as in
-    megatron's alltoall dispatcher: after the all-to-all the TP ranks all-gather what they received (one
-    packed row per token, inside the TP group), compute their partial expert outputs, combine the k of them
-    per token, and reduce-scatter the sums back so each TP rank returns its own tokens through the
-    all-to-all. The count all-gather spans TP x EP, so the TP split sizes need no collective of their own.
+    With expert tensor parallelism (ETP > 1; ``tp_group`` is megatron-core's expert-TP group, whose ranks
+    route different tokens: their sequence shards under TP with sequence parallelism, other data-parallel
+    batches when ETP exceeds TP) every ETP rank of an expert holds a slice of its weights and must see all of
+    its tokens, as in megatron's alltoall dispatcher: after the all-to-all the ETP ranks all-gather what they
+    received (one packed row per token, inside the expert-TP group), compute their partial expert outputs,
+    combine the k of them per token, and reduce-scatter the sums back so each ETP rank returns its own
+    tokens through the all-to-all. The count all-gather spans ETP x EP, so the ETP split sizes need no
+    collective of their own.
     """
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
@@ -234,13 +236,13 @@ class SAMDispatcher(MoETokenDispatcher):
         return hidden[self.order], gates[by_rank]
 
     def _settle_splits(self, send_counts):
-        """Rows this rank sends to / receives from each EP rank, and (TP > 1) the rows each TP rank of this
-        expert received, from one all-gather of every rank's send counts over TP x EP."""
+        """Rows this rank sends to / receives from each EP rank, and (ETP > 1) the rows each ETP rank of this
+        expert received, from one all-gather of every rank's send counts over ETP x EP."""
         self.input_splits = self.output_splits = send_counts.tolist()
         self.tp_splits = None
         if self.ep_size * self.tp_size == 1:
             return
-        # [EP source, TP, EP destination] (megatron's TP x EP rank order) -> what reaches this EP rank
+        # [EP source, ETP, EP destination] (megatron's expert TP x EP rank order) -> what reaches this EP rank
         every = gather_from_sequence_parallel_region(send_counts, group=self.tp_ep_group)
         to_me = every.view(self.ep_size, self.tp_size, self.ep_size)[:, :, self.ep_rank]
         self.output_splits = to_me[:, self.tp_rank].tolist()

@@ -61,7 +61,7 @@ def logits(argv):
     with contextlib.redirect_stdout(io.StringIO()):
         job = setup(argv)
     checkpointing.load_checkpoint(job)
-    model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
+    model, vocab = job.model[0].module.eval(), job.tokenizer.vocab_size
     with torch.no_grad():
         return model(TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[..., :vocab], job
 
