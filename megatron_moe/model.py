@@ -203,6 +203,7 @@ def build_model(config: GPTMoEConfig, args: RunConfig, vp_stage: Optional[int] =
         rotary_base=args.rotary_base,
         vp_stage=vp_stage,
     )
+    reduce_experts_over_expert_data_parallel(model, config)
     initialize_weights(model, config, args.seed)
     mask_padded_vocabulary(model, args.tokenizer_vocab_size)
     if config.bf16:
@@ -210,6 +211,24 @@ def build_model(config: GPTMoEConfig, args: RunConfig, vp_stage: Optional[int] =
         # are created in fp32 whatever params_dtype says
         model = model.bfloat16()
     return model
+
+
+def reduce_experts_over_expert_data_parallel(model: GPTModel, config: TransformerConfig) -> None:
+    """Marks the routed experts' parameters as expert-parallel when EP = 1 but ETP differs from TP.
+
+    megatron-core 0.16.1 marks them (``allreduce = False``: DDP reduces their gradients over the expert
+    data-parallel group, the optimizer keeps them apart) only when EP > 1. With EP = 1 and ETP != TP the expert
+    data-parallel group is not the data-parallel one: with ETP < TP the tensor-parallel ranks each pass their
+    own sequence shard through whole experts, with ETP > TP the data-parallel ranks of an expert-TP group hold
+    different slices. Reduced as dense parameters, over the data-parallel group, their gradients would miss
+    the other shards' tokens or mix different slices.
+    """
+    if config.expert_model_parallel_size > 1 or config.expert_tensor_parallel_size == config.tensor_model_parallel_size:
+        return
+    for layer in model.decoder.layers:
+        if isinstance(layer.mlp, MoELayer):
+            for param in layer.mlp.experts.parameters():
+                param.allreduce = False
 
 
 def mask_padded_vocabulary(model: GPTModel, vocab_size: int) -> None:
