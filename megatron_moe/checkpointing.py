@@ -72,9 +72,9 @@ DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
 # The distributed optimizer's dp_reshardable state can change the data-parallel size, not these (its
 # fully_reshardable state, like every other optimizer's, can change them all).
-DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
-                                "expert_tensor_parallel_size")
+DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "context_parallel_size",
+                                "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                                "expert_model_parallel_size", "expert_tensor_parallel_size")
 # megatron-core's OptimizerParamScheduler settings (its state-dict keys) -> the flags that set them
 SCHEDULER_SETTINGS = {
     "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size",
@@ -295,7 +295,7 @@ def checkpoint_bytes(job) -> int:
     replicas) in its dtype, plus the optimizer's fp32 Adam moments and, with --bf16, fp32 main params.
     Collective."""
     per_element_extra = 8 + (4 if job.args.bf16 else 0)
-    dense_owner = parallel_state.get_data_parallel_rank() == 0
+    dense_owner = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     expert_owner = parallel_state.get_expert_data_parallel_rank() == 0
     local = 0
     for param in (param for chunk in job.model for param in chunk.module.parameters()):

@@ -135,6 +135,12 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split,
+        context_parallel_size=args.context_parallel_size,
+        cp_comm_type="p2p" if args.context_parallel_size > 1 else None,  # Megatron-LM's default
         # Megatron-LM: overlapped (unbatched) send/receive in the interleaved schedule only
         overlap_p2p_comm=interleaved and args.overlap_p2p_comm,
         batch_p2p_comm=not (interleaved and args.overlap_p2p_comm),

@@ -23,7 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import checkpoint_files, checkpointing, data, metrics, run_config
+from megatron_moe import checkpoint_files, checkpointing, context_parallel, data, metrics, run_config
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model_chunks, transformer_config_from_args
@@ -115,6 +115,7 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         distributed_timeout_minutes=args.distributed_timeout_minutes,  # megatron's default is 30 minutes
@@ -208,14 +209,13 @@ def micro_batch_iterators(job: TrainingJob, dataset, first_sample: int):
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    loss_mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(per_token_loss.reshape(-1).float() * loss_mask) / loss_mask.sum().clamp(min=1)
-    # clone: the schedule divides the returned loss in place by the number of micro batches
-    return loss, {"lm loss": loss.detach().clone()}
+    loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
+    return loss, {"lm loss": reported}
 
 
 def _forward_step(device: torch.device, data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+    batch = context_parallel.batch_on_this_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 

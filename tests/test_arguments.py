@@ -46,6 +46,24 @@ def args_with(*flags, world_size=1):
         (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
           "--global-batch-size", "6"], 2, "3 micro batches per step (global batch / (micro batch x data "
                                           "parallel)) is not a multiple"),
+        # uneven pipeline stages
+        (["--decoder-first-pipeline-num-layers", "1"], 1,
+         "--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size > 1"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--account-for-loss-in-pipeline-split"], 2,
+         "--decoder-first-pipeline-num-layers and --account-for-loss-in-pipeline-split exclude each other"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--decoder-last-pipeline-num-layers", "2"], 2,
+         "--num-layers 4 less the first/last pipeline stage's layers leaves 1 for 0 other stages"),
+        (["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split"], 2,
+         "--num-layers 4 + 1 (the embedding/loss counted as layers) is not divisible by "
+         "--pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--num-virtual-stages-per-pipeline-rank", "3"], 2,
+         "--num-virtual-stages-per-pipeline-rank 3 must divide the 1 layers of the first pipeline stage"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2",
+          "--num-layers-per-virtual-pipeline-stage", "1"], 2,
+         "with --decoder-first/last-pipeline-num-layers give --num-virtual-stages-per-pipeline-rank"),
         (["--tensor-model-parallel-size", "2"], 2, "needs --sequence-parallel"),
         (["--moe-router-topk", "5"], 1, "--moe-router-topk 5 must be between 1 and --num-experts 4"),
         (["--global-batch-size", "6"], 4, "--global-batch-size 6 is not divisible"),
@@ -150,6 +168,30 @@ def test_expert_tensor_and_virtual_pipeline_sizes(flags, world_size, etp, vpp):
     assert (args.expert_tensor_parallel_size, args.virtual_pipeline_model_parallel_size) == (etp, vpp)
     config = transformer_config_from_args(args)
     assert (config.expert_tensor_parallel_size, config.virtual_pipeline_model_parallel_size) == (etp, vpp)
+
+
+@pytest.mark.parametrize("flags, world_size, chunks", [
+    # the embedding and the loss count as a layer each: 4 + 2 over 3 stages
+    (["--pipeline-model-parallel-size", "3", "--account-for-embedding-in-pipeline-split",
+      "--account-for-loss-in-pipeline-split"], 3, [(1, 0), (2, 1), (1, 3)]),
+    (["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "1"], 2, [(3, 0), (1, 3)]),
+    # 8 layers, 2 on the first stage, 2 chunks per rank: virtual stages (rank 0, 1, 0, 1) hold 1, 3, 1, 3
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "8", "--moe-layer-freq", "1",
+      "--decoder-first-pipeline-num-layers", "2", "--num-virtual-stages-per-pipeline-rank", "2"], 2,
+     [(1, 0), (3, 1), (1, 4), (3, 5)]),
+])
+def test_uneven_pipeline_stages_reach_megatron_core(flags, world_size, chunks):
+    """(layers, first global layer) of each model chunk, in the order of the virtual stages."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    args = args_with(*flags, world_size=world_size)
+    config = transformer_config_from_args(args)
+    vpp, pp = args.virtual_pipeline_model_parallel_size, args.pipeline_model_parallel_size
+    stages = [(rank, vp_stage) for vp_stage in (range(vpp) if vpp else [None]) for rank in range(pp)]
+    assert [(get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=rank),
+             get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=rank))
+            for rank, vp_stage in stages] == chunks
 
 
 def test_moe_layer_frequency_forms():

@@ -19,6 +19,8 @@ LAYOUTS = {
                          "2", "--expert-tensor-parallel-size", "1"]),
     # ... experts split over two data-parallel ranks (megatron-core marks them expert-parallel only with EP > 1)
     "ETP2": (2, ["--expert-tensor-parallel-size", "2"]),
+    # uneven stages: 1 layer on the first, 3 on the last
+    "PP2-uneven": (2, ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"]),
     # interleaved 1F1B: two chunks of one layer per pipeline rank, overlapped reduction and gathering over DP=2
     "PP2xVPP2xDP2-overlap": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
                                  "1", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional
 
-from megatron_moe.arguments.flags import RUN, FlagGroup, at_least, require
+from megatron_moe.arguments.flags import RUN, FlagGroup, at_least, flag_name, require
+from megatron_moe.errors import ConfigError
 from megatron_moe.arguments.moe import MOE_ONLY
 
 
@@ -22,9 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--expert-tensor-parallel-size", type=int, default=None, valid=at_least(1), requires=MOE_ONLY,
           help="ranks each expert's weights are split over, independently of the attention's tensor "
                "parallelism (default: --tensor-model-parallel-size)")
-    g.add("--context-parallel-size", type=int, default=1, valid=at_least(1),
-          help="ranks each sequence is split over (attention exchanges keys and values between them)")
+    g.add("--context-parallel-size", type=int, default=1, valid=at_least(1), needs_transformer_engine=True,
+          help="ranks each sequence is split over (Transformer Engine's attention exchanges keys and values "
+               "between them; megatron-core's local attention has no context parallelism)")
     g.add("--sequence-parallel", action="store_true")
+
+    g = FlagGroup(parser, "uneven pipeline stages", RUN)
+    g.add("--decoder-first-pipeline-num-layers", type=int, default=None, valid=at_least(1),
+          help="transformer layers on the first pipeline stage (the others share the rest evenly)")
+    g.add("--decoder-last-pipeline-num-layers", type=int, default=None, valid=at_least(1),
+          help="transformer layers on the last pipeline stage (the others share the rest evenly)")
+    g.add("--account-for-embedding-in-pipeline-split", action="store_true",
+          help="count the embedding as a layer when splitting the layers over pipeline stages")
+    g.add("--account-for-loss-in-pipeline-split", action="store_true",
+          help="count the output layer and loss as a layer when splitting the layers over pipeline stages")
 
     g = FlagGroup(parser, "virtual pipeline parallelism", RUN)
     g.add("--num-layers-per-virtual-pipeline-stage", type=int, default=None, valid=at_least(1),
@@ -70,7 +82,6 @@ def validate_layout(c) -> Dict[str, Any]:
         require(c.seq_length % tp == 0,
                 f"--seq-length {c.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                 "(sequence parallelism splits the sequence)")
-    require(cp == 1, "CP_TODO")
     if cp > 1:
         require(c.seq_length % (2 * cp) == 0,
                 f"--seq-length {c.seq_length} must be a multiple of 2 x --context-parallel-size {cp} (each "
@@ -80,24 +91,29 @@ def validate_layout(c) -> Dict[str, Any]:
 
 
 def validate_pipeline(c) -> Dict[str, Any]:
-    """Layers per pipeline stage and, with virtual stages, Megatron-LM's interleaved-schedule rules; fills in
-    the number of model chunks per pipeline rank (None without virtual stages)."""
-    pp, layers = c.pipeline_model_parallel_size, c.num_layers
-    require(layers % pp == 0, f"--num-layers {layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    """Layers per pipeline stage (even, uneven first/last stages, or the embedding and loss counted as layers)
+    and, with virtual stages, Megatron-LM's interleaved-schedule rules; fills in the number of model chunks
+    per pipeline rank (None without virtual stages)."""
+    pp = c.pipeline_model_parallel_size
     per_virtual_stage, virtual_stages = c.num_layers_per_virtual_pipeline_stage, c.num_virtual_stages_per_pipeline_rank
     require(per_virtual_stage is None or virtual_stages is None,
             "give one of --num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank")
+    stages = _layers_per_stage(c)
     if per_virtual_stage is not None:
-        require((layers // pp) % per_virtual_stage == 0,
-                f"--num-layers-per-virtual-pipeline-stage {per_virtual_stage} must divide the {layers // pp} "
-                f"layers of a pipeline stage (--num-layers / --pipeline-model-parallel-size)")
-        virtual_stages = layers // pp // per_virtual_stage
+        require(c.decoder_first_pipeline_num_layers is None and c.decoder_last_pipeline_num_layers is None,
+                "with --decoder-first/last-pipeline-num-layers give --num-virtual-stages-per-pipeline-rank, not "
+                "--num-layers-per-virtual-pipeline-stage (Megatron-LM)")
+        per_stage = stages["a"]
+        require(per_stage % per_virtual_stage == 0,
+                f"--num-layers-per-virtual-pipeline-stage {per_virtual_stage} must divide the {per_stage} layers "
+                "of a pipeline stage")
+        virtual_stages = per_stage // per_virtual_stage
     vpp = virtual_stages if virtual_stages is not None and virtual_stages > 1 else None
     if vpp is None:
         return {"virtual_pipeline_model_parallel_size": None}
-    require((layers // pp) % vpp == 0,
-            f"--num-virtual-stages-per-pipeline-rank {vpp} must divide the {layers // pp} layers of a pipeline "
-            "stage (--num-layers / --pipeline-model-parallel-size)")
+    for stage, layers in stages.items():
+        require(layers % vpp == 0, f"--num-virtual-stages-per-pipeline-rank {vpp} must divide the {layers} layers "
+                                   f"of {stage} pipeline stage")
     require(pp > (1 if c.overlap_p2p_comm else 2),
             f"virtual pipeline stages need --pipeline-model-parallel-size > {1 if c.overlap_p2p_comm else 2}"
             f"{'' if c.overlap_p2p_comm else ' with --no-overlap-p2p-communication'}, got {pp} (Megatron-LM)")
@@ -107,6 +123,38 @@ def validate_pipeline(c) -> Dict[str, Any]:
             f"{microbatches} micro batches per step (global batch / (micro batch x data parallel)) is not a "
             "multiple; change --global-batch-size or --micro-batch-size")
     return {"virtual_pipeline_model_parallel_size": vpp}
+
+
+def _layers_per_stage(c) -> Dict[str, int]:
+    """Transformer layers per pipeline stage, by stage ("a": every stage; with uneven stages "the first",
+    "the last" and "another", those there are), with Megatron-LM's and megatron-core's rules. The embedding
+    and the loss count as a layer each when the flags say so."""
+    pp, layers = c.pipeline_model_parallel_size, c.num_layers
+    given = {stage: getattr(c, f"decoder_{stage}_pipeline_num_layers") for stage in ("first", "last")}
+    given = {stage: n for stage, n in given.items() if n is not None}
+    counted = [flag for flag in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+               if getattr(c, flag)]
+    for flag in [f"decoder_{stage}_pipeline_num_layers" for stage in given] + counted:
+        require(pp > 1, f"{flag_name(flag)} needs --pipeline-model-parallel-size > 1")
+    if given:
+        if counted:
+            raise ConfigError(f"--decoder-{next(iter(given))}-pipeline-num-layers and {flag_name(counted[0])} "
+                              "exclude each other (megatron-core); give one way of splitting the layers")
+        middle_stages, middle_layers = pp - len(given), layers - sum(given.values())
+        require(middle_layers >= 0 and (middle_layers == 0) == (middle_stages == 0)
+                and (middle_stages == 0 or middle_layers % middle_stages == 0),
+                f"--num-layers {layers} less the first/last pipeline stage's layers leaves {middle_layers} for "
+                f"{middle_stages} other stages: they must share them evenly")
+        stages = {f"the {stage}": n for stage, n in given.items()}
+        if middle_stages:
+            stages["another"] = middle_layers // middle_stages
+        return stages
+    total = layers + len(counted)
+    require(total % pp == 0,
+            f"--num-layers {layers}{' + 1' * len(counted)} (the embedding/loss counted as layers) is not divisible "
+            f"by --pipeline-model-parallel-size {pp}" if counted else
+            f"--num-layers {layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    return {"a": total // pp}
 
 
 def _microbatches(c) -> Optional[int]:
