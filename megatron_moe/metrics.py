@@ -41,9 +41,11 @@ def extra_scalars() -> Dict[str, float]:
 
 
 def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, float]:
-    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call.
+    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call (or the last
+    :func:`clear_moe_aux_losses`).
 
-    Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
+    Every rank calls this at every log iteration (the reduction is collective) and reads the result on the
+    host in one go; the tracker is then cleared.
     """
     if args.num_experts is None:
         return {}
@@ -56,11 +58,16 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
         return {}
     names = sorted(tracker)
     moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    sums = torch.stack([tracker[name]["values"].float().sum() for name in names]).tolist()
     num_moe_layers = sum(args.moe_layer_pattern)
-    losses = {name: tracker[name]["values"].float().sum().item() / num_moe_layers / args.num_microbatches
-              for name in names}
+    losses = {name: total / num_moe_layers / args.num_microbatches for name, total in zip(names, sums)}
     moe_utils.clear_aux_losses_tracker()
     return losses
+
+
+def clear_moe_aux_losses() -> None:
+    """Forgets what megatron-core's aux-loss tracker holds (an iteration that does not log), on the device."""
+    moe_utils.clear_aux_losses_tracker()
 
 
 class ExpertLoad:
@@ -86,9 +93,9 @@ class ExpertLoad:
     def collect(self) -> Dict[int, List[float]]:
         """{layer number (1-based): tokens per expert} over all ranks; resets the counts. Collective."""
         counts = self.counts.clone()
-        dist.all_reduce(counts)  # every rank routed distinct tokens (SP slices, DP batches, PP layers)
+        dist.all_reduce(counts)  # every rank routed distinct tokens (SP and CP slices, DP batches, PP layers)
         self.counts.zero_()
-        return {i + 1: row.tolist() for i, row in enumerate(counts) if row.sum() > 0}
+        return {i + 1: row for i, row in enumerate(counts.tolist()) if sum(row) > 0}  # one host read
 
 
 def load_imbalance(tokens_per_expert: List[float]) -> float:

@@ -113,6 +113,7 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
             moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_permute_fusion=args.moe_permute_fusion,
+            moe_router_padding_for_fp8=args.moe_router_padding_for_fp8,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=args.moe_shared_expert_gate,
         )

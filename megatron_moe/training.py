@@ -23,7 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import checkpoint_files, checkpointing, context_parallel, data, metrics, run_config
+from megatron_moe import checkpoint_files, checkpointing, context_parallel, data, metrics, run_config, step_guard
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model_chunks, transformer_config_from_args
@@ -46,6 +46,7 @@ class TrainingJob:
     started: float  # time.time() when setup began: --exit-duration-in-mins counts from here, as Megatron-LM's
     checkpoint: Optional[Path] = None  # the iteration directory --load resumes from
     saved_config: Optional[RunConfig] = None  # the run config it was written with
+    non_finite_guard: Optional[step_guard.NonFiniteGuard] = None  # installed by the first train_step
 
 
 def print_rank_last(message: str) -> None:
@@ -208,32 +209,49 @@ def micro_batch_iterators(job: TrainingJob, dataset, first_sample: int):
     return iterator() if len(job.model) == 1 else [iterator() for _ in job.model]
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token_loss: torch.Tensor):
     loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
+    if guard_non_finite:  # a NaN/Inf loss reaches the grad norm, the step's one NaN/Inf check
+        loss = step_guard.poison_if_non_finite(loss)
     return loss, {"lm loss": reported}
 
 
-def _forward_step(device: torch.device, data_iterator: Iterator[Dict[str, torch.Tensor]], model):
-    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The host batch on ``device`` without the host waiting: a copy from pinned memory is queued on the
+    stream like a kernel (from pageable memory the host would wait for the device to drain first)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _forward_step(device: torch.device, guard_non_finite: bool, data_iterator: Iterator[Dict[str, torch.Tensor]],
+                  model):
+    batch = {key: _to_device(value, device) for key, value in next(data_iterator).items()}
     batch = context_parallel.batch_on_this_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, batch["loss_mask"], guard_non_finite)
 
 
-def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[float]:
-    """Mean of the micro-batch losses over the whole global batch (last pipeline stage only)."""
+def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Mean of the micro-batch losses over the whole global batch (last pipeline stage only), on the device:
+    a collective but no host read."""
     if not values:
         return None
     total = torch.stack(values).mean()
     group = parallel_state.get_data_parallel_group()
     dist.all_reduce(total, group=group)
-    return total.item() / dist.get_world_size(group)
+    return total / dist.get_world_size(group)
 
 
-def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) -> Optional[float]:
+def _checks_non_finite(args) -> bool:
+    return args.check_for_nan_in_loss_and_grad or args.skip_nan_iterations
+
+
+def _micro_batch_losses(job: TrainingJob, micro_batch_iter, forward_only: bool) -> List[torch.Tensor]:
+    """This rank's lm loss of every micro batch (device tensors; empty off the last pipeline stage)."""
     args = job.args
     losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, job.platform.device),
+        forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only),
         data_iterator=micro_batch_iter,
         model=job.model,
         num_microbatches=args.num_microbatches,
@@ -241,48 +259,72 @@ def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) ->
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )
-    return _mean_over_data_parallel([item["lm loss"] for item in losses])
+    return [item["lm loss"] for item in losses]
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (the loss lives on the last pipeline stage)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) -> Optional[float]:
+    """The lm loss of one global batch, read on the host (evaluation; the training step keeps it on the
+    device)."""
+    loss = _mean_over_data_parallel(_micro_batch_losses(job, micro_batch_iter, forward_only))
+    return None if loss is None else loss.item()
 
 
-def _local_grads_finite(job: TrainingJob) -> bool:
-    """Whether this rank's reduced gradients (DDP's main_grad buffers) are all finite."""
-    return all(bool(torch.isfinite(p.main_grad).all()) for chunk in job.model for p in chunk.module.parameters()
-               if getattr(p, "main_grad", None) is not None)
+@dataclass
+class StepResult:
+    loss: Optional[torch.Tensor]  # lm loss over the global batch, on the device (last pipeline stage only)
+    grad_norm: Optional[float]  # megatron-core's, as its step returns it
+    applied: bool  # the optimizer updated the parameters
+    non_finite: bool  # skipped for a NaN/Inf loss or gradient (--skip-nan-iterations)
 
 
-def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0):
-    """One optimizer step. Returns (lm loss or None off the last stage, grad norm, update applied).
+def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0) -> StepResult:
+    """One optimizer step, without a host read of its own: the loss stays on the device.
 
-    A NaN/Inf loss or gradient on any rank is found before the update: the run stops naming the
-    iteration and rank, or with --skip-nan-iterations the update is skipped (and counted by the caller).
+    A NaN/Inf loss or gradient on any rank is found before the update, on the grad norm megatron-core's
+    step reads anyway (:mod:`megatron_moe.step_guard`): the run stops naming the iteration and rank, or
+    with --skip-nan-iterations the update is skipped (and counted by the caller).
     """
     args = job.args
     for chunk in job.model:
         chunk.zero_grad_buffer()
     job.optimizer.zero_grad()
-    lm_loss = run_micro_batches(job, micro_batch_iter, forward_only=False)
-    if args.check_for_nan_in_loss_and_grad or args.skip_nan_iterations:
-        loss_bad = lm_loss is not None and not math.isfinite(lm_loss)
-        local_bad = loss_bad or not _local_grads_finite(job)
-        if _any_rank(local_bad, job.platform.device):
-            if args.skip_nan_iterations:
-                return lm_loss, None, False
-            what = f"lm loss is {lm_loss}" if loss_bad else "a gradient is NaN/Inf"
-            if local_bad:
-                raise NonFiniteError(f"iteration {iteration}: {what} on rank {dist.get_rank()}; lower --lr, "
-                                     "check the data, or pass --skip-nan-iterations to skip such steps")
-            raise NonFiniteError(f"iteration {iteration}: a NaN/Inf loss or gradient on another rank")
-    update_successful, grad_norm, _ = job.optimizer.step()
-    if update_successful:
+    local_losses = _micro_batch_losses(job, micro_batch_iter, forward_only=False)
+    loss = _mean_over_data_parallel(local_losses)
+    guard = None
+    if _checks_non_finite(args):
+        if job.non_finite_guard is None:
+            job.non_finite_guard = step_guard.NonFiniteGuard(job.optimizer)
+        guard = job.non_finite_guard
+        guard.before_step()
+    applied, grad_norm, _ = job.optimizer.step()
+    if guard is not None and guard.non_finite:
+        what = step_guard.locate_non_finite(local_losses, job.model, guard.grad_norm)
+        if not args.skip_nan_iterations:
+            raise NonFiniteError(f"iteration {iteration}: {what}; lower --lr, check the data, or pass "
+                                 "--skip-nan-iterations to skip such steps")
+        return StepResult(loss, None, False, True)
+    if applied:
         job.scheduler.step(increment=args.global_batch_size)
-    return lm_loss, grad_norm, update_successful
+    return StepResult(loss, grad_norm, applied, False)
+
+
+class LossHistory:
+    """This run's lm losses. Each step queues its loss as a device value; :meth:`read` copies the queue to
+    the host in one go (log iterations, a caller's hook, the end), so a step never waits for its loss."""
+
+    def __init__(self):
+        self.values: List[float] = []
+        self._queued: List[torch.Tensor] = []
+
+    def add(self, loss: Optional[torch.Tensor]) -> None:
+        if loss is not None:
+            self._queued.append(loss.reshape(1))
+
+    def read(self) -> List[float]:
+        if self._queued:
+            self.values.extend(torch.cat(self._queued).tolist())
+            self._queued.clear()
+        return self.values
 
 
 def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
@@ -350,6 +392,10 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
 
     ``after_iteration(iteration, losses)`` runs after every iteration (tests use it to crash a run).
+
+    A step queues its work and its loss on the device; the host reads the losses, the MoE losses and the
+    counters only at log iterations (``docs/host_syncs.md``). The log line's time per iteration is the mean
+    over the log interval, taken once the device has caught up.
     """
     args = job.args
     start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
@@ -362,35 +408,41 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     control = RunControl(args, job.started)
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
                  f"processes ({job.platform.device.type}/{job.platform.backend}): {layout_text(args)}")
-    losses: List[float] = []
+    history = LossHistory()
     skipped = nan_iterations = 0
     iteration = start_iteration
+    interval_seconds, interval_iterations = 0.0, 0  # training time since the last log line
     while iteration < args.train_iters:
         iteration += 1
         start = time.perf_counter()
-        lm_loss, grad_norm, ok = train_step(job, iterator, iteration)
+        step = train_step(job, iterator, iteration)
         consumed_samples += args.global_batch_size
-        if not ok:
+        if not step.applied:
             skipped += 1
-            nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
-        control.count_update(iteration, ok)
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
-        if lm_loss is not None:
-            losses.append(lm_loss)
+            nan_iterations += step.non_finite
+        control.count_update(iteration, step.applied)
+        history.add(step.loss)
+        interval_iterations += 1
         if iteration % args.log_interval == 0:
-            extra = {**moe_losses, **metrics.extra_scalars()}
+            losses = history.read()  # waits for the device: the interval's time is complete after it
+            interval_seconds += time.perf_counter() - start
+            elapsed_ms = interval_seconds * 1000.0 / interval_iterations
+            interval_seconds, interval_iterations = 0.0, 0
+            extra = {**metrics.moe_aux_losses(args, args.num_layers, job.platform.device), **metrics.extra_scalars()}
             load = expert_load.collect() if expert_load is not None else {}
-            if lm_loss is not None:
-                lr = job.optimizer.param_groups[0]["lr"]
-                print_rank_last(log_line(iteration, args, elapsed_ms, lr, lm_loss, grad_norm, skipped,
+            if step.loss is not None:
+                lm_loss, lr = losses[-1], job.optimizer.param_groups[0]["lr"]
+                print_rank_last(log_line(iteration, args, elapsed_ms, lr, lm_loss, step.grad_norm, skipped,
                                          nan_iterations, extra))
                 metrics.write_scalars(writer, iteration, {
-                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": grad_norm,
+                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": step.grad_norm,
                     "throughput (tokens/s)": args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
                     "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
                     "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
                 metrics.write_expert_load(writer, iteration, load)
+        else:
+            interval_seconds += time.perf_counter() - start
+            metrics.clear_moe_aux_losses()  # what a log iteration reduces is its own step's
         if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0:
             _validate(job, valid_ds, iteration, writer)
         stop = control.stop_reason(iteration, job.platform.device)
@@ -398,7 +450,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
             _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
         if after_iteration is not None:
-            after_iteration(iteration, losses)
+            after_iteration(iteration, history.read())
         if stop:
             if not args.save:
                 _finish_param_gather(job)  # the save did it otherwise
@@ -413,7 +465,7 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
             _validate(job, valid_ds, iteration, writer, final=True)
     if writer is not None:
         writer.close()
-    return losses
+    return history.read()
 
 
 def _validate(job: TrainingJob, valid_ds, iteration: int, writer, final: bool = False) -> None:

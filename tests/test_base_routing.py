@@ -1,7 +1,6 @@
 """BASE routing (--moe-router-type base): exact balance, expert parallelism equal to one process, greedy eval,
 the shuffle round trip, and short pretraining runs."""
 
-import inspect
 import json
 
 import pytest
@@ -154,11 +153,3 @@ def test_flags_are_checked(tmp_path):
         parse_args([*base, "--moe-aux-loss-coeff", "0.01"])
     assert parse_args(base).base_shuffle and not parse_args([*base, "--no-base-shuffle"]).base_shuffle
 
-
-def test_megatron_experts_pad_for_fp8():
-    """The BASE dispatcher hands exact per-expert counts to megatron's experts, which pad them to the FP8
-    alignment themselves; if an upgrade moves that padding elsewhere, the dispatcher must take it over."""
-    from megatron.core.transformer.moe import experts
-
-    assert "_pad_tensor_for_quantization" in inspect.getsource(experts.SequentialMLP.forward)
-    assert "quantization_padding" in inspect.getsource(experts.TEGroupedMLP.forward)

@@ -197,19 +197,6 @@ def test_groups_default_to_the_expert_parallel_size():
     assert args.sam_num_groups == 2
 
 
-def test_fp8_padding_makes_every_expert_count_a_multiple_of_16_and_combine_drops_it():
-    from megatron_moe.moe.sam import SAMDispatcher
-
-    dispatcher = SAMDispatcher.__new__(SAMDispatcher)  # only the padding state is used
-    dispatcher.align = 16
-    rows = torch.arange(7 * 2, dtype=torch.float32).view(7, 2)
-    padded_rows, padded_gates, counts = dispatcher._pad_per_expert(rows, torch.ones(7), torch.tensor([3, 0, 4]))
-    assert counts.tolist() == [16, 0, 16] and padded_rows.shape == (32, 2)
-    assert torch.equal(padded_rows[:3], rows[:3]) and torch.equal(padded_rows[16:20], rows[3:])
-    assert padded_gates.sum() == 7 and padded_rows[3:16].abs().sum() == 0
-    assert torch.equal(padded_rows[dispatcher.padded_positions], rows)
-
-
 def test_loss_shares_of_sequence_shards_add_up_to_the_whole_batch_loss(monkeypatch):
     """Under sequence parallelism each rank sums the token counts over its group and keeps its own sums of p."""
     from megatron_moe.moe import sam

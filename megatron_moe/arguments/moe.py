@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                "needs --transformer-impl transformer_engine)")
     g.add("--moe-permute-fusion", action="store_true", needs_transformer_engine=True,
           help="fused token permutation in megatron's dispatchers (Transformer Engine kernels; topk and base)")
+    g.add("--moe-router-padding-for-fp8", action="store_true",
+          help="topk with --fp8-format: pad the routing map so that every expert gets a multiple of 16 tokens "
+               "(gate 0), sparing the experts' own FP8 padding; the BASE and SAM dispatchers always align under "
+               "--fp8-format")
 
 
 def validate(c) -> Optional[Dict[str, Any]]:
@@ -103,6 +107,11 @@ def _validate_router_flags(c) -> Dict[str, Any]:
     filled = {}
     if c.moe_z_loss_coeff == 0:
         filled["moe_z_loss_coeff"] = None  # off; megatron would log z-loss / 0
+    if c.moe_router_padding_for_fp8:
+        require(c.fp8_format is not None, "--moe-router-padding-for-fp8 pads for FP8 GEMMs: it needs --fp8-format")
+        require(c.moe_token_dispatcher_type == "alltoall",
+                "--moe-router-padding-for-fp8 needs --moe-token-dispatcher-type alltoall (megatron-core's allgather "
+                "dispatcher cannot pad)")
     if c.moe_expert_capacity_factor is None:
         require(not c.moe_pad_expert_input_to_capacity,
                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")

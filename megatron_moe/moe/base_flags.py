@@ -37,6 +37,8 @@ def validate(config) -> None:
 _EXACT = "every expert gets exactly its share of the tokens, none is dropped"
 # megatron's topk router flags that mean nothing here: flag dest -> why
 INAPPLICABLE = {
+    "moe_router_padding_for_fp8": "its dispatcher pads every expert's rows to the FP8 alignment under --fp8-format "
+                                  "by itself",
     "moe_z_loss_coeff": "its assignment is solved, not read from logits",
     "moe_router_dtype": "its token-centroid affinities are always computed in fp32",
     "moe_router_score_function": "its gate is sigmoid(token . centroid) of the assigned expert",

@@ -67,6 +67,8 @@ def validate(config) -> Dict[str, object]:
 _OWN_CAPACITY = "SAM caps each group with --sam-capacity-factor"
 # megatron's topk router flags that mean nothing here: flag dest -> why
 INAPPLICABLE = {
+    "moe_router_padding_for_fp8": "its dispatcher pads every expert's rows to the FP8 alignment under --fp8-format "
+                                  "by itself",
     "moe_z_loss_coeff": "SAM's router losses are the --sam-*-loss-coeff ones",
     "moe_router_score_function": "SAM takes the softmax over all experts, then switches to a group",
     "moe_router_pre_softmax": "SAM takes the softmax over all experts, then switches to a group",
