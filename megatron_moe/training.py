@@ -74,6 +74,8 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
         overlap_param_gather=args.overlap_param_gather,
         bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        # the interleaved schedule starts each chunk's parameter all-gather itself (Megatron-LM's aligned gather)
+        align_param_gather=args.overlap_param_gather and args.virtual_pipeline_model_parallel_size is not None,
     )
 
 
@@ -81,8 +83,6 @@ def wrap_model_chunks(config: GPTMoEConfig, args, chunks) -> List[DistributedDat
     """Each model chunk in megatron-core's DDP, and the schedule's hooks into them, as Megatron-LM sets them
     (a list with one entry per chunk under virtual pipeline stages)."""
     ddp_config = ddp_config_from_args(args)
-    # the interleaved schedule starts each chunk's parameter all-gather itself (Megatron-LM's aligned gather)
-    ddp_config.align_param_gather = args.overlap_param_gather and len(chunks) > 1
     # Megatron-LM: one bucket per chunk after the first, whose reductions overlap computation anyway
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
              for i, chunk in enumerate(chunks)]

@@ -8,7 +8,7 @@ How the sizes map onto ranks is megatron-core's (``parallel_state.initialize_mod
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 from megatron_moe.arguments.flags import RUN, FlagGroup, at_least, flag_name, require
 from megatron_moe.errors import ConfigError
@@ -155,6 +155,18 @@ def _layers_per_stage(c) -> Dict[str, int]:
             f"by --pipeline-model-parallel-size {pp}" if counted else
             f"--num-layers {layers} is not divisible by --pipeline-model-parallel-size {pp}")
     return {"a": total // pp}
+
+
+def model_chunk_layers(c) -> Set[int]:
+    """The numbers of transformer layers this layout's model chunks hold (a chunk: a pipeline stage, or with
+    virtual stages a virtual one), as megatron-core builds them; needs the pipeline check's values."""
+    vpp = c.virtual_pipeline_model_parallel_size or 1
+    sizes = {layers // vpp for layers in _layers_per_stage(c).values()}
+    if c.account_for_embedding_in_pipeline_split or c.account_for_loss_in_pipeline_split:
+        # the first and last chunks hold one layer fewer for each piece counted as a layer
+        (size,) = sizes
+        sizes |= {size - c.account_for_embedding_in_pipeline_split, size - c.account_for_loss_in_pipeline_split}
+    return sizes
 
 
 def _microbatches(c) -> Optional[int]:
