@@ -69,9 +69,9 @@ def step_grads(plan):
 
     torch.set_float32_matmul_precision("highest")  # fp32 products, no TF32 on a GPU
     job = training.setup(plan["flags"])
-    job.model.zero_grad_buffer()
+    job.model[0].zero_grad_buffer()
     loss = training.run_micro_batches(job, _batches(job), forward_only=False)
-    model = job.model.module
+    model = job.model[0].module
     grads = {global_parameter_name(model, name): param.main_grad.detach().float().cpu()
              for name, param in model.named_parameters() if getattr(param, "main_grad", None) is not None}
     torch.save({"loss": loss, "grads": grads}, plan["tensors"])
@@ -129,7 +129,7 @@ def step_mfu(plan):
 
     job = training.setup(plan["flags"])
     args, is_cuda = job.args, job.platform.is_cuda
-    parameters = sum(p.numel() for p in job.model.module.parameters())
+    parameters = sum(p.numel() for p in job.model[0].module.parameters())
     batches = _batches(job)
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()

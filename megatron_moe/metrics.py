@@ -73,12 +73,15 @@ def clear_moe_aux_losses() -> None:
 class ExpertLoad:
     """Tokens per expert per MoE layer in training forwards since the last :meth:`collect`."""
 
-    def __init__(self, model, num_layers: int, num_experts: int, device: torch.device):
+    def __init__(self, model_chunks, num_layers: int, num_experts: int, device: torch.device):
+        """``model_chunks``: this rank's GPTModels (one per virtual pipeline stage); their layer numbers are
+        global."""
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
-        for layer in model.decoder.layers:
-            router = getattr(layer.mlp, "router", None)
-            if router is not None:
-                router.register_forward_hook(self._hook(layer.layer_number - 1))
+        for chunk in model_chunks:
+            for layer in chunk.decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is not None:
+                    router.register_forward_hook(self._hook(layer.layer_number - 1))
 
     def _hook(self, layer_index: int):
         def count(module, inputs, output):
@@ -90,7 +93,7 @@ class ExpertLoad:
     def collect(self) -> Dict[int, List[float]]:
         """{layer number (1-based): tokens per expert} over all ranks; resets the counts. Collective."""
         counts = self.counts.clone()
-        dist.all_reduce(counts)  # every rank routed distinct tokens (SP slices, DP batches, PP layers)
+        dist.all_reduce(counts)  # every rank routed distinct tokens (SP and CP slices, DP batches, PP layers)
         self.counts.zero_()
         return {i + 1: row for i, row in enumerate(counts.tolist()) if sum(row) > 0}  # one host read
 

@@ -67,15 +67,16 @@ class NonFiniteGuard:
         return self._step_with_ready_grads()
 
 
-def locate_non_finite(local_losses: List[torch.Tensor], model, grad_norm: Optional[float]) -> str:
+def locate_non_finite(local_losses: List[torch.Tensor], model_chunks, grad_norm: Optional[float]) -> str:
     """What was not finite and on which rank, the same line on every rank (collective: all ranks call it).
 
     ``local_losses``: this rank's micro-batch losses of the step (empty off the last pipeline stage);
-    ``model``: the DDP-wrapped model, whose reduced gradients (``main_grad``) are checked.
+    ``model_chunks``: the DDP-wrapped model chunks, whose reduced gradients (``main_grad``) are checked.
     """
     loss = torch.stack(local_losses).mean() if local_losses else None
     loss_value = None if loss is None or torch.isfinite(loss) else loss.item()
-    grads = [p.main_grad for p in model.module.parameters() if getattr(p, "main_grad", None) is not None]
+    grads = [p.main_grad for chunk in model_chunks for p in chunk.module.parameters()
+             if getattr(p, "main_grad", None) is not None]
     grads_finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
     verdicts: List[tuple] = [None] * dist.get_world_size()
     dist.all_gather_object(verdicts, (loss_value, grads_finite))

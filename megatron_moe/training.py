@@ -23,10 +23,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import checkpoint_files, checkpointing, data, metrics, run_config, step_guard
+from megatron_moe import checkpoint_files, checkpointing, context_parallel, data, metrics, run_config, step_guard
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.errors import ConfigError
-from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
+from megatron_moe.model import GPTMoEConfig, build_model_chunks, transformer_config_from_args
 from megatron_moe.moe import comm_stats
 from megatron_moe.platform import (Platform, check_start, children_die_with_this_process, init_distributed,
                                    select_platform)
@@ -39,7 +39,7 @@ class TrainingJob:
     args: RunConfig  # the run's whole config, vocabulary included
     platform: Platform
     config: GPTMoEConfig
-    model: DistributedDataParallel
+    model: List[DistributedDataParallel]  # this rank's model chunks, one per virtual pipeline stage (Megatron-LM's)
     optimizer: object
     scheduler: OptimizerParamScheduler
     tokenizer: object
@@ -74,7 +74,32 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
         overlap_param_gather=args.overlap_param_gather,
         bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        # the interleaved schedule starts each chunk's parameter all-gather itself (Megatron-LM's aligned gather)
+        align_param_gather=args.overlap_param_gather and args.virtual_pipeline_model_parallel_size is not None,
     )
+
+
+def wrap_model_chunks(config: GPTMoEConfig, args, chunks) -> List[DistributedDataParallel]:
+    """Each model chunk in megatron-core's DDP, and the schedule's hooks into them, as Megatron-LM sets them
+    (a list with one entry per chunk under virtual pipeline stages)."""
+    ddp_config = ddp_config_from_args(args)
+    # Megatron-LM: one bucket per chunk after the first, whose reductions overlap computation anyway
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+             for i, chunk in enumerate(chunks)]
+
+    def per_chunk(hooks):
+        return hooks if len(hooks) > 1 else hooks[0]
+
+    # Without these, megatron-core silently skips the data-parallel gradient all-reduce.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = per_chunk([chunk.no_sync for chunk in model])
+    if args.overlap_grad_reduce:
+        # Megatron-LM's default (aligned grad reduce): later pipeline stages launch their reduction when
+        # their last backward ends instead of bucket by bucket.
+        config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in model])
+    if ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in model])
+    return model
 
 
 def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> TrainingJob:
@@ -90,8 +115,10 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         distributed_timeout_minutes=args.distributed_timeout_minutes,  # megatron's default is 30 minutes
     )
     checkpointing.check_save_dir(args)  # file errors before the minutes a large model takes to build
@@ -109,15 +136,7 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     metrics.register_scalar_source(comm_stats.snapshot_and_reset)
 
     config = transformer_config_from_args(args)
-    model = build_model(config, args).to(platform.device)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config_from_args(args), module=model)
-    # Without these, megatron-core silently skips the data-parallel gradient all-reduce.
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
-    if args.overlap_grad_reduce:
-        # Megatron-LM's default (aligned grad reduce): later pipeline stages launch their reduction when
-        # their last backward ends instead of bucket by bucket.
-        config.grad_sync_func = model.start_grad_sync
+    model = wrap_model_chunks(config, args, [chunk.to(platform.device) for chunk in build_model_chunks(config, args)])
 
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -134,7 +153,7 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
             use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_param_gather=args.overlap_param_gather,
         ),
-        [model],
+        model,
     )
     # megatron-core's scheduler counts samples, as Megatron-LM's does.
     decay_samples = (args.lr_decay_iters or args.train_iters) * args.global_batch_size
@@ -175,14 +194,26 @@ def _vocabulary_rows(args: RunConfig, vocab_size: int, saved: Optional[RunConfig
     return rows
 
 
+def model_modules(job: TrainingJob) -> List[torch.nn.Module]:
+    """This rank's model chunks without their DDP wrappers (the GPTModels)."""
+    return [chunk.module for chunk in job.model]
+
+
+def micro_batch_iterators(job: TrainingJob, dataset, first_sample: int):
+    """This rank's micro batches from global sample ``first_sample`` on; under virtual pipeline stages one
+    iterator per model chunk, as the interleaved schedule wants them (each chunk reads every micro batch
+    once, in its own order)."""
+    def iterator():
+        return data.micro_batches(dataset, job.args, first_sample, parallel_state.get_data_parallel_rank())
+
+    return iterator() if len(job.model) == 1 else [iterator() for _ in job.model]
+
+
 def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token_loss: torch.Tensor):
-    loss_mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(per_token_loss.reshape(-1).float() * loss_mask) / loss_mask.sum().clamp(min=1)
-    # clone: the schedule divides the returned loss in place by the number of micro batches
-    reported = {"lm loss": loss.detach().clone()}
+    loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
     if guard_non_finite:  # a NaN/Inf loss reaches the grad norm, the step's one NaN/Inf check
         loss = step_guard.poison_if_non_finite(loss)
-    return loss, reported
+    return loss, {"lm loss": reported}
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -196,6 +227,7 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _forward_step(device: torch.device, guard_non_finite: bool, data_iterator: Iterator[Dict[str, torch.Tensor]],
                   model):
     batch = {key: _to_device(value, device) for key, value in next(data_iterator).items()}
+    batch = context_parallel.batch_on_this_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"], guard_non_finite)
 
@@ -221,7 +253,7 @@ def _micro_batch_losses(job: TrainingJob, micro_batch_iter, forward_only: bool) 
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only),
         data_iterator=micro_batch_iter,
-        model=[job.model],
+        model=job.model,
         num_microbatches=args.num_microbatches,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
@@ -253,7 +285,8 @@ def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0) -> StepRe
     with --skip-nan-iterations the update is skipped (and counted by the caller).
     """
     args = job.args
-    job.model.zero_grad_buffer()
+    for chunk in job.model:
+        chunk.zero_grad_buffer()
     job.optimizer.zero_grad()
     local_losses = _micro_batch_losses(job, micro_batch_iter, forward_only=False)
     loss = _mean_over_data_parallel(local_losses)
@@ -296,13 +329,22 @@ class LossHistory:
 
 def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
     args = job.args
-    job.model.eval()
+    for chunk in job.model:
+        chunk.eval()
     first = eval_index * args.eval_iters * args.global_batch_size
-    iterator = data.micro_batches(dataset, args, first, parallel_state.get_data_parallel_rank())
+    iterator = micro_batch_iterators(job, dataset, first)
     with torch.no_grad():
         losses = [run_micro_batches(job, iterator, forward_only=True) for _ in range(args.eval_iters)]
-    job.model.train()
+    for chunk in job.model:
+        chunk.train()
     return None if losses[0] is None else sum(losses) / len(losses)
+
+
+def layout_text(args) -> str:
+    """The parallel layout in one line (VPP: model chunks per pipeline rank)."""
+    return (f"TP={args.tensor_model_parallel_size} CP={args.context_parallel_size} "
+            f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
+            f"EP={args.expert_model_parallel_size} ETP={args.expert_tensor_parallel_size} DP={args.data_parallel_size}")
 
 
 def format_arguments(args) -> str:
@@ -341,8 +383,9 @@ def _finish_param_gather(job: TrainingJob) -> None:
     """With --overlap-param-gather the optimizer step leaves the all-gather of the updated parameters to the
     next forward's hooks; whatever reads the parameters outside a forward (a checkpoint, the caller after
     training) must have it done first."""
-    if job.model.use_forward_hook:
-        job.model.start_param_sync(force_sync=True)
+    for chunk in job.model:
+        if chunk.use_forward_hook:
+            chunk.start_param_sync(force_sync=True)
 
 
 def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]], None]] = None) -> List[float]:
@@ -357,16 +400,14 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     args = job.args
     start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
     train_ds, valid_ds, _ = data.build_datasets(args, job.tokenizer)
-    iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank())
+    iterator = micro_batch_iterators(job, train_ds, consumed_samples)
     writer = metrics.tensorboard_writer(args)
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
-        expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
+        expert_load = metrics.ExpertLoad(model_modules(job), args.num_layers, args.num_experts, job.platform.device)
     control = RunControl(args, job.started)
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
-                 f"processes ({job.platform.device.type}/{job.platform.backend}): "
-                 f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-                 f"EP={args.expert_model_parallel_size} DP={args.data_parallel_size}")
+                 f"processes ({job.platform.device.type}/{job.platform.backend}): {layout_text(args)}")
     history = LossHistory()
     skipped = nan_iterations = 0
     iteration = start_iteration

@@ -124,7 +124,9 @@ def test_pretraining_loss_decreases_with_uniform_load(one_process_training):
     (2, ["--expert-model-parallel-size", "2"]),
     (2, ["--pipeline-model-parallel-size", "2"]),
     (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
-], ids=["EP2", "PP2", "PP2xEP2"])
+    # experts split over two data-parallel ranks: balanced split sizes over expert TP x EP
+    (4, ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"]),
+], ids=["EP2", "PP2", "PP2xEP2", "EP2xETP2"])
 def test_pretraining_parallel_equals_one_process(nproc, layout, one_process_training, tmp_path):
     run = base_training(nproc, ["--no-base-shuffle", *layout], tmp_path)
     assert run["losses"] == pytest.approx(one_process_training["losses"], rel=1e-5)

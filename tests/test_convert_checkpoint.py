@@ -11,11 +11,12 @@ One dense+MoE model with DeepSeek-V3's router and Qwen3's attention (sigmoid top
 bias and a routed scaling factor, an ungated shared expert, per-head q/k norm, 8 query heads of 32 in a hidden
 size of 64 over 2 key/value groups; exported as GLM-4.5's class) is trained 5 iterations in one process,
 saving at 2, 4 and 5. Resumed from 2 it trains 3-5 with the same losses and ends with the same expert biases,
-bit for bit. For each axis, a TP=2, PP=2 or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains
-iterations 3-5 with the one process's losses and expert biases and saves every iteration; one process loads
-the 2-process iteration-3 checkpoint (2 -> 1) and trains iterations 4-5 with the 2-process losses (the
-second step checks the optimizer state). The export of each 2-process checkpoint must give the one-process
-model's logits. A top-2 all-MoE model
+bit for bit. For each axis, a TP=2 (experts tensor-parallel or not), PP=2 (with or without two virtual stages
+per rank) or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with the one
+process's losses and expert biases and saves every iteration; one process loads the 2-process iteration-3
+checkpoint (2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the
+optimizer state). The export of each 2-process checkpoint must give the one-process model's logits. A top-2
+all-MoE model
 with GQA, untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through
 import. BASE models trained with TP=2, PP=2 or EP=2 go to GLM-4.5's class, SAM models to our own modeling
 code (trust_remote_code). Every exported folder is checked servable: it loads with no missing, unexpected or
@@ -41,7 +42,11 @@ ROPE = ["--position-embedding-type", "rope"]
 MIX = TINY_MOE + ROPE + ["--moe-layer-freq", "[0,1,1,1]"]
 LAYOUTS = {
     "TP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    # experts whole on both tensor-parallel ranks (expert data parallel instead)
+    "TP2-ETP1": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"],
     "PP2": ["--pipeline-model-parallel-size", "2"],
+    # two model chunks per rank (layers 0, 2 | 1, 3): the checkpoint nests them as model0, model1
+    "PP2xVPP2": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
     "EP2": ["--expert-model-parallel-size", "2"],
 }
 TOLERANCE = 1e-4

@@ -1,5 +1,6 @@
-"""SAM routing: the one-copy dispatcher equals one process (also with expert tensor parallelism), sends one
-row per token in one token all-to-all per direction (packed bit-exactly), k=1 is Switch, trains."""
+"""SAM routing: the one-copy dispatcher equals one process (also with expert tensor parallelism, equal to TP
+or not), sends one row per token in one token all-to-all per direction (packed bit-exactly), k=1 is Switch,
+trains."""
 
 import pytest
 import torch
@@ -49,7 +50,8 @@ def reference(tmp_path_factory):
     (2, ["--expert-model-parallel-size", "2"]),
     (4, ["--expert-model-parallel-size", "4"]),
     (4, TP2 + ["--expert-model-parallel-size", "2"]),
-], ids=["EP2", "EP4", "TP2xEP2"])
+    (4, TP2 + ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]),
+], ids=["EP2", "EP4", "TP2xEP2", "TP2xEP2-ETP1"])
 def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, reference, tmp_path):
     result = run_layer(tmp_path, nproc, LAYER + ["--moe-router-topk", "2", *layout])
     assert torch.equal(result["tokens"], reference["tokens"])
@@ -66,7 +68,8 @@ def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, refer
         assert all_to_alls(calls["backward"]) == [torch.float32, torch.uint8]
         # the split sizes: one all-gather of counts per forward (over TP x EP), nothing else on the EP side
         assert [c for c in calls["forward"] if c[1] == torch.int64] == [("_allgather_base_", torch.int64)]
-        if "--tensor-model-parallel-size" not in layout:
+        if "--tensor-model-parallel-size" not in layout or "--expert-tensor-parallel-size" in layout:
+            # no expert-TP all-gather / reduce-scatter (expert TP = 1)
             assert len(calls["forward"]) == 3 and len(calls["backward"]) == 2
 
 

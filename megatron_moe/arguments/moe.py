@@ -102,9 +102,10 @@ def validate(c) -> Optional[Dict[str, Any]]:
     require(1 <= c.moe_router_topk <= c.num_experts,
             f"--moe-router-topk {c.moe_router_topk} must be between 1 and --num-experts {c.num_experts}")
     if not c.disable_bias_linear:  # what megatron-core 0.16.1's experts can do with biases
-        require(c.tensor_model_parallel_size == 1,
-                "MoE layers with linear biases need an expert tensor-parallel size of 1 (megatron-core; here it is "
-                "--tensor-model-parallel-size): pass --disable-bias-linear or --tensor-model-parallel-size 1")
+        require(c.expert_tensor_parallel_size == 1,
+                f"MoE layers with linear biases need --expert-tensor-parallel-size 1 (megatron-core), got "
+                f"{c.expert_tensor_parallel_size} (its default is --tensor-model-parallel-size): pass "
+                "--expert-tensor-parallel-size 1 or --disable-bias-linear")
         require(c.moe_shared_expert_intermediate_size is None,
                 "--moe-shared-expert-intermediate-size needs --disable-bias-linear (megatron-core's shared experts "
                 "have no biases)")

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from megatron_moe.arguments.flags import RUN, FlagGroup, flag_name, require
 from megatron_moe.arguments.moe import MOE_ONLY
+from megatron_moe.arguments.parallel import model_chunk_layers
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = FlagGroup(parser, "activation recomputation", RUN)
@@ -35,13 +36,17 @@ def validate(c) -> Optional[Dict[str, Any]]:
             require(granularity != "full",
                     f"{flag_name(flag)} is selective recomputation; it contradicts --recompute-granularity full")
             granularity = "selective"
-    layers_per_stage = c.num_layers // c.pipeline_model_parallel_size
+    chunk_layers = model_chunk_layers(c)  # megatron-core recomputes each model chunk (pipeline stage) apart
     if granularity == "full":
         require(c.recompute_method is not None, "--recompute-granularity full needs --recompute-method uniform or block")
         n = c.recompute_num_layers
-        require(n is not None and 1 <= n <= layers_per_stage,
-                f"--recompute-granularity full needs --recompute-num-layers between 1 and the {layers_per_stage} "
+        require(n is not None and 1 <= n <= max(chunk_layers),
+                f"--recompute-granularity full needs --recompute-num-layers between 1 and the {max(chunk_layers)} "
                 f"layers of a pipeline stage, got {n}")
+        require(c.recompute_method != "uniform" or all(layers % n == 0 for layers in chunk_layers),
+                f"--recompute-method uniform recomputes groups of --recompute-num-layers {n} layers, which must "
+                f"divide the layers of every pipeline stage ({', '.join(map(str, sorted(chunk_layers)))}; "
+                "megatron-core fails on a partial group); change it or use --recompute-method block")
         require(c.recompute_modules is None,
                 "--recompute-modules needs --recompute-granularity selective (full recomputes whole layers)")
         return None

@@ -175,8 +175,8 @@ def is_balanced(routing_map: torch.Tensor) -> bool:
 class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher whose split sizes come from the balance guarantee when it holds.
 
-    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the tensor x
-    expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
+    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the expert
+    tensor x expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
     every rank sends expert ``e`` exactly ``equal_shares(T, E)[e]`` tokens, where T is the number of
     tokens each rank holds (the same on every rank of the group, as megatron's fixed micro-batch shape
     guarantees), so all those sizes are known on the host without communication or host sync.
@@ -205,11 +205,11 @@ class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
             per_rank = [sum(per_expert[rank * self.num_local_experts: (rank + 1) * self.num_local_experts])
                         for rank in range(self.ep_size)]
             self.input_splits = numpy.array(per_rank)
-            # every source rank (TP x EP) sends this rank's experts the same counts
+            # every source rank (expert TP x EP) sends this rank's experts the same counts
             self.output_splits = numpy.full(self.ep_size, sum(local))
             self.output_splits_tp = numpy.full(self.tp_size, self.ep_size * sum(local))
         if self.num_local_experts > 1:
-            # [source TP x EP rank, local expert]
+            # [source expert-TP x EP rank, local expert]
             self.num_global_tokens_per_local_expert = torch.tensor(local).expand(self.tp_size * self.ep_size, -1)
         return torch.tensor([self.tp_size * self.ep_size * count for count in local])
 

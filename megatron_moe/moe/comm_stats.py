@@ -14,7 +14,7 @@ add up:
 
 Backward sends the same rows in the opposite direction (the all-to-all's gradient is the reverse
 all-to-all), so forward counts describe both. Only the expert-parallel collectives are counted: with
-TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and a reduce-scatter (combine)
+expert TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and a reduce-scatter (combine)
 inside the expert tensor-parallel group (usually within a node) that are not included.
 
 :func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
@@ -77,7 +77,7 @@ def _sent(dispatcher, step: str, tensors):
     row_bytes = getattr(dispatcher, "packed_row_bytes", None) if step == "dispatch" else None
     row_bytes = row_bytes or _row_bytes(tensors)
     if isinstance(dispatcher, MoEAllGatherTokenDispatcher):
-        # all-gather (dispatch) / reduce-scatter (combine) over TP x EP: each row reaches the other ranks
+        # all-gather (dispatch) / reduce-scatter (combine) over expert TP x EP: each row reaches the other ranks
         others = utils.get_pg_size(dispatcher.tp_ep_group) - 1
         remote = rows * others if step == "dispatch" else rows * others // (others + 1)
     else:

@@ -34,10 +34,10 @@ them and each rank attaches its share of the loss (see :func:`sam_losses`):
 Unlike Hetu (which places k copies of a token and allows k <= 2) :class:`SAMDispatcher` sends each token
 ONCE: groups are laid out so that each expert-parallel rank holds whole groups; the token travels to the
 rank of its group, is expanded there to its k local experts, the k outputs are combined with the gates on
-that rank, and one vector per token comes back. With tensor parallelism (expert TP = TP, sequence
-parallel) the tensor-parallel ranks of an expert all-gather the tokens they received and reduce-scatter the
-combined vectors, inside their TP group: each token still crosses the expert-parallel network once each
-way. Same code on CPU/gloo and GPU/NCCL.
+that rank, and one vector per token comes back. With expert tensor parallelism (``--expert-tensor-parallel-size``
+> 1, megatron-core's expert-TP group) the ranks sharing an expert's weights all-gather the tokens they
+received and reduce-scatter the combined vectors, inside that group: each token still crosses the
+expert-parallel network once each way. Same code on CPU/gloo and GPU/NCCL.
 """
 
 from __future__ import annotations
@@ -194,16 +194,17 @@ class SAMDispatcher(MoETokenDispatcher):
     k rows each way, hidden states and probs in two all-to-alls.
 
     One host sync per forward, as megatron's alltoall dispatcher: each rank's token count per expert (E
-    numbers) is all-gathered over TP x EP and read once on the host; every split size and each local
+    numbers) is all-gathered over expert TP x EP and read once on the host; every split size and each local
     expert's row count follow from it (a token sends k (token, expert) pairs to the rank of its group, so
     tokens per rank = pairs / k). The combine and both backward all-to-alls reuse them.
 
-    With expert tensor parallelism (TP > 1, sequence parallel: each TP rank routes its own shard of the
-    sequence) every TP rank of an expert holds a slice of its weights and must see all of its tokens, as in
-    megatron's alltoall dispatcher: after the all-to-all the TP ranks all-gather what they received (one
-    packed row per token, inside the TP group), compute their partial expert outputs, combine the k of them
-    per token, and reduce-scatter the sums back so each TP rank returns its own tokens through the
-    all-to-all.
+    With expert tensor parallelism (ETP > 1; ``tp_group`` is megatron-core's expert-TP group, whose ranks
+    route different tokens: their sequence shards under TP with sequence parallelism, other data-parallel
+    batches when ETP exceeds TP) every ETP rank of an expert holds a slice of its weights and must see all of
+    its tokens, as in megatron's alltoall dispatcher: after the all-to-all the ETP ranks all-gather what they
+    received (one packed row per token, inside the expert-TP group), compute their partial expert outputs,
+    combine the k of them per token, and reduce-scatter the sums back so each ETP rank returns its own
+    tokens through the all-to-all.
 
     Under ``--fp8-format`` each local expert's rows are padded to the FP8 GEMM alignment
     (:mod:`megatron_moe.moe.expert_padding`).
@@ -242,13 +243,13 @@ class SAMDispatcher(MoETokenDispatcher):
         return hidden[by_rank], gates[by_rank]
 
     def _settle_splits(self, pairs_per_expert):
-        """From every TP x EP rank's (token, expert) pairs per expert, read on the host once: the rows this
-        rank sends to / receives from each EP rank, (TP > 1) the rows each TP rank of this expert received,
-        and the rows each local expert computes."""
+        """From every expert-TP x EP rank's (token, expert) pairs per expert, read on the host once: the rows
+        this rank sends to / receives from each EP rank, (ETP > 1) the rows each ETP rank of this expert
+        received, and the rows each local expert computes."""
         every = pairs_per_expert
         if self.ep_size * self.tp_size > 1:
             every = gather_from_sequence_parallel_region(pairs_per_expert, group=self.tp_ep_group)
-        # [EP source, TP, expert] (megatron's TP x EP rank order)
+        # [EP source, ETP, expert] (megatron's expert TP x EP rank order)
         pairs = every.view(self.ep_size, self.tp_size, -1).tolist()  # the one host sync
         first = self.ep_rank * self.num_local_experts
         mine = slice(first, first + self.num_local_experts)
@@ -264,7 +265,7 @@ class SAMDispatcher(MoETokenDispatcher):
         if self.tp_size > 1:
             self.tp_splits = [sum(tokens(pairs[source][t], mine) for source in range(self.ep_size))
                               for t in range(self.tp_size)]
-        # every TP rank of this expert computes the tokens all of them received
+        # every expert-TP rank of this expert computes the tokens all of them received
         self.rows_per_local_expert = [sum(pairs[source][t][e] for source in range(self.ep_size)
                                           for t in range(self.tp_size))
                                       for e in range(first, first + self.num_local_experts)]
@@ -297,7 +298,7 @@ class SAMDispatcher(MoETokenDispatcher):
         combined = expert_output.new_zeros(self.num_received, expert_output.shape[-1])
         combined = combined.index_add(0, self.rows, expert_output)  # the k outputs were already gate-scaled
         if self.tp_splits is not None:
-            # each TP rank holds partial sums (row-parallel fc2): add them up in the gates' precision (as
+            # each expert-TP rank holds partial sums (row-parallel fc2): add them up in the gates' precision (as
             # megatron's alltoall dispatcher does), keep this rank's tokens
             combined = reduce_scatter_to_sequence_parallel_region(
                 combined.to(self.gate_dtype), group=self.tp_group, input_split_sizes=self.tp_splits

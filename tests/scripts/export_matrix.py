@@ -74,8 +74,8 @@ def logits(argv, randomise: bool = False):
         job = setup(argv)
     checkpointing.load_checkpoint(job)
     if randomise:
-        randomise_vectors(job.model.module)
-    model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
+        randomise_vectors(job.model[0].module)
+    model, vocab = job.model[0].module.eval(), job.tokenizer.vocab_size
     with torch.no_grad():
         return model(TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[..., :vocab], job
 

@@ -93,7 +93,7 @@ def run(layer, hidden, output_weight):
 def main(out_dir: Path, argv):
     job = setup(argv)
     rank = dist.get_rank()
-    run_config = job.model.module.decoder.layers[0].mlp.config
+    run_config = job.model[0].module.decoder.layers[0].mlp.config
     generator = torch.Generator().manual_seed(100 + rank)
     hidden = torch.randn(SEQ, BATCH, run_config.hidden_size, generator=generator)
     output_weight = torch.randn(SEQ, BATCH, run_config.hidden_size, generator=generator)

@@ -54,7 +54,7 @@ def main() -> int:
         return train_step(job, micro_batch_iter, iteration)
 
     def after_iteration(iteration, losses):
-        state["parameter_sums"][iteration] = sum(p.double().sum().item() for p in state["job"].model.module.parameters())
+        state["parameter_sums"][iteration] = sum(p.double().sum().item() for p in state["job"].model[0].module.parameters())
         Path(f"{prefix}.{dist.get_rank()}.json").write_text(json.dumps(state["parameter_sums"]))
 
     def pretrain(argv=None, args=None):
