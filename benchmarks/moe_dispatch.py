@@ -62,7 +62,7 @@ def worker(out: str, iters: int, argv):
     from megatron_moe.training import setup
 
     job = setup(argv)
-    layer = job.model.module.decoder.layers[0].mlp
+    layer = job.model[0].module.decoder.layers[0].mlp
     generator = torch.Generator().manual_seed(100 + dist.get_rank())
     tokens = torch.randn(TOKENS_PER_RANK, 1, HIDDEN, generator=generator)
     comm_stats.timing = True

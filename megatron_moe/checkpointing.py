@@ -72,8 +72,9 @@ DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
 # The distributed optimizer's dp_reshardable state can change the data-parallel size, not these (its
 # fully_reshardable state, like every other optimizer's, can change them all).
-DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                "expert_model_parallel_size")
+DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "context_parallel_size",
+                                "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                                "expert_model_parallel_size", "expert_tensor_parallel_size")
 # megatron-core's OptimizerParamScheduler settings (its state-dict keys) -> the flags that set them
 SCHEDULER_SETTINGS = {
     "max_lr": "--lr", "min_lr": "--min-lr",
@@ -186,11 +187,20 @@ def sharded_metadata(args) -> Dict[str, object]:
     return dict(SHARDED_METADATA)
 
 
+def model_state_keys(num_chunks: int) -> List[str]:
+    """Where each model chunk's state lies in the checkpoint's state dict: ``model``, or under virtual pipeline
+    stages ``model0``, ``model1``, ... (Megatron-LM's). Only the nesting differs: the tensors inside have the
+    same global keys (layer numbers, expert indices) in every layout, so a checkpoint loads into any other."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def _sharded_state_dict(job, metadata: Optional[dict], is_loading: bool, with_optimizer: bool,
                         with_rng: bool) -> Dict[str, object]:
-    model_state = job.model.module.sharded_state_dict(metadata=metadata)
-    state = {"model": model_state}
+    state = {key: chunk.module.sharded_state_dict(metadata=metadata)
+             for key, chunk in zip(model_state_keys(len(job.model)), job.model)}
     if with_optimizer:
+        # the optimizer finds each parameter's sharded tensor by identity, whatever the nesting
+        model_state = {key: state[key] for key in model_state_keys(len(job.model))}
         state["optimizer"] = job.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
         state["scheduler"] = job.scheduler.state_dict()
     if with_rng:
@@ -294,10 +304,10 @@ def checkpoint_bytes(job) -> int:
     replicas) in its dtype, plus the optimizer's fp32 Adam moments and, with --bf16, fp32 main params.
     Collective."""
     per_element_extra = 8 + (4 if job.args.bf16 else 0)
-    dense_owner = parallel_state.get_data_parallel_rank() == 0
+    dense_owner = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     expert_owner = parallel_state.get_expert_data_parallel_rank() == 0
     local = 0
-    for param in job.model.module.parameters():
+    for param in (param for chunk in job.model for param in chunk.module.parameters()):
         is_expert = not getattr(param, "allreduce", True)  # megatron's mark for expert-parallel parameters
         if (expert_owner if is_expert else dense_owner):
             local += param.numel() * (param.element_size() + per_element_extra)
@@ -402,7 +412,8 @@ def load_checkpoint(job) -> Tuple[int, int]:
     except (Exception, CheckpointException) as error:
         raise _damaged(args, directory, error) from error
 
-    job.model.module.load_state_dict(loaded["model"])
+    for key, chunk in zip(model_state_keys(len(job.model)), job.model):
+        chunk.module.load_state_dict(loaded[key])
     if load_optimizer:
         _load_optimizer_state(job.optimizer, loaded["optimizer"], common["optimizer"], metadata)
         job.scheduler.load_state_dict(loaded["scheduler"])

@@ -43,10 +43,13 @@ def extra_scalars() -> Dict[str, float]:
     return scalars
 
 
-def moe_aux_losses(args, num_layers: int, device: torch.device, num_microbatches: Optional[int] = None) -> Dict[str, float]:
-    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call.
+def moe_aux_losses(args, num_layers: int, device: torch.device,
+                   num_microbatches: Optional[int] = None) -> Dict[str, float]:
+    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call (or the last
+    :func:`clear_moe_aux_losses`); ``num_microbatches``: this iteration's (batch-size ramp-up), else the run's.
 
-    Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
+    Every rank calls this at every log iteration (the reduction is collective) and reads the result on the
+    host in one go; the tracker is then cleared.
     """
     if args.num_experts is None:
         return {}
@@ -59,23 +62,31 @@ def moe_aux_losses(args, num_layers: int, device: torch.device, num_microbatches
         return {}
     names = sorted(tracker)
     moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    sums = torch.stack([tracker[name]["values"].float().sum() for name in names]).tolist()
     num_moe_layers = sum(args.moe_layer_pattern)
     num_microbatches = num_microbatches or args.num_microbatches
-    losses = {name: tracker[name]["values"].float().sum().item() / num_moe_layers / num_microbatches
-              for name in names}
+    losses = {name: total / num_moe_layers / num_microbatches for name, total in zip(names, sums)}
     moe_utils.clear_aux_losses_tracker()
     return losses
+
+
+def clear_moe_aux_losses() -> None:
+    """Forgets what megatron-core's aux-loss tracker holds (an iteration that does not log), on the device."""
+    moe_utils.clear_aux_losses_tracker()
 
 
 class ExpertLoad:
     """Tokens per expert per MoE layer in training forwards since the last :meth:`collect`."""
 
-    def __init__(self, model, num_layers: int, num_experts: int, device: torch.device):
+    def __init__(self, model_chunks, num_layers: int, num_experts: int, device: torch.device):
+        """``model_chunks``: this rank's GPTModels (one per virtual pipeline stage); their layer numbers are
+        global."""
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
-        for layer in model.decoder.layers:
-            router = getattr(layer.mlp, "router", None)
-            if router is not None:
-                router.register_forward_hook(self._hook(layer.layer_number - 1))
+        for chunk in model_chunks:
+            for layer in chunk.decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is not None:
+                    router.register_forward_hook(self._hook(layer.layer_number - 1))
 
     def _hook(self, layer_index: int):
         def count(module, inputs, output):
@@ -87,13 +98,13 @@ class ExpertLoad:
     def collect(self) -> Dict[int, List[float]]:
         """{layer number (1-based): tokens per expert} over all ranks; resets the counts. Collective."""
         counts = self.counts.clone()
-        dist.all_reduce(counts)  # every rank routed distinct tokens (SP slices, DP batches, PP layers)
+        dist.all_reduce(counts)  # every rank routed distinct tokens (SP and CP slices, DP batches, PP layers)
         self.counts.zero_()
-        return {i + 1: row.tolist() for i, row in enumerate(counts) if row.sum() > 0}
+        return {i + 1: row for i, row in enumerate(counts.tolist()) if sum(row) > 0}  # one host read
 
 
-def params_norm(model) -> float:
-    """The L2 norm of all the model's parameters (each counted once: tensor-parallel copies and the tied
+def params_norm(model_chunks) -> float:
+    """The L2 norm of all the parameters of this rank's model chunks (each counted once: tensor-parallel copies and the tied
     embedding's second copy left out), as Megatron-LM's calc_params_l2_norm takes it: dense parameters summed
     over the model-parallel group, expert parameters over the expert-model-parallel one. Collective."""
     from megatron.core import parallel_state
@@ -101,10 +112,11 @@ def params_norm(model) -> float:
     from megatron.core.transformer.module import param_is_not_shared
 
     squares = {True: [], False: []}  # dense (all-reduced over data parallel), expert
-    for param in model.parameters():
+    params = [param for chunk in model_chunks for param in chunk.parameters()]
+    for param in params:
         if param_is_not_tensor_parallel_duplicate(param) and param_is_not_shared(param):
             squares[getattr(param, "allreduce", True)].append(param.detach().float().square().sum())
-    device = next(model.parameters()).device
+    device = params[0].device
     dense, expert = (torch.stack(values).sum() if values else torch.zeros((), device=device)
                      for values in (squares[True], squares[False]))
     dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())

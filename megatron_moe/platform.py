@@ -483,6 +483,21 @@ def _patch_uneven_all_gather() -> None:
     dist.all_gather = all_gather
 
 
+def _expert_bias_update_is_compiled() -> bool:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return hasattr(TopKRouter._apply_expert_bias, "_torchdynamo_orig_callable")
+
+
+def _run_expert_bias_update_eagerly() -> None:
+    """torch.compile on the CPU builds C++ with inductor at the first call (about 11 s per process, and a
+    compiler on the machine) for one in-place addition."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if _expert_bias_update_is_compiled():
+        TopKRouter._apply_expert_bias = TopKRouter._apply_expert_bias._torchdynamo_orig_callable
+
+
 _cuda_as_cpu_mode: Optional[_CudaAsCpuMode] = None
 
 
@@ -531,6 +546,13 @@ CPU_COMPAT_PIECES = (
         lambda: "torch.distributed.all_gather(output_tensor_list"
         in _source("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
         _patch_uneven_all_gather,
+    ),
+    CompatPiece(
+        "eager-expert-bias-update",
+        "transformer/moe/router.py:TopKRouter._apply_expert_bias (--moe-router-enable-expert-bias) is wrapped by "
+        "megatron.core.jit.jit_fuser, which is torch.compile",
+        _expert_bias_update_is_compiled,
+        _run_expert_bias_update_eagerly,
     ),
 )
 

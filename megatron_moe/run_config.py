@@ -8,7 +8,8 @@ Every ``iter_NNNNNNN/`` directory holds ``run_config.json``: a JSON object with 
 export and import all go through it.
 
 Older files: a setting the file lacks (a flag added after it was written) takes the flag's default, which
-is what the run that wrote it did. Files written before format 2 (a hand-picked subset of fields, the
+is what the run that wrote it did (a default validation derives from another flag is derived the same way:
+the expert tensor-parallel size is the tensor-parallel size). Files written before format 2 (a hand-picked subset of fields, the
 routing scheme's flags under ``moe_routing_flags``) are read the same way. Files written before format 3
 are read with the meanings their flags had then (:func:`_from_format_2`). A setting this version does not
 know is refused: it may change what the model computes.
@@ -46,6 +47,8 @@ def from_json(text: str, source: str = FILE_NAME) -> RunConfig:
         values = _from_format_1(values)
     if written < 3:
         values = _from_format_2(values)
+    # added later, with a default that validation fills in from another flag: what the writer ran with
+    values.setdefault("expert_tensor_parallel_size", values.get("tensor_model_parallel_size", 1))
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -21,11 +21,49 @@ def args_with(*flags, world_size=1):
 @pytest.mark.parametrize(
     "flags, world_size, message",
     [
-        (["--tensor-model-parallel-size", "3"], 4, "not divisible by tensor x pipeline"),
+        (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by tensor x context x pipeline"),
         (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
         (["--expert-model-parallel-size", "3"], 3, "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
         (["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
-         "must divide the data-parallel size"),
+         "world size 2 is not divisible by expert-tensor x expert-model x pipeline parallel = 2 x 2 x 1"),
+        # expert tensor parallelism (megatron-core: world size divisible by ETP x EP x PP)
+        (["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"], 2,
+         "world size 2 is not divisible by expert-tensor x expert-model x pipeline parallel = 2 x 2 x 1"),
+        (["--expert-tensor-parallel-size", "0"], 1, "--expert-tensor-parallel-size must be >= 1"),
+        # virtual pipeline stages (Megatron-LM's interleaved-schedule rules)
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+          "--num-virtual-stages-per-pipeline-rank", "2"], 2,
+         "give one of --num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+         "--num-layers-per-virtual-pipeline-stage 3 must divide the 2 layers of a pipeline stage"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"], 2,
+         "--num-virtual-stages-per-pipeline-rank 4 must divide the 2 layers of a pipeline stage"),
+        (["--num-layers-per-virtual-pipeline-stage", "2"], 1,
+         "virtual pipeline stages need --pipeline-model-parallel-size > 1, got 1"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+          "--no-overlap-p2p-communication"], 2,
+         "virtual pipeline stages need --pipeline-model-parallel-size > 2 with --no-overlap-p2p-communication"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+          "--global-batch-size", "6"], 2, "3 micro batches per step (global batch / (micro batch x data "
+                                          "parallel)) is not a multiple"),
+        # uneven pipeline stages
+        (["--decoder-first-pipeline-num-layers", "1"], 1,
+         "--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size > 1"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--account-for-loss-in-pipeline-split"], 2,
+         "--decoder-first-pipeline-num-layers and --account-for-loss-in-pipeline-split exclude each other"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--decoder-last-pipeline-num-layers", "2"], 2,
+         "--num-layers 4 less the first/last pipeline stage's layers leaves 1 for 0 other stages"),
+        (["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split"], 2,
+         "--num-layers 4 + 1 (the embedding/loss counted as layers) is not divisible by "
+         "--pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--num-virtual-stages-per-pipeline-rank", "3"], 2,
+         "--num-virtual-stages-per-pipeline-rank 3 must divide the 1 layers of the first pipeline stage"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2",
+          "--num-layers-per-virtual-pipeline-stage", "1"], 2,
+         "with --decoder-first/last-pipeline-num-layers give --num-virtual-stages-per-pipeline-rank"),
         (["--tensor-model-parallel-size", "2"], 2, "needs --sequence-parallel"),
         (["--moe-router-topk", "5"], 1, "--moe-router-topk 5 must be between 1 and --num-experts 4"),
         (["--global-batch-size", "6"], 4, "--global-batch-size 6 is not divisible"),
@@ -47,6 +85,15 @@ def args_with(*flags, world_size=1):
          "needs --recompute-num-layers between 1 and the 4 layers of a pipeline stage, got None"),
         (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "3",
           "--pipeline-model-parallel-size", "2"], 2, "between 1 and the 2 layers of a pipeline stage, got 3"),
+        (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "3"], 1,
+         "--recompute-method uniform recomputes groups of --recompute-num-layers 3 layers, which must divide the "
+         "layers of every pipeline stage (4;"),
+        (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2",
+          "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
+         "between 1 and the 1 layers of a pipeline stage, got 2"),
+        (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2",
+          "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"], 2,
+         "which must divide the layers of every pipeline stage (1, 3;"),
         (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1,
          "--recompute-method and --recompute-num-layers need --recompute-granularity full"),
         (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity"),
@@ -106,6 +153,50 @@ def test_derived_sizes():
                      world_size=8)
     assert (args.data_parallel_size, args.num_microbatches) == (4, 1)
     assert args.moe_ffn_hidden_size == args.ffn_hidden_size == 256
+    assert args.expert_tensor_parallel_size == 2  # Megatron-LM's default: the tensor-parallel size
+    assert args.virtual_pipeline_model_parallel_size is None
+
+
+@pytest.mark.parametrize("flags, world_size, etp, vpp", [
+    # expert tensor parallelism below, equal to and above TP (MoE parallel folding)
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2",
+      "--expert-tensor-parallel-size", "1"], 4, 1, None),
+    (["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"], 4, 2, None),
+    # 4 layers on 2 pipeline ranks: 2 chunks of 1 layer; 1 chunk per rank is no interleaving (Megatron-LM)
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2, 1, 2),
+    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"], 2, 1, 2),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"], 2, 1, None),
+    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "1"], 2, 1, None),
+])
+def test_expert_tensor_and_virtual_pipeline_sizes(flags, world_size, etp, vpp):
+    args = args_with(*flags, world_size=world_size)
+    assert (args.expert_tensor_parallel_size, args.virtual_pipeline_model_parallel_size) == (etp, vpp)
+    config = transformer_config_from_args(args)
+    assert (config.expert_tensor_parallel_size, config.virtual_pipeline_model_parallel_size) == (etp, vpp)
+
+
+@pytest.mark.parametrize("flags, world_size, chunks", [
+    # the embedding and the loss count as a layer each: 4 + 2 over 3 stages
+    (["--pipeline-model-parallel-size", "3", "--account-for-embedding-in-pipeline-split",
+      "--account-for-loss-in-pipeline-split"], 3, [(1, 0), (2, 1), (1, 3)]),
+    (["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "1"], 2, [(3, 0), (1, 3)]),
+    # 8 layers, 2 on the first stage, 2 chunks per rank: virtual stages (rank 0, 1, 0, 1) hold 1, 3, 1, 3
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "8", "--moe-layer-freq", "1",
+      "--decoder-first-pipeline-num-layers", "2", "--num-virtual-stages-per-pipeline-rank", "2"], 2,
+     [(1, 0), (3, 1), (1, 4), (3, 5)]),
+])
+def test_uneven_pipeline_stages_reach_megatron_core(flags, world_size, chunks):
+    """(layers, first global layer) of each model chunk, in the order of the virtual stages."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    args = args_with(*flags, world_size=world_size)
+    config = transformer_config_from_args(args)
+    vpp, pp = args.virtual_pipeline_model_parallel_size, args.pipeline_model_parallel_size
+    stages = [(rank, vp_stage) for vp_stage in (range(vpp) if vpp else [None]) for rank in range(pp)]
+    assert [(get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=rank),
+             get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=rank))
+            for rank, vp_stage in stages] == chunks
 
 
 def test_moe_layer_frequency_forms():
@@ -163,7 +254,8 @@ def _dense():
 
 @pytest.mark.parametrize("flags", [["--moe-router-topk", "4"], ["--moe-aux-loss-coeff", "0.01"],
                                    ["--moe-router-type", "sam"], ["--sam-num-groups", "2"], ["--no-base-shuffle"],
-                                   ["--moe-layer-freq", "2"], ["--moe-grouped-gemm"], ["--moe-layer-recompute"]],
+                                   ["--moe-layer-freq", "2"], ["--moe-grouped-gemm"], ["--moe-layer-recompute"],
+                                   ["--expert-tensor-parallel-size", "1"]],
                          ids=lambda flags: flags[0])
 def test_moe_flags_on_a_dense_model_are_refused(flags):
     parse_args(_dense())
@@ -200,7 +292,10 @@ def test_moe_models_keep_their_linear_biases_unless_disabled():
 
 @pytest.mark.parametrize("flags, world_size, message", [
     (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
-     "MoE layers with linear biases need an expert tensor-parallel size of 1"),
+     "MoE layers with linear biases need --expert-tensor-parallel-size 1 (megatron-core), got 2 (its default is "
+     "--tensor-model-parallel-size)"),
+    (["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"], 4,
+     "MoE layers with linear biases need --expert-tensor-parallel-size 1"),
     (["--moe-shared-expert-intermediate-size", "64"], 1, "--moe-shared-expert-intermediate-size needs "
                                                          "--disable-bias-linear"),
 ])
@@ -280,5 +375,6 @@ def test_bad_layout_fails_before_building_anything():
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "pretrain_gpt_moe.py: error: --expert-model-parallel-size 3 must divide the data-parallel size 1")
+        "pretrain_gpt_moe.py: error: world size 1 is not divisible by expert-tensor x expert-model x pipeline "
+        "parallel = 1 x 3 x 1")
     assert "Traceback" not in result.stderr and "iteration" not in result.stdout

@@ -1,7 +1,6 @@
 """BASE routing (--moe-router-type base): exact balance, expert parallelism equal to one process, greedy eval,
 the shuffle round trip, and short pretraining runs."""
 
-import inspect
 import json
 
 import pytest
@@ -125,7 +124,9 @@ def test_pretraining_loss_decreases_with_uniform_load(one_process_training):
     (2, ["--expert-model-parallel-size", "2"]),
     (2, ["--pipeline-model-parallel-size", "2"]),
     (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
-], ids=["EP2", "PP2", "PP2xEP2"])
+    # experts split over two data-parallel ranks: balanced split sizes over expert TP x EP
+    (4, ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"]),
+], ids=["EP2", "PP2", "PP2xEP2", "EP2xETP2"])
 def test_pretraining_parallel_equals_one_process(nproc, layout, one_process_training, tmp_path):
     run = base_training(nproc, ["--no-base-shuffle", *layout], tmp_path)
     assert run["losses"] == pytest.approx(one_process_training["losses"], rel=1e-5)
@@ -152,11 +153,3 @@ def test_flags_are_checked(tmp_path):
         parse_args([*base, "--moe-aux-loss-coeff", "0.01"])
     assert parse_args(base).base_shuffle and not parse_args([*base, "--no-base-shuffle"]).base_shuffle
 
-
-def test_megatron_experts_pad_for_fp8():
-    """The BASE dispatcher hands exact per-expert counts to megatron's experts, which pad them to the FP8
-    alignment themselves; if an upgrade moves that padding elsewhere, the dispatcher must take it over."""
-    from megatron.core.transformer.moe import experts
-
-    assert "_pad_tensor_for_quantization" in inspect.getsource(experts.SequentialMLP.forward)
-    assert "quantization_padding" in inspect.getsource(experts.TEGroupedMLP.forward)

@@ -3,14 +3,20 @@
 Every router option is exported in one process (tests/scripts/export_matrix.py): exactly (the folder's
 logits equal our model's, the import loads under --load --finetune with the same logits, the re-export
 equals the export) or refused with one line naming the flag. Real Hugging Face folders are built here
-with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards) and imported; malformed
-folders fail in one line naming the file, writing nothing.
+with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards; a Qwen3-MoE and a GLM-4.5 at
+GLM-4.5-Air's head layout, which also train under EP=2) and imported; malformed and quantized folders fail
+in one line naming the file, writing nothing.
 
-One dense+MoE model (exported as Qwen2-MoE) is trained 5 iterations in one process, saving at 2. For
-each axis, a TP=2, PP=2 or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with
-the one process's losses and saves every iteration; one process loads the 2-process iteration-3 checkpoint
-(2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the optimizer state).
-The export of each 2-process checkpoint must give the one-process model's logits. A top-2 all-MoE model
+One dense+MoE model with DeepSeek-V3's router and Qwen3's attention (sigmoid top-2 with a trained expert
+bias and a routed scaling factor, an ungated shared expert, per-head q/k norm, 8 query heads of 32 in a hidden
+size of 64 over 2 key/value groups; exported as GLM-4.5's class) is trained 5 iterations in one process,
+saving at 2, 4 and 5. Resumed from 2 it trains 3-5 with the same losses and ends with the same expert biases,
+bit for bit. For each axis, a TP=2 (experts tensor-parallel or not), PP=2 (with or without two virtual stages
+per rank) or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with the one
+process's losses and expert biases and saves every iteration; one process loads the 2-process iteration-3
+checkpoint (2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the
+optimizer state). The export of each 2-process checkpoint must give the one-process model's logits. A top-2
+all-MoE model
 with GQA, untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through
 import. BASE models trained with TP=2, PP=2 or EP=2 go to GLM-4.5's class, SAM models to our own modeling
 code (trust_remote_code). Every exported folder is checked servable: it loads with no missing, unexpected or
@@ -36,7 +42,11 @@ ROPE = ["--position-embedding-type", "rope"]
 MIX = TINY_MOE + ROPE + ["--moe-layer-freq", "[0,1,1,1]"]
 LAYOUTS = {
     "TP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    # experts whole on both tensor-parallel ranks (expert data parallel instead)
+    "TP2-ETP1": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"],
     "PP2": ["--pipeline-model-parallel-size", "2"],
+    # two model chunks per rank (layers 0, 2 | 1, 3): the checkpoint nests them as model0, model1
+    "PP2xVPP2": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
     "EP2": ["--expert-model-parallel-size", "2"],
 }
 TOLERANCE = 1e-4
@@ -75,8 +85,22 @@ def hf_logits(folder, tokens):
         return model, model(tokens).logits
 
 
+FAMILY_MODEL = MIX + ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                      "--moe-router-topk-scaling-factor", "2.5", "--moe-shared-expert-intermediate-size", "256",
+                      "--qk-layernorm", "--num-attention-heads", "8", "--kv-channels", "32", "--group-query-attention",
+                      "--num-query-groups", "2"]
 # the learning-rate schedule must not depend on --train-iters: runs of different lengths are compared
-RESHARD = MIX + ["--train-iters", "5", "--lr-decay-iters", "10"]
+RESHARD = FAMILY_MODEL + ["--train-iters", "5", "--lr-decay-iters", "10"]
+
+
+def expert_biases(save_dir) -> dict:
+    """The expert bias of every MoE layer in the latest checkpoint of ``save_dir``, by key."""
+    from megatron_moe import checkpoint_files
+    from megatron_moe.conversion.dist_files import CheckpointReader
+
+    directory = checkpoint_files.checkpoint_dir(str(save_dir), checkpoint_files.read_tracker(str(save_dir)))
+    reader = CheckpointReader(directory)
+    return {key: reader.read(key) for key in sorted(reader.tensors) if key.endswith("router.expert_bias")}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +111,23 @@ def reference(tmp_path_factory):
     return tmp, result
 
 
+def test_expert_bias_is_trained_state_resumed_bit_exactly(reference, tmp_path):
+    """DeepSeek-V3's expert bias moves by +-rate per global batch (a step that is a sign) and is saved with the
+    model: a run resumed from iteration 2 has the same losses and biases as the uninterrupted one."""
+    ref_dir, ref = reference
+    final = expert_biases(ref_dir / "ckpt")
+    assert len(final) == 3  # the MoE layers 1-3
+    for bias in final.values():
+        steps = bias / 1e-3  # --moe-router-bias-update-rate's default; 5 updates
+        assert bias.dtype == torch.float32 and bias.abs().max() > 0
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 5
+    resumed = train(tmp_path, "resumed", 1, RESHARD + ["--load", str(ref_dir / "ckpt_at_2"), "--save",
+                                                        str(tmp_path / "ckpt")])
+    assert resumed["losses"] == ref["losses"][2:]
+    again = expert_biases(tmp_path / "ckpt")
+    assert all(torch.equal(again[key], final[key]) for key in final)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     ref_dir, ref = reference
@@ -95,6 +136,9 @@ def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     # 1 -> 2: the resharded iteration-2 state (model and optimizer) trains on as the one process did
     print(f"{layout}: 1 -> 2 losses {two['losses']} (one process {ref['losses'][2:]})")
     assert two["losses"] == pytest.approx(ref["losses"][2:], rel=1e-5)
+    # the tokens-per-expert counts are summed over every rank before each update, as Megatron-LM does
+    biases, ref_biases = expert_biases(tmp_path / "ckpt"), expert_biases(ref_dir / "ckpt")
+    assert biases.keys() == ref_biases.keys() and all(torch.equal(biases[k], ref_biases[k]) for k in biases)
     # 2 -> 1: one process resumes the 2-process iteration-3 checkpoint as the 2 processes went on
     back = train(tmp_path, "back", 1, RESHARD + ["--load", str(checkpoint_at(tmp_path / "ckpt", 3, tmp_path / "at3"))])
     print(f"{layout}: 2 -> 1 losses {back['losses']} (2 processes {two['losses'][1:]})")
@@ -102,7 +146,7 @@ def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     # the export reassembles the full model of the 2-process checkpoint
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
     model, logits = hf_logits(tmp_path / "hf", ref["tokens"])
-    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
     diff = (logits - ref["logits"]).abs().max().item()
     print(f"{layout}: max abs logit diff {diff:.3e}")
     assert diff <= TOLERANCE
@@ -158,8 +202,7 @@ def test_base_and_sam_export_from_layout(router, layout, tmp_path):
     flags, expected = ROUTED[router]
     train(tmp_path, router, 2, TINY_MOE + ROPE + flags + LAYOUTS[layout] + ["--train-iters", "2",
                                                                           "--save", str(tmp_path / "ckpt")])
-    exported = convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
-    assert ("note: the class takes BASE's expert" in exported.stdout) == (router == "BASE")  # where it may differ
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
     # our model from the same checkpoint, one process, evaluation mode (BASE: greedy)
     ref = checkpoint_logits(tmp_path, TINY_MOE + ROPE + flags + ["--load", str(tmp_path / "ckpt"),
                                                                  "--finetune", "--train-iters", "1"])
@@ -247,12 +290,14 @@ def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
 # every router option: exact or refused (one process for all cases)
 # ----------------------------------------------------------------------------------------------------------
 
-MIXTRAL, QWEN, GLM, REMOTE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Glm4MoeForCausalLM", "MegatronMoeForCausalLM"
+MIXTRAL, QWEN, QWEN3, GLM, REMOTE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                                     "Glm4MoeForCausalLM", "MegatronMoeForCausalLM")
 ONE = TINY_MOE + ROPE + ["--train-iters", "1"]
 NO_AUX = ["--moe-aux-loss-coeff", "0"]
 SIGMOID = ["--moe-router-score-function", "sigmoid"]
 BASE = ["--moe-router-type", "base", "--moe-router-topk", "1"] + NO_AUX
-# case -> (extra flags, the class it exports to, or the refusal naming the flag); "--remote-code" first: exported so
+EXPERT_BIAS = SIGMOID + ["--moe-router-enable-expert-bias"]
+# case -> (extra flags, the class it exports to, or the refusal naming the flag)
 ROUTER_CASES = {
     "softmax_topk2": ([], MIXTRAL),
     "softmax_topk2_dense_layers": (["--moe-layer-freq", "[0,1,1,1]"], QWEN),
@@ -285,7 +330,6 @@ ROUTER_CASES = {
                                          "--moe-pad-expert-input-to-capacity"], "--moe-expert-capacity-factor 2"),
     "base": (BASE, GLM),
     "base_no_shuffle": (BASE + ["--no-base-shuffle"], GLM),
-    "base_remote_code": (["--remote-code"] + BASE, REMOTE),
     "sam_groups_renormalized": (["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2",
                                  "--sam-renormalize-gates"], REMOTE),
     "sam_capacity_no_losses": (["--moe-router-type", "sam", "--sam-capacity-factor", "1.0", "--moe-router-dtype", "fp32",
@@ -293,7 +337,21 @@ ROUTER_CASES = {
                                 "--sam-alignment-loss-coeff", "0"], REMOTE),
     "shared_expert_qkv_bias": (["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
                                 "--add-qkv-bias"], QWEN),
-    "shared_expert_ungated": (["--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert-intermediate-size 32"),
+    "qk_layernorm": (["--qk-layernorm"], QWEN3),
+    "qk_layernorm_dense_layers_kv_channels_gqa": (["--qk-layernorm", "--moe-layer-freq", "([0]*1+[1]*3)",
+                                                   "--kv-channels", "32", "--group-query-attention",
+                                                   "--num-query-groups", "2"], QWEN3),
+    # DeepSeek-V3's router without MLA, as GLM-4.5 has it
+    "expert_bias_scaling_groups_qk_layernorm_shared_expert": (
+        EXPERT_BIAS + ["--moe-router-topk-scaling-factor", "2.5", "--moe-router-num-groups", "2",
+                       "--moe-router-group-topk", "1", "--qk-layernorm", "--moe-shared-expert-intermediate-size", "256",
+                       "--moe-layer-freq", "[0,1,1,1]"], GLM),
+    "expert_bias_dense_middle_layer_gated_shared_expert": (
+        EXPERT_BIAS + ["--moe-layer-freq", "[1,0,1,1]", "--moe-shared-expert-intermediate-size", "32",
+                       "--moe-shared-expert-gate"], REMOTE),
+    "softmax_scaling_ungated_shared_expert": (["--moe-router-topk-scaling-factor", "2.5",
+                                               "--moe-shared-expert-intermediate-size", "32"], REMOTE),
+    "sam_qk_layernorm": (["--moe-router-type", "sam", "--qk-layernorm"], "--qk-layernorm"),
     "learned_positions": (["--position-embedding-type", "learned_absolute"], "--position-embedding-type learned_absolute"),
     "layernorm": (["--normalization", "LayerNorm"], "--normalization LayerNorm"),
 }
@@ -302,8 +360,7 @@ ROUTER_CASES = {
 @pytest.fixture(scope="module")
 def router_matrix(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix")
-    cases = {name: {"flags": [f for f in flags if f != "--remote-code"], "remote_code": "--remote-code" in flags}
-             for name, (flags, _) in ROUTER_CASES.items()}
+    cases = {name: {"flags": flags} for name, (flags, _) in ROUTER_CASES.items()}
     (tmp / "cases.json").write_text(json.dumps({"job": ONE, "cases": cases}))
     result = subprocess.run([sys.executable, str(SCRIPTS / "export_matrix.py"), str(tmp / "out.json"), str(tmp),
                              str(tmp / "cases.json")],
@@ -329,12 +386,12 @@ def test_router_option_exports_exactly_or_is_refused(case, router_matrix):
     assert got["zero_sized"] == [] and got["unknown_fields"] == []
 
 
-def bf16_target(*flags, remote_code=False):
+def bf16_target(*flags):
     from megatron_moe.arguments import parse_args
     from megatron_moe.conversion.hf_layout import ConversionError, export_target
 
     try:
-        return export_target(parse_args(ONE + ["--bf16", *flags], world_size=1), remote_code).architecture.name
+        return export_target(parse_args(ONE + ["--bf16", *flags], world_size=1)).architecture.name
     except ConversionError as error:
         return str(error)
 
@@ -348,9 +405,21 @@ def test_bf16_routing_goes_to_a_class_that_chooses_on_the_same_precision():
     assert bf16_target(*SIGMOID) == REMOTE  # megatron rounds sigmoid scores to bf16, GLM-4.5 keeps fp32
     assert bf16_target(*SIGMOID, "--moe-router-dtype", "fp32") == GLM
     assert bf16_target(*BASE) == GLM  # BASE chooses on fp32 affinities
-    assert bf16_target(remote_code=True) == REMOTE
-    refused = bf16_target(*SIGMOID, "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate")
-    assert refused.startswith("--moe-shared-expert-intermediate-size 32: MegatronMoeForCausalLM has no shared expert;")
+    assert bf16_target("--qk-layernorm") == QWEN3  # as Qwen2-MoE: top k of the bf16 logits
+    assert bf16_target(*EXPERT_BIAS) == REMOTE  # megatron adds the bias to bf16 scores
+    assert bf16_target(*EXPERT_BIAS, "--moe-router-dtype", "fp32") == GLM
+
+
+def test_expert_bias_is_exported_in_fp32_from_a_bf16_model():
+    """megatron keeps the expert bias in fp32 (its routing adds it to fp32 scores), as Glm4Moe does."""
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion import hf_layout
+
+    args = parse_args(ONE + ["--bf16", *EXPERT_BIAS, "--moe-router-dtype", "fp32"], world_size=1)
+    target = hf_layout.export_target(args)
+    fp32 = {name for unit in hf_layout.units(args, target) if unit.fp32 for name in unit.hf}
+    assert target.architecture.name == GLM
+    assert fp32 == {f"model.layers.{layer}.mlp.gate.e_score_correction_bias" for layer in range(4)}
 
 
 def test_an_architecture_is_one_record(monkeypatch):
@@ -381,15 +450,21 @@ def test_remote_code_routing_equals_training_code():
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         logits = (torch.randn(512, 8, generator=generator) * 3).to(dtype)
-        for score, pre, k, groups, group_topk in [("softmax", False, 2, None, None), ("softmax", True, 2, None, None),
-                                                   ("softmax", True, 1, None, None), ("sigmoid", False, 2, None, None),
-                                                   ("sigmoid", False, 1, None, None), ("softmax", False, 2, 4, 1),
-                                                   ("softmax", True, 4, 4, 2), ("sigmoid", False, 2, 2, 1),
-                                                   ("sigmoid", False, 3, 2, 1)]:
-            probs, routing_map = topk_routing_with_score_function(logits, k, use_pre_softmax=pre, num_groups=groups,
-                                                                  group_topk=group_topk, score_function=score)
-            experts, gates = remote.topk_route(logits, k, score, pre, groups, group_topk)
-            assert torch.equal(dense(experts, gates, 8), probs), (score, pre, k, groups, dtype)
+        bias = 0.1 * torch.randn(8, generator=generator)  # fp32, as megatron keeps it
+        for score, pre, k, groups, group_topk, scaling, with_bias in [
+                ("softmax", False, 2, None, None, None, False), ("softmax", True, 2, None, None, None, False),
+                ("softmax", True, 1, None, None, None, False), ("sigmoid", False, 2, None, None, None, False),
+                ("sigmoid", False, 1, None, None, None, False), ("softmax", False, 2, 4, 1, None, False),
+                ("softmax", True, 4, 4, 2, None, False), ("sigmoid", False, 2, 2, 1, None, False),
+                ("sigmoid", False, 3, 2, 1, None, False), ("softmax", False, 2, None, None, 2.5, False),
+                ("sigmoid", False, 2, None, None, None, True), ("sigmoid", False, 1, None, None, 2.5, True),
+                ("sigmoid", False, 4, 4, 2, 2.5, True)]:
+            expert_bias = bias if with_bias else None
+            probs, routing_map = topk_routing_with_score_function(
+                logits, k, use_pre_softmax=pre, num_groups=groups, group_topk=group_topk, scaling_factor=scaling,
+                score_function=score, expert_bias=expert_bias)
+            experts, gates = remote.topk_route(logits, k, score, pre, groups, group_topk, scaling, expert_bias)
+            assert torch.equal(dense(experts, gates, 8), probs), (score, pre, k, groups, scaling, with_bias, dtype)
             assert torch.equal(dense(experts, torch.ones_like(gates), 8).bool(), routing_map)
         for groups, k, renormalize in [(2, 1, False), (2, 2, True), (4, 2, False), (1, 3, True)]:
             _, _, sam_experts, sam_gates = sam.sam_route(logits, groups, k, renormalize)
@@ -414,6 +489,29 @@ def base_router_eval(hidden, centroids):
     with torch.no_grad():
         router.centroids.copy_(centroids)
         return router(hidden)
+
+
+def test_base_evaluation_chooses_as_glm4_moes_router():
+    """BASE's evaluation routing is GLM-4.5's sigmoid router with the centroids as its weight (one group, zero
+    bias, top-1, no renormalisation, scaling 1): the same expert for every token, also where affinities
+    saturate the fp32 sigmoid at 1.0 and the argmax of h . c would choose another."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    generator = torch.Generator().manual_seed(1)
+    hidden, centroids = torch.randn(512, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    hidden[:256] *= 30  # affinities far above 16.6: several experts' sigmoids are exactly 1.0
+    glm = Glm4MoeTopkRouter(transformers.Glm4MoeConfig(
+        hidden_size=16, n_routed_experts=8, num_experts_per_tok=1, n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0))
+    with torch.no_grad():
+        glm.weight.copy_(centroids)
+        _, glm_gates, glm_experts = glm(hidden)
+    probs, routing_map = base_router_eval(hidden, centroids)
+    experts = routing_map.float().argmax(-1)
+    assert torch.equal(experts, glm_experts[:, 0])
+    assert torch.allclose(probs.gather(1, experts[:, None]), glm_gates, rtol=0, atol=1e-6)
+    differs = (hidden @ centroids.t()).argmax(-1) != experts
+    assert differs[:256].any() and not differs[256:].any()  # only saturated rows can differ from argmax
 
 
 def test_sam_folder_never_imports_as_topk(tmp_path):
@@ -496,26 +594,93 @@ def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(shared, qkv_bias,
     assert mode == 0o777 & ~current_umask()
 
 
-def test_real_glm4_moe_folder_imports_and_exports_back(tmp_path):
-    """A random GLM-4.5-shaped model made by transformers (sigmoid top-2 over one group, a dense first layer, an
-    ungated shared expert, 4 half-rotary heads of 16 in a hidden size of 32) imports with its logits and
-    exports back to its class."""
+def family_folder(folder: Path, family: str) -> Path:
+    """A random model of a 2026 MoE family made by transformers, every vector (norms, biases, expert biases) drawn
+    too, with a tokenizer.json. Both have GLM-4.5-Air's head layout: more query width than hidden size (6 heads
+    of 16 in 32; Air: 96 of 128 in 4096) and grouped-query attention.
+
+    qwen3: Qwen3-MoE (per-head q/k norm, softmax top-2 renormalised, a dense first layer). glm4: GLM-4.5
+    (sigmoid top-2 with a trained e_score_correction_bias, routed_scaling_factor 2.5, group-limited over 2
+    groups, an ungated shared expert, first_k_dense_replace 1, use_qk_norm, half-rotary heads, q/k/v biases)
+    with one multi-token-prediction layer's tensors, which import drops."""
     torch.manual_seed(0)
-    config = transformers.Glm4MoeConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
-        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    transformers.Glm4MoeForCausalLM(config).save_pretrained(tmp_path / "glm")
-    word_tokenizer(tmp_path / "glm")
-    pretrain = convert("import", "--hf", str(tmp_path / "glm"), "--save", str(tmp_path / "ckpt")).stdout.split(
-        "pretrain with: ")[1].split()
-    assert {"--rotary-percent", "--moe-shared-expert-intermediate-size"} <= set(pretrain)
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                 num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2,
+                 max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if family == "qwen3":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_experts=4, norm_topk_prob=True, mlp_only_layers=[0], **shape))
+    else:
+        model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
+            n_routed_experts=8, n_group=2, topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1,
+            first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=1, **shape))
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.dim() == 1 and "rotary" not in name:
+                tensor.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(tensor.shape))
+    model.save_pretrained(folder)
+    if family == "glm4":  # GLM-4.5's MTP layer, stored after the main layers
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors.update({"model.layers.3.eh_proj.weight": torch.randn(32, 64),
+                        "model.layers.3.enorm.weight": torch.ones(32)})
+        write_safetensors(folder / "model.safetensors", tensors)
+    word_tokenizer(folder)
+    return folder
+
+
+FAMILY_FLAGS = {"qwen3": {"--qk-layernorm", "--kv-channels"},
+                "glm4": {"--qk-layernorm", "--moe-router-enable-expert-bias", "--moe-router-topk-scaling-factor",
+                         "--moe-router-num-groups", "--moe-shared-expert-intermediate-size", "--rotary-percent",
+                         "--add-qkv-bias"}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FLAGS))
+def test_family_folder_imports_exactly_exports_back_and_trains_under_expert_parallelism(family, tmp_path):
+    from launcher import train_losses
+
+    hf = family_folder(tmp_path / family, family)
+    result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt"))
+    pretrain = result.stdout.split("pretrain with: ")[1].split("\n")[0].split()
+    assert FAMILY_FLAGS[family] <= set(pretrain), pretrain
+    assert ("dropped the 1 multi-token-prediction layer(s) (model.layers.3.*)" in result.stdout) == (family == "glm4")
     ours = checkpoint_logits(tmp_path, QWEN_RUN + pretrain)
-    _, theirs = hf_logits(tmp_path / "glm", ours["tokens"])
-    assert (theirs[..., :96] - ours["logits"]).abs().max().item() <= TOLERANCE
+    _, theirs = hf_logits(hf, ours["tokens"])
+    diff = (theirs[..., :96] - ours["logits"]).abs().max().item()
+    print(f"{family}: max abs logit diff {diff:.3e}")
+    assert diff <= 1e-5
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
     model, again = hf_logits(tmp_path / "back", ours["tokens"])
-    assert type(model).__name__ == GLM and (again - ours["logits"]).abs().max().item() <= TOLERANCE
+    assert type(model).__name__ == {"qwen3": QWEN3, "glm4": GLM}[family]
+    assert (again - ours["logits"]).abs().max().item() <= 1e-5
+    # continued pretraining: the expert bias goes on with its updates (GLM), the same losses under EP=2
+    flags = pretrain + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--mock-data",
+                        "--device", "cpu", "--seq-length", "16", "--hidden-dropout", "0", "--attention-dropout", "0",
+                        "--log-interval", "1"]
+    one = train_losses(1, flags, tmp_path, train_iters=2)
+    assert train_losses(2, flags + ["--expert-model-parallel-size", "2"], tmp_path, train_iters=2) == pytest.approx(
+        one, rel=1e-5)
+
+
+def test_quantized_folder_is_refused_in_one_line(tmp_path):
+    from megatron_moe.conversion.hf_import import import_hf
+    from megatron_moe.conversion.hf_layout import ConversionError
+
+    hf = tiny_qwen_folder(tmp_path / "fp8", shards=False)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ConversionError, match=r"quantization_config 'fp8': .* convert them to bf16 first"):
+        import_hf(str(hf), str(tmp_path / "ckpt"))
+    (hf / "config.json").write_text(json.dumps(config))  # the scales alone say it too
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(hf / "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 1)
+    write_safetensors(hf / "model.safetensors", tensors)
+    with pytest.raises(ConversionError, match=r"weight_scale_inv \(1 such tensors\): .* convert them to bf16 first"):
+        import_hf(str(hf), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def current_umask() -> int:

@@ -23,12 +23,6 @@ DIFFERENT_DEFAULTS = {
     "--distributed-backend": "Megatron-LM: nccl. Ours: nccl on CUDA, gloo on CPU, where NCCL cannot run",
 }
 
-# Flags Megatron-LM takes several values of (one per load-balancing type, their losses summed): we take one.
-ONE_VALUE_ONLY = {
-    "--moe-router-load-balancing-type": "one load-balancing loss per model",
-    "--moe-aux-loss-coeff": "the coefficient of the one --moe-router-load-balancing-type",
-}
-
 _BOOLEAN = (argparse._StoreTrueAction, argparse._StoreFalseAction)
 _PARSER = build_parser()
 
@@ -104,7 +98,7 @@ def test_shared_flag_has_megatron_lms_default_spellings_and_choices(action):
         assert theirs["kind"] in ("store_true", "store_false") and _flips(theirs["kind"], theirs["default"])
         return
     assert theirs["kind"] == "store"
-    assert action.nargs == (None if flag in ONE_VALUE_ONLY else theirs.get("nargs"))
+    assert action.nargs == theirs.get("nargs")
     if action.required:
         assert theirs["default"] is None, "required here, but Megatron-LM has a default"
     elif flag in DIFFERENT_DEFAULTS:
@@ -121,7 +115,7 @@ def test_shared_flag_has_megatron_lms_default_spellings_and_choices(action):
 
 def test_the_exception_lists_name_shared_flags():
     shared = {action.option_strings[0] for action in _shared()}
-    assert set(DIFFERENT_DEFAULTS) | set(REFUSED_CHOICES) | set(ONE_VALUE_ONLY) <= shared
+    assert set(DIFFERENT_DEFAULTS) | set(REFUSED_CHOICES) <= shared
 
 
 def test_the_documentation_lists_the_different_defaults():

@@ -20,7 +20,8 @@ from megatron_moe.errors import ConfigError
 @pytest.fixture(scope="module")
 def probe():
     result = subprocess.run([sys.executable, str(SCRIPTS / "compat_probe.py")], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={"PATH": "", "PYTHONWARNINGS": "ignore"})
+                            text=True, timeout=300,
+                            env={"PATH": "", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -1,9 +1,9 @@
 """Distributed-optimizer checkpoints across parallel layouts (--dist-ckpt-optim-fully-reshardable).
 
 One process trains 5 iterations with the distributed optimizer and the flag, saving at 2. For each axis, a
-TP=2 (+SP), PP=2 or EP=2 run loads that iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with the one
-process's losses and saves at 3; one process loads the 2-process iteration-3 checkpoint (2 -> 1) and trains
-4-5 with the 2-process losses. The loss of iteration 5 depends on the Adam moments and step restored at 3
+TP=2 (+SP), PP=2 (also with two virtual stages per rank) or EP=2 run loads that iteration-2 checkpoint
+(1 -> 2), trains iterations 3-5 with the one process's losses and saves at 3; one process loads the 2-process
+iteration-3 checkpoint (2 -> 1) and trains 4-5 with the 2-process losses. The loss of iteration 5 depends on the Adam moments and step restored at 3
 (without them it differs in the second decimal), so the second step checks the optimizer state. EP=2 chains a
 dense and an expert optimizer, one process has one: both directions change the chaining. bf16 (fp32 main
 params in the optimizer state) is checked EP=2 -> 1, with this flag and with the non-distributed optimizer.
@@ -26,6 +26,8 @@ FLAGS = MODEL + FULLY_RESHARDABLE
 LAYOUTS = {
     "TP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "PP2": ["--pipeline-model-parallel-size", "2"],
+    # one buffer per model chunk in the optimizer; the checkpoint nests the chunks as model0, model1
+    "PP2xVPP2": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
     "EP2": ["--expert-model-parallel-size", "2"],
 }
 

@@ -65,11 +65,13 @@ def _default_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-# Derived run values (not flags): name -> (category, type). Validation fills in the first three, setup the
-# vocabulary once the tokenizer is built (the padded size is the checkpoint's on --load).
+# Derived run values (not flags): name -> (category, type). parse_args is given the world size, validation fills
+# in the others but the vocabulary, which setup fills in once the tokenizer is built (the padded size is the
+# checkpoint's on --load).
 DERIVED: Dict[str, Tuple[str, Any]] = {
     "world_size": (RUN, Optional[int]),
     "data_parallel_size": (RUN, Optional[int]),
+    "virtual_pipeline_model_parallel_size": (RUN, Optional[int]),  # model chunks per pipeline rank, None: one
     "num_microbatches": (RUN, Optional[int]),
     "moe_layer_pattern": (ARCHITECTURE, Optional[Tuple[int, ...]]),  # 1 per MoE layer, 0 per dense one
     "tokenizer_vocab_size": (ARCHITECTURE, Optional[int]),
@@ -116,8 +118,8 @@ class _RunConfigMethods:
                 argv.append(flag if value else f"--no-{flag[2:]}")
             elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                 argv.append(flag)
-            elif action.nargs in ("*", "+"):
-                argv += [flag, *map(str, value)]
+            elif action.nargs in ("*", "+"):  # a list of one is kept as its value (Megatron-LM's rule)
+                argv += [flag, *map(str, value if isinstance(value, tuple) else (value,))]
             else:
                 argv += [flag, str(value)]
         return argv

@@ -42,9 +42,12 @@ class Bound:
     high_open: bool = False
 
     def problem(self, value) -> Optional[str]:
-        """Why ``value`` is out of bounds, or None (an unset optional flag is not checked)."""
+        """Why ``value`` is out of bounds, or None (an unset optional flag is not checked; a flag of several
+        values is checked value by value)."""
         if value is None:
             return None
+        if isinstance(value, (tuple, list)):
+            return next(filter(None, map(self.problem, value)), None)
         too_low = value < self.low or (self.low_open and value == self.low)
         too_high = self.high is not None and (value > self.high or (self.high_open and value == self.high))
         if not (too_low or too_high):

@@ -82,10 +82,6 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
     ("Mamba and hybrid (Mamba/attention) models are not implemented; this project trains transformers", """
         --is-hybrid-model --mamba-state-dim --mamba-head-dim --mamba-num-groups --mamba-num-heads
         --disable-mamba-mem-eff-path --hybrid-attention-ratio --hybrid-mlp-ratio --hybrid-override-pattern"""),
-    ("not implemented yet (other engineers are adding it)", """
-        --qk-layernorm --moe-router-enable-expert-bias --moe-router-bias-update-rate
-        --moe-router-topk-scaling-factor --moe-router-padding-for-quantization --moe-router-padding-for-fp8
-        --calculate-per-token-loss"""),
     ("this attention variant (DeepSeek sparse attention, gated delta net / linear attention, sliding windows, "
      "attention sinks, gated outputs) is not implemented; the model has standard softmax attention", """
         --experimental-attention-variant --dsa-indexer-n-heads --dsa-indexer-head-dim --dsa-indexer-topk
@@ -140,17 +136,17 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load --num-distributed-optimizer-instances"""),
     ("CUDA graphs are not offered: the training step runs eagerly", """
         --enable-cuda-graph --external-cuda-graph --cuda-graph-warmup-steps --cuda-graph-scope --te-rng-tracker"""),
-    ("this parallel layout is not offered (TP, PP, EP and DP are, with --sequence-parallel); lay the model "
-     "out with --tensor-model-parallel-size, --pipeline-model-parallel-size and --expert-model-parallel-size", """
-        --context-parallel-size --hierarchical-context-parallel-sizes --cp-comm-type --max-seqlen-per-dp-cp-rank
-        --hybrid-context-parallel --expert-tensor-parallel-size --num-layers-per-virtual-pipeline-stage
-        --num-virtual-stages-per-pipeline-rank --microbatch-group-size-per-virtual-pipeline-stage
-        --decoder-first-pipeline-num-layers --decoder-last-pipeline-num-layers --pipeline-model-parallel-layout
-        --account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split
-        --use-tp-pp-dp-mapping"""),
+    ("this parallel layout is not offered (TP, PP with virtual stages and uneven first/last stages, EP, "
+     "expert TP, DP, and context parallelism on the Transformer Engine path are); lay the model out with "
+     "--tensor-model-parallel-size, --pipeline-model-parallel-size, --num-layers-per-virtual-pipeline-stage, "
+     "--decoder-first/last-pipeline-num-layers, --expert-model-parallel-size and --expert-tensor-parallel-size",
+     """
+        --hierarchical-context-parallel-sizes --cp-comm-type --max-seqlen-per-dp-cp-rank
+        --hybrid-context-parallel --microbatch-group-size-per-virtual-pipeline-stage
+        --pipeline-model-parallel-layout --use-tp-pp-dp-mapping"""),
     ("this communication tuning is not offered: communication runs through torch.distributed's default "
      "process groups and megatron-core's defaults", """
-        --pipeline-model-parallel-comm-backend --no-overlap-p2p-communication
+        --pipeline-model-parallel-comm-backend
         --overlap-p2p-communication-warmup-flush --use-ring-exchange-p2p --no-scatter-gather-tensors-in-pipeline
         --no-align-grad-reduce --no-align-param-gather --ddp-num-buckets --ddp-pad-buckets-for-high-nccl-busbw
         --ddp-reduce-scatter-with-fp32-accumulation --ddp-average-in-collective
@@ -232,6 +228,11 @@ _OWN: Dict[str, str] = {
                                   "have no weight decay (megatron-core's default groups)",
     "--no-weight-decay-cond-type": "decay for the --qk-layernorm weights is not offered: norm weights and biases "
                                    "have no weight decay (megatron-core's default groups)",
+    "--moe-router-padding-for-quantization": "FP4 is not offered, so this is --moe-router-padding-for-fp8, which "
+                                             "megatron-core 0.16.1 keeps as its alias: use that spelling",
+    "--calculate-per-token-loss": "the lm loss is the mean over each micro batch's tokens, averaged over micro "
+                                  "batches and data-parallel ranks (Megatron-LM's default); per-token "
+                                  "normalisation across the global batch is not offered",
     "--fp32-residual-connection": "the residual stream has the parameters' dtype (fp32, or bf16/fp16 with "
                                   "--bf16/--fp16); an fp32 residual is not offered",
 }

@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="grouped-query attention with --num-query-groups key/value heads (without it: every head its own)")
     g.add("--num-query-groups", type=int, default=1, valid=at_least(1),
           help="key/value heads with --group-query-attention (ignored without it, as in Megatron-LM)")
-    g.add("--kv-channels", type=int, default=None, valid=at_least(1))
+    g.add("--kv-channels", type=int, default=None, valid=at_least(1),
+          help="width of each attention head (default: hidden size / heads); given, any head count works "
+               "(GLM-4.5-Air: 4096 hidden, 96 heads of 128)")
     g.add("--max-position-embeddings", type=int, default=None, valid=at_least(1))
     g.add("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add("--norm-epsilon", type=float, default=1e-5, valid=at_least(0))
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="biases on the query/key/value projection only (Qwen2's attention), also in MoE models")
     g.add("--apply-layernorm-1p", action="store_true",
           help="zero-centred norm weights: the norms scale by (1 + weight), the weights start at 0")
+    g.add("--qk-layernorm", action="store_true",
+          help="normalise each head's queries and keys (--normalization, one weight of head width shared by the "
+               "heads) before the rotary embedding: Qwen3's and OLMo-2's per-head q/k norm")
 
     g = FlagGroup(parser, "model: sequence, vocabulary, initialisation, dropout", MODEL)
     g.add("--seq-length", type=int, required=True, valid=at_least(1))
@@ -59,8 +64,10 @@ def validate(c) -> Dict[str, Any]:
     """The model's shape; fills in --ffn-hidden-size and --max-position-embeddings, and sets an ignored
     --num-query-groups back to its default."""
     tp = c.tensor_model_parallel_size
-    require(c.hidden_size % c.num_attention_heads == 0,
-            f"--hidden-size {c.hidden_size} is not divisible by --num-attention-heads {c.num_attention_heads}")
+    # megatron-core needs it only to derive the head width
+    require(c.kv_channels is not None or c.hidden_size % c.num_attention_heads == 0,
+            f"--hidden-size {c.hidden_size} is not divisible by --num-attention-heads {c.num_attention_heads}; "
+            "give the head width with --kv-channels")
     filled = {}
     if c.group_query_attention:
         require(c.num_attention_heads % c.num_query_groups == 0 and c.num_query_groups % tp == 0,

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from megatron_moe.arguments.flags import RUN, FlagGroup, flag_name, require
 from megatron_moe.arguments.moe import MOE_ONLY
+from megatron_moe.arguments.parallel import model_chunk_layers
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = FlagGroup(parser, "activation recomputation", RUN)
@@ -35,13 +36,17 @@ def validate(c) -> Optional[Dict[str, Any]]:
             require(granularity != "full",
                     f"{flag_name(flag)} is selective recomputation; it contradicts --recompute-granularity full")
             granularity = "selective"
-    layers_per_stage = c.num_layers // c.pipeline_model_parallel_size
+    chunk_layers = model_chunk_layers(c)  # megatron-core recomputes each model chunk (pipeline stage) apart
     if granularity == "full":
         require(c.recompute_method is not None, "--recompute-granularity full needs --recompute-method uniform or block")
         n = c.recompute_num_layers
-        require(n is not None and 1 <= n <= layers_per_stage,
-                f"--recompute-granularity full needs --recompute-num-layers between 1 and the {layers_per_stage} "
+        require(n is not None and 1 <= n <= max(chunk_layers),
+                f"--recompute-granularity full needs --recompute-num-layers between 1 and the {max(chunk_layers)} "
                 f"layers of a pipeline stage, got {n}")
+        require(c.recompute_method != "uniform" or all(layers % n == 0 for layers in chunk_layers),
+                f"--recompute-method uniform recomputes groups of --recompute-num-layers {n} layers, which must "
+                f"divide the layers of every pipeline stage ({', '.join(map(str, sorted(chunk_layers)))}; "
+                "megatron-core fails on a partial group); change it or use --recompute-method block")
         require(c.recompute_modules is None,
                 "--recompute-modules needs --recompute-granularity selective (full recomputes whole layers)")
         return None
@@ -54,8 +59,11 @@ def validate(c) -> Optional[Dict[str, Any]]:
         require("moe_act" not in modules or c.moe_grouped_gemm,
                 "--recompute-modules moe_act needs --moe-grouped-gemm (megatron-core recomputes the grouped "
                 "experts' activation only)")
-        for module, missing in (("mla_up_proj", "multi-latent attention"), ("shared_experts", "shared experts")):
-            require(module not in modules, f"--recompute-modules {module} needs {missing}, which this model lacks")
+        require("mla_up_proj" not in modules,
+                "--recompute-modules mla_up_proj needs multi-latent attention, which this model lacks")
+        require("shared_experts" not in modules or c.moe_shared_expert_intermediate_size is not None,
+                "--recompute-modules shared_experts needs shared experts (--moe-shared-expert-intermediate-size), "
+                "which this model lacks")
         require(c.fp8_format is None or not {"moe_act", "layernorm"} & set(modules),
                 "--recompute-modules moe_act and layernorm do not work with --fp8-format (delayed scaling)")
         # megatron-core 0.16.1's output-discarding checkpoint reads Transformer Engine's FP8 state unconditionally

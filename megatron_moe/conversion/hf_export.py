@@ -48,15 +48,13 @@ def with_overrides(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
 
 
 def export(load: str, output: str, overwrite: bool = False, overrides: Sequence[str] = (),
-           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True,
-           remote_code: bool = False) -> List[str]:
+           max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None, verify: bool = True) -> List[str]:
     """Writes the HF folder; returns the lines to print (what was written). ``verify``: check every file of
-    the checkpoint against its manifest meanwhile (a damaged shard is named, never exported).
-    ``remote_code``: our modeling code even where a native class computes the model."""
+    the checkpoint against its manifest meanwhile (a damaged shard is named, never exported)."""
     hf_files.refuse_existing(output, overwrite, "--output")
     directory = latest_checkpoint(load)
     args = with_overrides(run_config.load(directory), overrides)
-    target = hf_layout.export_target(args, remote_code)  # refusals come before any weight is read
+    target = hf_layout.export_target(args)  # refusals come before any weight is read
     with _in_background(checkpoint_files.verify_checkpoint if verify else None, directory) as verification:
         try:
             return _write_folder(directory, args, target, output, overwrite, max_shard_bytes, dtype, verification)
@@ -97,7 +95,8 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
     for unit in plan:  # the Hugging Face shapes, from the saved shapes alone
         shape = reader.shape(unit.key)[1:] if unit.expert is not None else reader.shape(unit.key)
         parts = hf_layout.to_hf(unit, torch.empty(shape, device="meta"), args, vocab)
-        layout += [(name, tuple(part.shape), torch_dtype) for name, part in zip(unit.hf, parts)]
+        layout += [(name, tuple(part.shape), torch.float32 if unit.fp32 else torch_dtype)
+                   for name, part in zip(unit.hf, parts)]
     zeros = hf_layout.zero_fills(args, target, torch_dtype)
     layout += zeros
     config = hf_layout.hf_config(args, target, vocab, bos, eos, torch_dtype)
@@ -106,7 +105,7 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
         writer = hf_files.SafetensorsWriter(folder, layout, max_shard_bytes)
         for unit in plan:
             for name, part in zip(unit.hf, hf_layout.to_hf(unit, reader.read(unit.key, unit.expert), args, vocab)):
-                writer.write(name, part.to(torch_dtype))
+                writer.write(name, part.to(torch.float32 if unit.fp32 else torch_dtype))
         for name, shape, zero_dtype in zeros:
             writer.write(name, torch.zeros(shape, dtype=zero_dtype))
         written = writer.finish()
@@ -122,6 +121,4 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
              f"({', '.join(written)})", tokenizer_line]
     if target.architecture.remote_code:
         lines.append("load it with trust_remote_code=True (its modeling code is in the folder)")
-    elif target.routing.native_note:
-        lines.append(f"note: {target.routing.native_note}")
     return lines

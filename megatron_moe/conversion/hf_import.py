@@ -1,5 +1,5 @@
-"""Import: a Hugging Face folder of a class of ``hf_layout.ARCHITECTURES`` (Mixtral, Qwen2-MoE, GLM-4.5's
-Glm4Moe, or one of our remote-code exports) -> one of our checkpoints, to pretrain on with
+"""Import: a Hugging Face folder of a class of ``hf_layout.ARCHITECTURES`` (Mixtral, Qwen2-MoE, Qwen3-MoE,
+GLM-4.5's Glm4Moe, or one of our remote-code exports) -> one of our checkpoints, to pretrain on with
 ``--load DIR --finetune`` in any TP/PP/EP layout.
 
 The HF config becomes our model flags (``hf_layout.args_from_hf_config`` refuses what we cannot
@@ -23,6 +23,8 @@ import torch
 from megatron_moe.conversion import dist_files, hf_files, hf_layout, sentencepiece_json
 from megatron_moe.conversion.hf_layout import ConversionError
 
+# the scales of FP8 block-quantized (DeepSeek-V3, GLM-4.5-FP8) and MXFP4 (gpt-oss) releases
+_QUANTIZATION_TENSORS = ("_scale_inv", ".weight_scale", "_scales", "_blocks")
 _JOB = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data", "--device", "cpu"]
 TOKENIZER_DIR = "tokenizer"  # the imported folder's tokenizer files, inside --save
 
@@ -130,6 +132,10 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
     @functools.lru_cache(maxsize=None)
     def tensors():  # the folder's headers, read at the first question about a tensor
         weights = hf_files.HFWeights(folder)
+        quantized = sorted(name for name in weights.shapes if name.endswith(_QUANTIZATION_TENSORS))
+        if quantized:
+            raise ConversionError(f"{folder}: {quantized[0]} ({len(quantized)} such tensors): the folder stores "
+                                  "quantized (FP8 or MXFP4) weights; convert them to bf16 first")
         return weights, hf_layout.hf_locations(arch, weights.shapes)
 
     def zero(role: str) -> bool:
@@ -199,7 +205,13 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
         (out / checkpoint_files.TRACKER).write_text("0")
     lines = [f"imported {arch.name} from {folder} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
-             "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]
+             "pretrain with: " + " ".join(flags + tokenizer + list(overrides)) + f" --load {save} --finetune"]
+    mtp = config.get("num_nextn_predict_layers") or 0
+    if mtp:
+        layers = config["num_hidden_layers"]
+        lines.append(f"dropped the {mtp} multi-token-prediction layer(s) (model.layers.{layers}"
+                     f"{f'..{layers + mtp - 1}' if mtp > 1 else ''}.*): they do not compute the model's logits, and "
+                     "multi-token prediction is not trained here")
     return lines
 
 

@@ -70,6 +70,8 @@ OUR_KEYS = {
     "input_norm": _OURS + "self_attention.linear_qkv.layer_norm_weight",
     "qkv": _OURS + "self_attention.linear_qkv.weight",
     "qkv_bias": _OURS + "self_attention.linear_qkv.bias",
+    "q_norm": _OURS + "self_attention.q_layernorm.weight",
+    "k_norm": _OURS + "self_attention.k_layernorm.weight",
     "attn_out": _OURS + "self_attention.linear_proj.weight",
     "mlp_norm": _OURS + "mlp.linear_fc1.layer_norm_weight",
     "dense_fc1": _OURS + "mlp.linear_fc1.weight",
@@ -85,7 +87,7 @@ OUR_KEYS = {
     "final_norm": "decoder.final_layernorm.weight",
     "output": "output_layer.weight",
 }
-_EVERY_LAYER = ("input_norm", "qkv", "qkv_bias", "attn_out", "mlp_norm")  # the other parts: MoE layers
+_EVERY_LAYER = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "attn_out", "mlp_norm")  # others: MoE layers
 _KINDS = {"embedding": "vocab", "output": "vocab", "qkv": "qkv", "qkv_bias": "qkv", "dense_fc1": "fc1",
           "shared_fc1": "fc1", "expert_fc1": "fc1"}  # others: copy
 _PER_EXPERT = ("expert_fc1", "expert_fc2")
@@ -106,10 +108,11 @@ def _router_role(routing: EvalRouting) -> str:
 
 def _layer_roles(args, layer: int, routing: EvalRouting) -> List[str]:
     """The parts layer ``layer`` of our model has, in file order."""
-    roles = ["input_norm", "qkv"] + ["qkv_bias"] * args.add_qkv_bias + ["attn_out", "mlp_norm"]
+    roles = (["input_norm", "qkv"] + ["qkv_bias"] * args.add_qkv_bias + ["q_norm", "k_norm"] * args.qk_layernorm
+             + ["attn_out", "mlp_norm"])
     if not args.moe_layer_pattern[layer]:
         return roles + ["dense_fc1", "dense_fc2"]
-    roles.append(_router_role(routing))
+    roles += [_router_role(routing)] + ["expert_bias"] * routing.expert_bias
     if args.moe_shared_expert_intermediate_size:
         roles += ["shared_fc1", "shared_fc2"] + ["shared_gate"] * args.moe_shared_expert_gate
     return roles + ["expert_fc1", "expert_fc2"]
@@ -125,13 +128,15 @@ def _model_roles(args, routing: EvalRouting) -> set:
 def _role_flag(role: str, args) -> str:
     """The flags that give our model this part, for messages."""
     shared = f"--moe-shared-expert-intermediate-size {args.moe_shared_expert_intermediate_size}"
-    return {"qkv_bias": "--add-qkv-bias", "shared_fc1": shared, "shared_fc2": shared,
+    return {"qkv_bias": "--add-qkv-bias", "q_norm": "--qk-layernorm", "k_norm": "--qk-layernorm",
+            "expert_bias": "--moe-router-enable-expert-bias", "shared_fc1": shared, "shared_fc2": shared,
             "shared_gate": f"{shared} --moe-shared-expert-gate", "centroids": "--moe-router-type base",
             "dense_fc1": f"--moe-layer-freq {list(args.moe_layer_pattern)}",
             "dense_fc2": f"--moe-layer-freq {list(args.moe_layer_pattern)}"}.get(role, role)
 
 
-_ROLE_TEXT = {"qkv_bias": "q/k/v biases", "shared_fc1": "shared expert", "shared_fc2": "shared expert",
+_ROLE_TEXT = {"qkv_bias": "q/k/v biases", "q_norm": "q/k norms", "k_norm": "q/k norms", "expert_bias": "expert bias",
+              "shared_fc1": "shared expert", "shared_fc2": "shared expert",
               "shared_gate": "gated shared expert", "centroids": "BASE centroids", "dense_fc1": "dense layers",
               "dense_fc2": "dense layers"}
 
@@ -149,7 +154,8 @@ class Architecture:
     record writes (:func:`hf_config`); raises :class:`Unfit` naming the flag it does not compute.
     ``flags(config, zero)``: our model flags for its config.json beyond the common ones (``zero(role)``:
     whether the folder's tensors of that role are all zero); ConversionError naming the field.
-    ``builds``: roles the class always builds, written as zeros where our model has none. ``reads``:
+    ``builds``: roles the class always builds, written as zeros where our model has none. ``computes``:
+    roles the class always computes and no value switches off (our model must have them). ``reads``:
     config.json attributes its modeling code (transformers', and vLLM's) reads beyond its config class's
     fields. ``partial_rotary``: its default ``partial_rotary_factor`` if it rotates part of the head,
     None if always the whole head. ``ties_head``: serving engines tie lm_head to the embeddings under
@@ -163,6 +169,7 @@ class Architecture:
     config: Callable[[Any, EvalRouting], Dict[str, Any]]
     flags: Callable[[Dict[str, Any], Callable[[str], bool]], List[str]]
     builds: FrozenSet[str] = frozenset()
+    computes: FrozenSet[str] = frozenset()
     reads: FrozenSet[str] = frozenset()
     partial_rotary: Optional[float] = None
     ties_head: bool = True
@@ -181,6 +188,7 @@ _LLAMA = {  # what every record here shares: embeddings, norms, attention
     "output": ("lm_head.weight",),
 }
 _QKV_BIAS = {"qkv_bias": (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias")}
+_QK_NORM = {"q_norm": (_L + "self_attn.q_norm.weight",), "k_norm": (_L + "self_attn.k_norm.weight",)}
 _DENSE_MLP = {"dense_fc1": (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
               "dense_fc2": (_L + "mlp.down_proj.weight",)}
 _EXPERTS = {"router": (_L + "mlp.gate.weight",),
@@ -191,6 +199,7 @@ _EXPERTS = {"router": (_L + "mlp.gate.weight",),
 def _routing_is_topk(routing: EvalRouting, score: str, name: str) -> None:
     _fits(routing.score == score, f"{routing.flags}: {name} routes on the {score} of its router logits")
     _fits(routing.num_groups is None, f"{routing.flags}: {name} has no group-limited routing")
+    _fits(routing.scaling_factor is None, f"{routing.flags}: {name} has no routed scaling factor")
 
 
 def _softmax_precision(args, routing: EvalRouting, name: str) -> None:
@@ -232,13 +241,22 @@ def _qwen2_moe_config(args, routing: EvalRouting) -> Dict[str, Any]:
                 norm_topk_prob=routing.renormalize, output_router_logits=False)
 
 
+def _qwen3_moe_config(args, routing: EvalRouting) -> Dict[str, Any]:
+    _routing_is_topk(routing, "softmax", "Qwen3MoeForCausalLM")
+    _softmax_precision(args, routing, "Qwen3MoeForCausalLM")
+    return dict(num_experts=args.num_experts, intermediate_size=args.ffn_hidden_size,
+                moe_intermediate_size=args.moe_ffn_hidden_size, decoder_sparse_step=1,
+                mlp_only_layers=_dense_layers(args), norm_topk_prob=routing.renormalize, head_dim=head_dim(args),
+                attention_bias=False, use_sliding_window=False, sliding_window=None, output_router_logits=False)
+
+
 def _glm4_moe_config(args, routing: EvalRouting) -> Dict[str, Any]:
     name = "Glm4MoeForCausalLM"
     _fits(routing.score == "sigmoid", f"{routing.flags}: {name} routes on the sigmoid of its router logits")
     _fits(routing.router_fp32, f"{routing.flags} in a --bf16 model: {name} computes its router in fp32, megatron "
                                "in bf16 (train with --moe-router-dtype fp32 for this class)")
     k, groups = routing.topk, routing.num_groups or 1
-    if routing.num_groups:
+    if routing.num_groups and routing.group_topk < routing.num_groups:
         _fits(k // routing.group_topk == 2, f"{routing.flags}: {name} scores a group by its best 2 experts, "
                                             f"megatron by its best {k // routing.group_topk}")
     dense = len(_dense_layers(args))
@@ -248,18 +266,23 @@ def _glm4_moe_config(args, routing: EvalRouting) -> Dict[str, Any]:
     _fits(not shared or shared % width == 0, f"--moe-shared-expert-intermediate-size {shared}: {name}'s shared "
                                              f"expert is a multiple of --moe-ffn-hidden-size {width}")
     return dict(n_routed_experts=args.num_experts, intermediate_size=args.ffn_hidden_size, moe_intermediate_size=width,
-                n_shared_experts=shared // width if shared else 1, routed_scaling_factor=1.0, n_group=groups,
-                topk_group=routing.group_topk or 1, first_k_dense_replace=dense, norm_topk_prob=routing.renormalize,
-                attention_bias=args.add_qkv_bias, use_qk_norm=False, head_dim=head_dim(args),
-                num_nextn_predict_layers=0, output_router_logits=False)
+                n_shared_experts=shared // width if shared else 1, routed_scaling_factor=routing.scaling_factor or 1.0,
+                n_group=groups, topk_group=routing.group_topk or 1, first_k_dense_replace=dense,
+                norm_topk_prob=routing.renormalize, attention_bias=args.add_qkv_bias, use_qk_norm=args.qk_layernorm,
+                head_dim=head_dim(args), num_nextn_predict_layers=0, output_router_logits=False)
 
 
 def _remote_config(args, routing: EvalRouting) -> Dict[str, Any]:
     flags = list(routing.remote_flags) + (["--moe-router-dtype", "fp32"] if args.moe_router_dtype == "fp32" else [])
+    shared = args.moe_shared_expert_intermediate_size
+    if shared:
+        flags += ["--moe-shared-expert-intermediate-size", str(shared)]
+        flags += ["--moe-shared-expert-gate"] * args.moe_shared_expert_gate
     return dict(num_experts=args.num_experts, intermediate_size=args.ffn_hidden_size,
                 moe_intermediate_size=args.moe_ffn_hidden_size, decoder_sparse_step=1, qkv_bias=args.add_qkv_bias,
                 mlp_only_layers=_dense_layers(args), use_sliding_window=False, sliding_window=None,
                 shared_expert_intermediate_size=0,  # its MoE blocks replace Qwen2-MoE's: nothing to build
+                moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=args.moe_shared_expert_gate,
                 head_dim=head_dim(args), moe_router_dtype=args.moe_router_dtype, output_router_logits=False,
                 auto_map={"AutoConfig": "configuration_megatron_moe.MegatronMoeConfig",
                           "AutoModelForCausalLM": "modeling_megatron_moe.MegatronMoeForCausalLM"},
@@ -289,16 +312,29 @@ def _mixtral_flags(config: Dict, zero) -> List[str]:
                           [1] * config["num_hidden_layers"])
 
 
+def _softmax_topk_flags(config: Dict) -> List[str]:
+    """Qwen2/3-MoE's router: softmax over all experts, the top k renormalised under ``norm_topk_prob``."""
+    if not config.get("norm_topk_prob", False):  # softmax over all experts, top k not renormalised
+        return ["--moe-router-pre-softmax"]
+    _require(config["num_experts_per_tok"] > 1, "norm_topk_prob true with num_experts_per_tok 1: megatron's top-1 "
+                                                "is not renormalised")
+    return []
+
+
 def _qwen2_moe_flags(config: Dict, zero) -> List[str]:
     flags = _qwen2_structure(config)
     shared = config.get("shared_expert_intermediate_size", 0)
     if shared and not (zero("shared_fc1") and zero("shared_fc2")):  # gated with sigmoid(h . g)
         flags += ["--moe-shared-expert-intermediate-size", str(shared), "--moe-shared-expert-gate"]
-    if not config.get("norm_topk_prob", False):  # softmax over all experts, top k not renormalised
-        return flags + ["--moe-router-pre-softmax"]
-    _require(config["num_experts_per_tok"] > 1, "norm_topk_prob true with num_experts_per_tok 1: megatron's top-1 "
-                                                "is not renormalised")
-    return flags
+    return flags + _softmax_topk_flags(config)
+
+
+def _qwen3_moe_flags(config: Dict, zero) -> List[str]:
+    _require(not config.get("attention_bias", False), "attention_bias true: Qwen3-MoE then has an o_proj bias, which "
+                                                      "our attention lacks")
+    flags = _qwen2_structure({**config, "num_experts": config.get("num_experts") or config["num_local_experts"],
+                              "qkv_bias": False})
+    return flags + ["--qk-layernorm"] + _softmax_topk_flags(config)
 
 
 def _glm4_moe_flags(config: Dict, zero) -> List[str]:
@@ -310,12 +346,15 @@ def _glm4_moe_flags(config: Dict, zero) -> List[str]:
     flags += ["--moe-router-score-function", "sigmoid", "--moe-router-dtype", "fp32"]
     _require(config.get("norm_topk_prob", True) == (k > 1), f"norm_topk_prob {config.get('norm_topk_prob', True)} with "
              f"num_experts_per_tok {k}: megatron's sigmoid top-k renormalises exactly when k > 1")
-    _require(config.get("routed_scaling_factor", 1.0) == 1.0, f"routed_scaling_factor "
-             f"{config.get('routed_scaling_factor')}: not supported yet (only 1.0)")
-    _require(zero("expert_bias"), "e_score_correction_bias is not zero: an expert bias is not supported yet")
-    _require(not config.get("use_qk_norm", False), "use_qk_norm true: not supported yet")
+    scaling = float(config.get("routed_scaling_factor", 1.0))
+    if scaling != 1.0:  # megatron multiplies the gates after the renormalisation, as the class does
+        flags += ["--moe-router-topk-scaling-factor", repr(scaling)]
+    if not zero("expert_bias"):  # DeepSeek-V3's aux-loss-free balancing: trained on with its updates
+        flags.append("--moe-router-enable-expert-bias")
+    if config.get("use_qk_norm", False):
+        flags.append("--qk-layernorm")
     groups, group_topk = config.get("n_group", 1), config.get("topk_group", 1)
-    if groups > 1:
+    if groups > 1 and group_topk < groups:  # every group chosen: no limit
         _require(k // group_topk == 2, f"n_group {groups}, topk_group {group_topk}, num_experts_per_tok {k}: megatron "
                                        f"scores a group by its best k / topk_group experts, the class by its best 2")
         flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", str(group_topk)]
@@ -354,9 +393,18 @@ QWEN2_MOE = Architecture(
     # vLLM always builds q/k/v biases and the shared-expert gate; transformers always builds a shared expert
     builds=frozenset({"qkv_bias", "shared_fc1", "shared_fc2", "shared_gate"}),
 )
+QWEN3_MOE = Architecture(
+    "Qwen3MoeForCausalLM", "qwen3_moe",
+    names={**_LLAMA, **_QK_NORM, **_DENSE_MLP, **_EXPERTS},
+    config=_qwen3_moe_config, flags=_qwen3_moe_flags,
+    computes=frozenset({"q_norm", "k_norm"}),
+    # not fields of transformers 5's config class, read by its modeling code (head_dim) and by vLLM's and
+    # SGLang's (num_experts, head_dim; transformers 5 maps num_experts to num_local_experts)
+    reads=frozenset({"head_dim", "num_experts"}),
+)
 GLM4_MOE = Architecture(
     "Glm4MoeForCausalLM", "glm4_moe",
-    names={**_LLAMA, **_QKV_BIAS, **_DENSE_MLP, **_EXPERTS,
+    names={**_LLAMA, **_QKV_BIAS, **_QK_NORM, **_DENSE_MLP, **_EXPERTS,
            "centroids": (_L + "mlp.gate.weight",),  # BASE at evaluation is its sigmoid top-1
            "expert_bias": (_L + "mlp.gate.e_score_correction_bias",),
            "shared_fc1": (_L + "mlp.shared_experts.gate_proj.weight", _L + "mlp.shared_experts.up_proj.weight"),
@@ -367,11 +415,15 @@ GLM4_MOE = Architecture(
 )
 MEGATRON_MOE = Architecture(  # our modeling code (remote_code/), copied into the folder
     "MegatronMoeForCausalLM", "megatron_moe",
-    names={**_LLAMA, **_QKV_BIAS, **_DENSE_MLP, **_EXPERTS, "centroids": (_L + "mlp.centroids",)},
+    names={**_LLAMA, **_QKV_BIAS, **_DENSE_MLP, **_EXPERTS, "centroids": (_L + "mlp.centroids",),
+           "expert_bias": (_L + "mlp.expert_bias",),
+           "shared_fc1": (_L + "mlp.shared_expert.gate_proj.weight", _L + "mlp.shared_expert.up_proj.weight"),
+           "shared_fc2": (_L + "mlp.shared_expert.down_proj.weight",),
+           "shared_gate": (_L + "mlp.shared_expert_gate.weight",)},
     config=_remote_config, flags=_remote_flags, remote_code=True,
 )
 # export takes the first that computes the model
-ARCHITECTURES: Tuple[Architecture, ...] = (MIXTRAL, QWEN2_MOE, GLM4_MOE, MEGATRON_MOE)
+ARCHITECTURES: Tuple[Architecture, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, GLM4_MOE, MEGATRON_MOE)
 
 
 def architecture(name: str) -> Architecture:
@@ -421,9 +473,13 @@ def eval_routing(args) -> EvalRouting:
 
 
 def _target(arch: Architecture, args, routing: EvalRouting) -> Target:
-    missing = sorted(_model_roles(args, routing) - set(arch.names))
+    roles = _model_roles(args, routing)
+    missing = sorted(roles - set(arch.names))
     if missing:
         raise Unfit(f"{_role_flag(missing[0], args)}: {arch.name} has no {_ROLE_TEXT.get(missing[0], missing[0])}")
+    lacking = sorted(arch.computes - roles)
+    if lacking:
+        raise Unfit(f"no {_role_flag(lacking[0], args)}: {arch.name} always has {_ROLE_TEXT[lacking[0]]}")
     _fits(arch.remote_code or routing.score is not None, f"{routing.flags}: only our remote code computes it, not "
                                                          f"{arch.name}")
     _fits(arch.partial_rotary is not None or args.rotary_percent == 1.0,
@@ -431,20 +487,16 @@ def _target(arch: Architecture, args, routing: EvalRouting) -> Target:
     return Target(arch, routing, arch.config(args, routing))
 
 
-def export_target(args, remote_code: bool = False) -> Target:
-    """The first record whose class computes this model (only our remote code with ``remote_code``);
-    ConversionError naming the flag none computes."""
+def export_target(args) -> Target:
+    """The first record whose class computes this model; ConversionError naming the flag none computes."""
     check_exportable(args)
     routing = eval_routing(args)
     refusals = []
     for arch in ARCHITECTURES:
-        if remote_code and not arch.remote_code:
-            continue
         try:
             return _target(arch, args, routing)
         except Unfit as why:
             refusals.append(str(why))
-    _require(bool(refusals), "no architecture record computes remote code")
     raise ConversionError("; ".join(reversed(refusals)))  # the most general record's reason first
 
 
@@ -491,6 +543,10 @@ def args_from_hf_config(config: Dict, zero: Callable[[str], bool] = lambda role:
     """Our model flags for a config.json a record reads; ConversionError names any other field.
     ``zero(role)``: whether the folder's tensors of that role are all zero (default: not known to be)."""
     arch = architecture(hf_architecture(config))
+    quantized = config.get("quantization_config")
+    _require(not quantized, f"quantization_config {(quantized or {}).get('quant_method', quantized)!r}: the folder "
+             "stores quantized (FP8 or MXFP4) weights; convert them to bf16 first (dequantised weights, no "
+             "quantization_config)")
     _require(config.get("hidden_act", "silu") == "silu", f"hidden_act {config.get('hidden_act')!r}: only 'silu' (SwiGLU)")
     scaling = config.get("rope_scaling") or {}
     rope = config.get("rope_parameters") or {}
@@ -537,12 +593,13 @@ class Unit:
     hf: Tuple[str, ...]
     kind: str = "copy"  # copy | qkv | fc1 | vocab
     expert: Optional[int] = None
+    fp32: bool = False  # written in fp32 whatever the folder's dtype
 
 
 def _unit(arch: Architecture, role: str, layer: Optional[int] = None, expert: Optional[int] = None) -> Unit:
     return Unit(OUR_KEYS[role].format(layer=layer),
                 tuple(name.format(layer=layer, expert=expert) for name in arch.names[role]),
-                _KINDS.get(role, "copy"), expert)
+                _KINDS.get(role, "copy"), expert, role in _FP32)
 
 
 def units(args, target: Target) -> List[Unit]:

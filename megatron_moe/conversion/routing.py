@@ -22,10 +22,11 @@ class EvalRouting:
     ``topk // group_topk`` scores sum highest. ``router_fp32``: the router's logits, and the scores the
     top-k compares, are fp32 (otherwise the model's bf16: megatron rounds the scores to the logits'
     dtype before choosing). ``router_tensor``: our router parameter, ``weight`` or BASE's ``centroids``.
-    ``remote_config`` / ``remote_flags``: how our remote code computes it (its config.json fields) and
-    the flags that rebuild it on import. ``flags``: the flags that chose this rule, for messages.
-    ``native_note``: what a native class computing this rule may still decide otherwise, printed by export
-    (docs/conversion.md).
+    ``expert_bias``: a per-expert bias (the router's ``expert_bias`` tensor) is added to the sigmoid scores
+    for the choice only; the gates are the scores. ``scaling_factor``: the gates are multiplied by it (after
+    the renormalisation). ``remote_config`` / ``remote_flags``: how our remote code computes it (its
+    config.json fields) and the flags that rebuild it on import. ``flags``: the flags that chose this rule,
+    for messages.
     """
 
     topk: int
@@ -38,7 +39,8 @@ class EvalRouting:
     router_tensor: str = "weight"
     remote_config: Mapping[str, Any] = field(default_factory=dict)
     remote_flags: Tuple[str, ...] = ()
-    native_note: str = ""
+    expert_bias: bool = False
+    scaling_factor: Optional[float] = None
 
 
 def router_fp32(args) -> bool:

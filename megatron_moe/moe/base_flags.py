@@ -29,14 +29,17 @@ def validate(config) -> None:
     if config.moe_router_topk != 1:
         raise ConfigError(f"--moe-router-type base sends each token to exactly one expert: "
                           f"pass --moe-router-topk 1 (got {config.moe_router_topk})")
-    if config.moe_aux_loss_coeff != 0:
+    coeffs = config.moe_aux_loss_coeff if isinstance(config.moe_aux_loss_coeff, tuple) else (config.moe_aux_loss_coeff,)
+    if any(coeffs):
         raise ConfigError("--moe-router-type base balances loads exactly and has no auxiliary loss: "
-                          f"remove --moe-aux-loss-coeff {config.moe_aux_loss_coeff} (or set it to 0)")
+                          f"remove --moe-aux-loss-coeff {' '.join(map(str, coeffs))} (or set it to 0)")
 
 
 _EXACT = "every expert gets exactly its share of the tokens, none is dropped"
 # megatron's topk router flags that mean nothing here: flag dest -> why
 INAPPLICABLE = {
+    "moe_router_padding_for_fp8": "its dispatcher pads every expert's rows to the FP8 alignment under --fp8-format "
+                                  "by itself",
     "moe_z_loss_coeff": "its assignment is solved, not read from logits",
     "moe_router_dtype": "its token-centroid affinities are always computed in fp32",
     "moe_router_score_function": "its gate is sigmoid(token . centroid) of the assigned expert",
@@ -44,6 +47,8 @@ INAPPLICABLE = {
     "moe_expert_capacity_factor": _EXACT,
     "moe_token_drop_policy": _EXACT,
     "moe_pad_expert_input_to_capacity": _EXACT,
+    "moe_router_enable_expert_bias": _EXACT,
+    "moe_router_topk_scaling_factor": "its gate is sigmoid(token . centroid) of the assigned expert",
 }
 
 
@@ -53,13 +58,8 @@ def options_from_args(config) -> BaseOptions:
 
 def export(args) -> EvalRouting:
     """tools/convert_checkpoint.py export: BASE in evaluation mode (the balancing is training-only) sends each
-    token to the expert of largest ``h . c_e`` (fp32) with gate ``sigmoid(h . c_e)``: a sigmoid top-1
-    router without renormalisation, whose weight is the centroids. Except where two affinities have equal
-    fp32 sigmoids, which such a router cannot order."""
+    token to the top-1 of the fp32 sigmoid of ``h . c_e`` with gate ``sigmoid(h . c_e)``: a sigmoid top-1
+    router without renormalisation, whose weight is the centroids."""
     return EvalRouting(topk=1, score="sigmoid", renormalize=False, router_fp32=True, flags="--moe-router-type base",
                        router_tensor="centroids", remote_config={"moe_router_type": "base"},
-                       remote_flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"),
-                       native_note="the class takes BASE's expert as the top fp32 sigmoid of h . c, BASE the top h . c: "
-                                   "they differ where two of a token's sigmoids are equal in fp32 (affinities above "
-                                   "about 16.6, or within 6e-8 * e^a of each other); --remote-code exports BASE's "
-                                   "argmax (docs/conversion.md)")
+                       remote_flags=("--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"))

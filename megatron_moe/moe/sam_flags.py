@@ -67,6 +67,8 @@ def validate(config) -> Dict[str, object]:
 _OWN_CAPACITY = "SAM caps each group with --sam-capacity-factor"
 # megatron's topk router flags that mean nothing here: flag dest -> why
 INAPPLICABLE = {
+    "moe_router_padding_for_fp8": "its dispatcher pads every expert's rows to the FP8 alignment under --fp8-format "
+                                  "by itself",
     "moe_z_loss_coeff": "SAM's router losses are the --sam-*-loss-coeff ones",
     "moe_router_score_function": "SAM takes the softmax over all experts, then switches to a group",
     "moe_router_pre_softmax": "SAM takes the softmax over all experts, then switches to a group",
@@ -74,6 +76,8 @@ INAPPLICABLE = {
     "moe_token_drop_policy": _OWN_CAPACITY,
     "moe_pad_expert_input_to_capacity": _OWN_CAPACITY,
     "moe_permute_fusion": "SAM's dispatcher does its own permutation",
+    "moe_router_enable_expert_bias": "SAM balances with its --sam-*-balance-loss-coeff losses",
+    "moe_router_topk_scaling_factor": "SAM's gates are its softmax probabilities (--sam-renormalize-gates)",
 }
 
 

@@ -67,14 +67,22 @@ def _topk_export(args) -> EvalRouting:
     if groups is not None:
         flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", str(group_topk)]
         chosen += f" --moe-router-num-groups {groups} --moe-router-group-topk {group_topk}"
+    bias, scaling = args.moe_router_enable_expert_bias, args.moe_router_topk_scaling_factor
+    if bias:  # sigmoid only (arguments.moe): the bias moves the choice, not the gates
+        flags.append("--moe-router-enable-expert-bias")
+        chosen += " --moe-router-enable-expert-bias"
+    if scaling is not None:
+        flags += ["--moe-router-topk-scaling-factor", repr(scaling)]
+        chosen += f" --moe-router-topk-scaling-factor {scaling}"
     # megatron's sigmoid gates are renormalised when k > 1; its softmax ones unless taken before the top k
     renormalize = k > 1 if score == "sigmoid" else not pre_softmax
     return EvalRouting(
         topk=k, score=score, renormalize=renormalize, router_fp32=router_fp32(args), flags=chosen,
-        num_groups=groups, group_topk=group_topk, remote_flags=tuple(flags),
+        num_groups=groups, group_topk=group_topk, remote_flags=tuple(flags), expert_bias=bias, scaling_factor=scaling,
         remote_config={"moe_router_type": "topk", "moe_router_score_function": score,
                        "moe_router_pre_softmax": pre_softmax, "moe_router_num_groups": groups,
-                       "moe_router_group_topk": group_topk})
+                       "moe_router_group_topk": group_topk, "moe_router_enable_expert_bias": bias,
+                       "moe_router_topk_scaling_factor": scaling})
 
 
 TOPK = SchemeFlags("topk", export=_topk_export)

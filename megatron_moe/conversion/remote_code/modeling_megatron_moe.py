@@ -22,9 +22,10 @@ from .configuration_megatron_moe import MegatronMoeConfig
 
 
 def base_route(hidden: torch.Tensor, centroids: torch.Tensor):
-    """BASE at inference: the expert of largest affinity ``h . c_e`` (greedy, no balancing), gate
+    """BASE at inference: the expert of largest fp32 ``sigmoid(h . c_e)`` (greedy, no balancing), gate
     ``sigmoid(h . c_e)``. Returns (experts [T, 1], gates [T, 1], fp32)."""
-    experts = (hidden.float() @ centroids.float().t()).argmax(-1, keepdim=True)
+    affinities = nn.functional.linear(hidden.float(), centroids.float())
+    experts = torch.topk(torch.sigmoid(affinities), k=1, dim=-1, sorted=False)[1]
     gates = torch.sigmoid((hidden * centroids[experts[:, 0]]).sum(-1, keepdim=True).float())
     return experts, gates
 
@@ -46,10 +47,12 @@ def sam_route(logits: torch.Tensor, num_groups: int, topk: int, renormalize: boo
     return experts, gates
 
 
-def topk_route(logits: torch.Tensor, topk: int, score_function: str, pre_softmax: bool, num_groups, group_topk):
+def topk_route(logits: torch.Tensor, topk: int, score_function: str, pre_softmax: bool, num_groups, group_topk,
+               scaling_factor=None, expert_bias=None):
     """megatron-core's top-k router (evaluation): softmax before or after the top-k selection, or sigmoid
-    scores renormalised over the k chosen when k > 1; with ``group_topk``, the top k among the experts of
-    the ``group_topk`` groups whose best ``k / group_topk`` scores sum highest."""
+    scores renormalised over the k chosen when k > 1 (``expert_bias`` added to them for the choice only);
+    with ``group_topk``, the top k among the experts of the ``group_topk`` groups whose best
+    ``k / group_topk`` scores sum highest; the gates multiplied by ``scaling_factor``."""
 
     def select(scores):
         if not group_topk:
@@ -62,18 +65,26 @@ def topk_route(logits: torch.Tensor, topk: int, score_function: str, pre_softmax
         return torch.topk(scores.masked_fill(~score_mask.bool(), float("-inf")), k=topk, dim=-1)
 
     if score_function == "sigmoid":
-        scores, experts = select(torch.sigmoid(logits.float()).type_as(logits))
+        scores = torch.sigmoid(logits.float()).type_as(logits)
+        if expert_bias is not None:
+            _, experts = select(scores + expert_bias)
+            scores = torch.gather(scores, dim=1, index=experts).type_as(logits)
+        else:
+            scores, experts = select(scores)
         gates = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else scores
     elif pre_softmax:
         gates, experts = select(torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits))
     else:
         scores, experts = select(logits)
         gates = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(logits)
+    if scaling_factor:
+        gates = gates * scaling_factor
     return experts, gates
 
 
 class MegatronMoeSparseBlock(nn.Module):
-    """Routes each token to its experts (SwiGLU MLPs) and sums their outputs scaled by the gates."""
+    """Routes each token to its experts (SwiGLU MLPs) and sums their outputs scaled by the gates, plus the
+    shared expert's output (scaled by ``sigmoid(h . g)`` when gated), as megatron-core's MoE layer does."""
 
     def __init__(self, config: MegatronMoeConfig):
         super().__init__()
@@ -84,8 +95,15 @@ class MegatronMoeSparseBlock(nn.Module):
             self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         else:
             raise ValueError(f"moe_router_type {config.moe_router_type!r}: expected 'topk', 'base' or 'sam'")
+        if getattr(config, "moe_router_enable_expert_bias", False):
+            # trained state, kept in fp32 as megatron keeps it (MegatronMoeForCausalLM._keep_in_fp32_modules_strict)
+            self.expert_bias = nn.Buffer(torch.zeros(config.num_experts, dtype=torch.float32))
         self.experts = nn.ModuleList(Qwen2MoeMLP(config, intermediate_size=config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
+        shared = config.moe_shared_expert_intermediate_size
+        self.shared_expert = Qwen2MoeMLP(config, intermediate_size=shared) if shared else None
+        self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
+                                   if shared and config.moe_shared_expert_gate else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.moe_router_dtype == "fp32":  # megatron's --moe-router-dtype fp32
@@ -98,7 +116,8 @@ class MegatronMoeSparseBlock(nn.Module):
         if self.config.moe_router_type == "topk":
             c = self.config
             return topk_route(self.logits(hidden), c.num_experts_per_tok, c.moe_router_score_function,
-                              c.moe_router_pre_softmax, c.moe_router_num_groups, c.moe_router_group_topk)
+                              c.moe_router_pre_softmax, c.moe_router_num_groups, c.moe_router_group_topk,
+                              c.moe_router_topk_scaling_factor, getattr(self, "expert_bias", None))
         return sam_route(self.logits(hidden), self.config.sam_num_groups, self.config.num_experts_per_tok,
                          self.config.sam_renormalize_gates)
 
@@ -110,11 +129,17 @@ class MegatronMoeSparseBlock(nn.Module):
             rows, slot = (experts == expert).nonzero(as_tuple=True)
             scaled = self.experts[expert](hidden[rows]) * gates[rows, slot].unsqueeze(1).to(hidden.dtype)
             out.index_add_(0, rows, scaled)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(hidden))
+            out = out + shared
         return out.view(hidden_states.shape)
 
 
 class MegatronMoeForCausalLM(Qwen2MoeForCausalLM):
     config_class = MegatronMoeConfig
+    _keep_in_fp32_modules_strict = ["expert_bias"]
 
     def __init__(self, config: MegatronMoeConfig):
         super().__init__(config)
