@@ -548,11 +548,12 @@ def _learning_rate(job: TrainingJob) -> float:
 
 
 def _step_report(job: TrainingJob, batches: GlobalBatches, consumed_samples: int, logs: bool) -> StepReport:
-    """The iteration's batch, samples and loss scale; at log iterations the optional norms (collective)."""
+    """The iteration's batch, samples and loss scale; at log iterations the optional norms (collective).
+    The loss scale is read only under --fp16: it is 1 otherwise, and a read waits for the device."""
     args = job.args
     return StepReport(
         global_batch_size=batches.global_batch_size, consumed_samples=consumed_samples,
-        loss_scale=job.optimizer.get_loss_scale().item(),
+        loss_scale=job.optimizer.get_loss_scale().item() if args.fp16 else 1.0,
         num_zeros_in_grad=job.num_zeros_in_grad,
         params_norm=metrics.params_norm(model_modules(job)) if args.log_params_norm and logs else None)
 

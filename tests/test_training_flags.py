@@ -22,7 +22,7 @@ def _log_lines(result):
 
 
 def _values(lines, field):
-    return [float(re.search(rf" {field}: (\S+) \|", line).group(1)) for line in lines]
+    return [float(re.search(rf" {field}: +(\S+) \|", line).group(1)) for line in lines]
 
 
 @pytest.fixture(scope="module")
