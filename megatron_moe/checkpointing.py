@@ -77,11 +77,14 @@ DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "context_parallel_
                                 "expert_model_parallel_size", "expert_tensor_parallel_size")
 # megatron-core's OptimizerParamScheduler settings (its state-dict keys) -> the flags that set them
 SCHEDULER_SETTINGS = {
-    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size",
-    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
-    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
-    "wd_incr_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
-    "wd_incr_style": "constant",
+    "max_lr": "--lr", "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size, --lr-warmup-samples or --lr-warmup-fraction",
+    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size, or --lr-decay-samples "
+                      "(default --train-samples)",
+    "lr_decay_style": "--lr-decay-style", "start_wd": "--start-weight-decay or --weight-decay",
+    "end_wd": "--end-weight-decay or --weight-decay",
+    "wd_incr_steps": "--train-iters x --global-batch-size, or --train-samples",
+    "wd_incr_style": "--weight-decay-incr-style",
 }
 
 
@@ -95,6 +98,12 @@ def find_checkpoint(args: RunConfig) -> Optional[Path]:
         if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
             raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
                               "(or leave --load out to start from scratch)")
+        if args.exit_on_missing_checkpoint:  # Megatron-LM's: exit (status 0) instead of starting from scratch
+            if dist.get_rank() == 0:
+                print(f"> --load {args.load} holds no checkpoint yet and --exit-on-missing-checkpoint is given: "
+                      "exiting", flush=True)
+            dist.barrier()
+            raise SystemExit(0)
         return None
     return checkpoint_dir(args.load, iteration)
 
@@ -394,7 +403,12 @@ def load_checkpoint(job) -> Tuple[int, int]:
         _create_missing_adam_state(job.optimizer)
     template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng)
     try:  # only the read: an error of ours building the template or applying the state is no damaged file
-        loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
+        loaded = dist_checkpointing.load(template, str(directory), strict=args.dist_ckpt_strictness)
+        if isinstance(loaded, tuple):  # --dist-ckpt-strictness return_*: the mismatching keys come back too
+            loaded, missing, unexpected = loaded
+            if dist.get_rank() == 0:
+                print(f"> --load {directory}: {len(missing)} tensors of the model missing from the checkpoint, "
+                      f"{len(unexpected)} of the checkpoint not in the model", flush=True)
     except (Exception, CheckpointException) as error:
         raise _damaged(args, directory, error) from error
 

@@ -11,7 +11,13 @@ before the first step instead of a crash inside it.
 Batches are a pure function of the global sample index, so every layout reads the same global batch:
 micro batch ``j`` of data-parallel rank ``d`` holds samples ``(j * dp + d) * mbs ...`` of the global batch,
 as Megatron-LM's pretraining sampler lays them out. Resuming at ``consumed_samples`` therefore continues
-exactly where the interrupted run stopped.
+exactly where the interrupted run stopped, and a global batch that grows (``--rampup-batch-size``) takes the
+next micro batches of the same sequence. ``--num-workers`` loader processes read the samples ahead of the
+training process (torch's DataLoader, in order), as Megatron-LM's data loader does.
+
+The samples are megatron-core's, with Megatron-LM's options: ``--reset-position-ids``, ``--eod-mask-loss``,
+``--no-mmap-bin-files``, ``--allow-ambiguous-pad-tokens``. The loader never builds attention masks: the model
+masks causally by itself (``--no-create-attention-mask-in-dataloader`` is therefore always the case).
 """
 
 from __future__ import annotations
@@ -157,10 +163,11 @@ def _sample_index_cache(args, prefixes: List[str]) -> Optional[str]:
 
 
 def _dataset_sizes(args) -> List[int]:
-    """Samples each split must provide for the whole run (train, every validation, test)."""
+    """Samples each split must provide for the whole run (train, every validation, test), as Megatron-LM's
+    get_train_valid_test_num_samples counts them."""
     eval_runs = (args.train_iters // args.eval_interval if args.eval_interval else 0) + 1  # and the final one
     return [
-        args.train_iters * args.global_batch_size,
+        args.train_samples or args.train_iters * args.global_batch_size,
         eval_runs * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
@@ -190,11 +197,12 @@ def build_datasets(args, tokenizer):
         blend=blend,
         split=args.split,
         path_to_cache=args.data_cache_path if blend is None else _sample_index_cache(args, blend[0]),
-        reset_position_ids=False,
+        reset_position_ids=args.reset_position_ids,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,
-        mmap_bin_files=True,
+        mmap_bin_files=args.mmap_bin_files,
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
     )
     dataset_class = MockGPTDataset if args.mock_data else GPTDataset
     if blend is not None:
@@ -211,11 +219,27 @@ def build_datasets(args, tokenizer):
     return datasets
 
 
-def micro_batches(dataset, args, first_sample: int, data_parallel_rank: int) -> Iterator[Dict[str, torch.Tensor]]:
-    """This rank's micro batches, from global sample ``first_sample`` on."""
+def micro_batches(dataset, args, first_sample: int, data_parallel_rank: int,
+                  num_workers: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+    """This rank's micro batches, from global sample ``first_sample`` on, read by ``num_workers`` loader
+    processes (0: by this one)."""
+    indices = _rank_sample_indices(args, first_sample, data_parallel_rank)
+    if num_workers == 0:
+        for batch in indices:
+            yield _collate([dataset[i] for i in batch])
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_sampler=indices, num_workers=num_workers,
+                                           collate_fn=_collate, pin_memory=torch.cuda.is_available())
+
+
+def _rank_sample_indices(args, first_sample: int, data_parallel_rank: int) -> Iterator[List[int]]:
+    """The global sample indices of this rank's micro batches (Megatron-LM's MegatronPretrainingSampler)."""
     step = args.micro_batch_size * args.data_parallel_size
     start = first_sample + data_parallel_rank * args.micro_batch_size
     while True:
-        samples = [dataset[i] for i in range(start, start + args.micro_batch_size)]
-        yield {key: torch.from_numpy(numpy.stack([s[key] for s in samples])) for key in samples[0]}
+        yield list(range(start, start + args.micro_batch_size))
         start += step
+
+
+def _collate(samples) -> Dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(numpy.stack([s[key] for s in samples])) for key in samples[0]}

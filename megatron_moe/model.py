@@ -102,11 +102,22 @@ def _list_if_several(value):
 def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
     """The megatron-core TransformerConfig (plus our routing fields) a run config describes."""
     moe = args.num_experts is not None
+    te = args.transformer_impl == "transformer_engine"
     interleaved = args.virtual_pipeline_model_parallel_size is not None
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     fp8 = {}
     if args.fp8_format is not None:
-        fp8 = dict(fp8=args.fp8_format, fp8_recipe="delayed")
+        fp8 = dict(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_param=args.fp8_param_gather,
+                   fp8_margin=args.fp8_margin, fp8_interval=args.fp8_interval,
+                   fp8_amax_history_len=args.fp8_amax_history_len, fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+                   fp8_wgrad=args.fp8_wgrad)
+    tp_comm_overlap = {}
+    if te and args.tp_comm_overlap:  # Transformer Engine's userbuffers (the local spec has none)
+        tp_comm_overlap = dict(
+            tp_comm_overlap=True, tp_comm_bulk_wgrad=args.tp_comm_bulk_wgrad, tp_comm_bulk_dgrad=args.tp_comm_bulk_dgrad,
+            tp_comm_overlap_ag=args.tp_comm_overlap_ag, tp_comm_overlap_rs=args.tp_comm_overlap_rs,
+            tp_comm_overlap_rs_dgrad=args.tp_comm_overlap_rs_dgrad, tp_comm_split_ag=args.tp_comm_split_ag,
+            tp_comm_split_rs=args.tp_comm_split_rs, tp_comm_bootstrap_backend=args.tp_comm_bootstrap_backend)
     moe_options = {}
     if moe:
         moe_options = dict(
@@ -119,8 +130,10 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
             moe_expert_capacity_factor=args.moe_expert_capacity_factor,
             moe_token_drop_policy=args.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-            moe_grouped_gemm=args.moe_grouped_gemm,
-            moe_permute_fusion=args.moe_permute_fusion,
+            # Transformer Engine kernels: the local spec runs without them (speed only)
+            moe_grouped_gemm=args.moe_grouped_gemm and te,
+            moe_permute_fusion=args.moe_permute_fusion and te,
+            moe_router_fusion=args.moe_router_fusion and te,
             moe_router_padding_for_fp8=args.moe_router_padding_for_fp8,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=args.moe_shared_expert_gate,
@@ -173,11 +186,20 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         moe_router_type=args.moe_router_type if moe else None,
         moe_routing_options=ROUTING_SCHEMES[args.moe_router_type].flags.options_from_args(args) if moe else None,
         bf16=args.bf16,
+        fp16=args.fp16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         variable_seq_lengths=moe and args.pipeline_model_parallel_size > 1,
         attention_backend=AttnBackend[args.attention_backend],
+        # Megatron-LM passes its flag (default off) over megatron-core's default (on); layer scaling implies it
+        attention_softmax_in_fp32=args.attention_softmax_in_fp32 or args.apply_query_key_layer_scaling,
+        apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
+        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
+        deterministic_mode=args.deterministic_mode,
+        disable_bf16_reduced_precision_matmul=args.disable_bf16_reduced_precision_matmul,
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
@@ -195,6 +217,7 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         deallocate_pipeline_outputs=True,
         **moe_options,
         **fp8,
+        **tp_comm_overlap,
     )
 
 
@@ -221,15 +244,16 @@ def build_model(config: GPTMoEConfig, args: RunConfig, vp_stage: Optional[int] =
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         vp_stage=vp_stage,
     )
     reduce_experts_over_expert_data_parallel(model, config)
     initialize_weights(model, config, args.seed)
     mask_padded_vocabulary(model, args.tokenizer_vocab_size)
-    if config.bf16:
+    if config.bf16 or config.fp16:
         # what Megatron-LM's Float16Module does to the parameters: a few (the learned position embedding)
         # are created in fp32 whatever params_dtype says
-        model = model.bfloat16()
+        model = model.to(config.params_dtype)
     return model
 
 

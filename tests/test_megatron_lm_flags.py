@@ -1,6 +1,8 @@
-"""Every flag we share with Megatron-LM has its default, its spellings and (a subset of) its choices, as
-Megatron-LM's own parser holds them (tests/megatron_lm/flags_core_v0.16.1.json, written by
-tests/megatron_lm/derive_flags.py); each exception is listed here, once, with its reason."""
+"""Every flag we share with Megatron-LM has its default, its spellings and its choices, as Megatron-LM's own
+parser holds them (tests/megatron_lm/flags_core_v0.16.1.json, written by tests/megatron_lm/derive_flags.py);
+each exception is listed here, once, with its reason. Every other Megatron-LM flag is in the package's
+catalogue (megatron_moe/arguments/megatron_lm.py) and refused in one line, and docs/megatron_lm_flags.md is
+the table generated from both."""
 
 import argparse
 import json
@@ -8,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import REPO
-from megatron_moe.arguments import build_parser
+from launcher import REPO, TINY_MOE, assert_one_line_error, launch
+from megatron_moe.arguments import ConfigError, build_parser, parse_args
+from megatron_moe.arguments.megatron_lm import OURS, REFUSED, REFUSED_CHOICES, is_refused
 
 TABLE = json.loads((Path(__file__).parent / "megatron_lm" / "flags_core_v0.16.1.json").read_text())["flags"]
 
@@ -20,32 +23,14 @@ DIFFERENT_DEFAULTS = {
     "--distributed-backend": "Megatron-LM: nccl. Ours: nccl on CUDA, gloo on CPU, where NCCL cannot run",
 }
 
-# Choices of Megatron-LM's we do not offer (argparse names the valid ones): flag -> those choices.
-CHOICES_NOT_OFFERED = {
-    "--position-embedding-type": {"mrope", "relative", "none"},
-    "--transformer-impl": {"inference_optimized"},
-    "--moe-router-load-balancing-type": {"global_aux_loss"},
-    "--moe-token-dispatcher-type": {"flex"},
-    "--tokenizer-type": {"BertWordPieceLowerCase", "BertWordPieceCase", "SentencePieceTokenizer",
-                         "GPTSentencePieceTokenizer", "Llama2Tokenizer", "TikTokenizer", "MultimodalTokenizer",
-                         "NullMultimodalTokenizer", "SFTTokenizer"},
-}
-
-# Flags Megatron-LM lacks: ours.
-OUR_FLAGS = {
-    "--device", "--moe-router-type", "--log-expert-load", "--no-log-expert-load", "--skip-nan-iterations",
-    "--max-consecutive-skipped-iterations", "--max-skipped-iterations", "--no-verify-checkpoint",
-    # the routing schemes' own (megatron_moe/moe/*_flags.py)
-    "--base-shuffle", "--no-base-shuffle", "--sam-num-groups", "--sam-renormalize-gates",
-    "--sam-group-balance-loss-coeff", "--sam-expert-balance-loss-coeff", "--sam-alignment-loss-coeff",
-    "--sam-capacity-factor",
-}
-
 _BOOLEAN = (argparse._StoreTrueAction, argparse._StoreFalseAction)
+_PARSER = build_parser()
 
 
 def _ours():
-    return [action for action in build_parser()._actions if action.option_strings and action.dest != "help"]
+    """The flags we declare (not the refused ones the catalogue adds)."""
+    return [action for action in _PARSER._actions
+            if action.option_strings and action.dest != "help" and not is_refused(action)]
 
 
 def _shared():
@@ -66,7 +51,42 @@ def _same_default(ours, theirs) -> bool:
 
 def test_our_flags_are_megatron_lms_or_listed_as_ours():
     flags = {flag for action in _ours() for flag in action.option_strings}
-    assert flags - set(TABLE) == OUR_FLAGS
+    assert flags - set(TABLE) == OURS
+
+
+def test_every_megatron_lm_flag_is_declared_or_refused_by_the_catalogue():
+    declared = {flag for action in _ours() for flag in action.option_strings}
+    assert not set(REFUSED) & declared, "declared now: delete these from megatron_moe/arguments/megatron_lm.py"
+    assert set(REFUSED) <= set(TABLE), "not Megatron-LM's"
+    assert set(TABLE) - declared == set(REFUSED), "neither declared nor in the catalogue (argparse would say " \
+                                                   "'unrecognized arguments')"
+
+
+@pytest.mark.parametrize("flag", sorted(REFUSED))
+def test_a_refused_flag_stops_the_parse_with_its_reason(flag):
+    with pytest.raises(ConfigError) as refused:
+        _PARSER.parse_args([flag, "1"])  # a value or none: refused either way
+    assert str(refused.value) == f"{flag} (Megatron-LM's) is not supported here: {REFUSED[flag]}"
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("flag, choice", [(flag, choice) for flag, choices in REFUSED_CHOICES.items()
+                                          for choice in choices])
+def test_a_refused_choice_is_refused_with_its_reason(flag, choice):
+    with pytest.raises(ConfigError, match=f"^{flag} {choice} \\(Megatron-LM's\\) is not supported here: "):
+        parse_args(TINY_MOE + ["--train-iters", "1", flag, str(choice)])
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--multi-latent-attention", "--q-lora-rank", "512"], ["--multi-latent-attention", "MLA", "not implemented"]),
+    (["--moe-token-dispatcher-type", "flex"], ["--moe-token-dispatcher-type flex", "DeepEP", "alltoall"]),
+    (["--moe-flex-dispatcher-backend", "deepep"], ["--moe-flex-dispatcher-backend", "DeepEP"]),
+    (["--ckpt-format", "fsdp_dtensor"], ["--ckpt-format fsdp_dtensor", "torch_dist"]),
+    (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "Qwen/Qwen3-30B-A3B"],
+     ["--tokenizer-model Qwen/Qwen3-30B-A3B", "Hugging Face model id", "nothing is downloaded", "local directory"]),
+])
+def test_pretrain_refuses_what_it_cannot_do_in_one_line(flags, fragments):
+    assert_one_line_error(launch([*TINY_MOE, "--train-iters", "1", *flags]), *fragments)
 
 
 @pytest.mark.parametrize("action", _shared(), ids=lambda action: action.option_strings[0])
@@ -88,15 +108,14 @@ def test_shared_flag_has_megatron_lms_default_spellings_and_choices(action):
     if theirs.get("type") in ("int", "float"):
         accepted = {"int": (int, float), "float": (float,)}[theirs["type"]]
         assert action.type in accepted, f"{flag} takes a {theirs['type']} in Megatron-LM"
-    if "choices" in theirs:
-        ours, megatron = set(map(str, action.choices or ())), set(map(str, theirs["choices"]))
-        assert action.choices is not None and ours <= megatron, (flag, ours - megatron)
-        assert megatron - ours == CHOICES_NOT_OFFERED.get(flag, set())
+    if "choices" in theirs:  # Megatron-LM's, those we refuse included (the catalogue adds them)
+        assert set(map(str, action.choices or ())) == set(map(str, theirs["choices"]))
+        assert set(map(str, REFUSED_CHOICES.get(flag, ()))) < set(map(str, theirs["choices"]))
 
 
 def test_the_exception_lists_name_shared_flags():
     shared = {action.option_strings[0] for action in _shared()}
-    assert set(DIFFERENT_DEFAULTS) | set(CHOICES_NOT_OFFERED) <= shared
+    assert set(DIFFERENT_DEFAULTS) | set(REFUSED_CHOICES) <= shared
 
 
 def test_the_documentation_lists_the_different_defaults():

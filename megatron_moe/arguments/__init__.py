@@ -1,8 +1,9 @@
 """Command line: Megatron-LM's flag names and meanings, validated into one frozen :class:`RunConfig`.
 
 A Megatron-LM launch script should need only its script name changed. Flags we add are few:
-``--device``, ``--transformer-impl``, ``--moe-router-type`` and the options of each routing scheme
-(``megatron_moe.moe.scheme_flags``).
+``--device``, ``--moe-router-type`` and the options of each routing scheme (``megatron_moe.moe.scheme_flags``),
+a few run controls (:data:`megatron_moe.arguments.megatron_lm.OURS`). Megatron-LM's flags that we do not
+implement are refused in one line with the reason (:mod:`megatron_moe.arguments.megatron_lm`).
 
 Each area's flags live in one module with their bounds and their validation (:data:`AREAS`: model, MoE,
 parallelism, recomputation, training, data, logging, checkpoints, runtime); a new flag is one edit there.
@@ -35,6 +36,7 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
 from megatron_moe.arguments import checkpoints, data, logs, model, moe, parallel, recompute, runtime, training
 from megatron_moe.arguments.flags import (ARCHITECTURE, MODEL, RUN, TOKENIZER, check_flags, field_metadata,
                                           flag_actions)
+from megatron_moe.arguments.megatron_lm import add_refused_flags
 from megatron_moe.arguments.model import padded_vocab_size
 from megatron_moe.arguments.moe import moe_layer_pattern
 from megatron_moe.arguments.runtime import ATTENTION_BACKENDS
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for area in AREAS:
         area.add_arguments(parser)
+    add_refused_flags(parser)  # last: the catalogue's flags the areas do not declare
     return parser
 
 

@@ -1,6 +1,6 @@
 """How an area declares its flags: an argument group with a category, and on each flag (or the whole group)
 what can be checked of it alone: its valid range, whether it needs Transformer Engine, the flag without
-which it would be ignored.
+which it would be ignored, and where it has no effect.
 
 A flag is declared once, in its area's module, with everything about it::
 
@@ -19,8 +19,9 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
+from megatron_moe.arguments.megatron_lm import REFUSED_CHOICES
 from megatron_moe.errors import ConfigError
 
 # What a checkpoint's config means for --load and export, per argument group:
@@ -73,6 +74,21 @@ def between(low, high, high_open: bool = False) -> Bound:
 Requirement = Tuple[str, str]
 
 
+@dataclass(frozen=True)
+class NoEffect:
+    """A flag accepted where it cannot act: a speed-only flag in a layout that cannot use it, a logging or
+    tokenizer detail this project has no use for. ``acts``: where it does act, for the documentation
+    ("" where it never does); ``idle(config, device)``: why it has no effect in this run, or None where it
+    acts. Given where it has no effect, the run prints one info line saying so (:func:`note_no_effect`)."""
+
+    acts: str
+    idle: Callable[[Any, str], Optional[str]]
+
+    @classmethod
+    def never(cls, why: str) -> "NoEffect":
+        return cls("", lambda config, device: why)
+
+
 class FlagGroup:
     """An argument group of one category; :meth:`add` is ``add_argument`` plus the flag's own checks.
     ``requires``: every flag of the group but that one needs it (flags added to :attr:`group` directly too)."""
@@ -85,14 +101,20 @@ class FlagGroup:
 
     def add(self, *names: str, valid: Union[Bound, Sequence[Bound], None] = None,
             needs_transformer_engine: bool = False, requires: Optional[Requirement] = None,
-            **kwargs) -> argparse.Action:
+            no_effect: Optional[NoEffect] = None, **kwargs) -> argparse.Action:
         """``valid``: the bound(s) its value must be within, checked in order. ``needs_transformer_engine``:
         anything but its default needs ``--transformer-impl transformer_engine``. ``requires``: anything but
-        its default needs that flag set."""
+        its default needs that flag set. ``no_effect``: where it is accepted without effect. Megatron-LM's
+        choices of the flag that we refuse (``megatron_lm.REFUSED_CHOICES``) are added to ``choices``, so
+        that giving one is refused with its reason rather than by argparse."""
+        refused = REFUSED_CHOICES.get(names[0], {})
+        if refused:
+            kwargs["choices"] = [*kwargs["choices"], *refused]
         action = self.group.add_argument(*names, **kwargs)
         action.bounds = (valid,) if isinstance(valid, Bound) else tuple(valid or ())
         action.needs_transformer_engine = needs_transformer_engine
         action.requires = requires
+        action.no_effect = no_effect
         return action
 
 
@@ -110,17 +132,21 @@ def field_metadata(action: argparse.Action, group: argparse._ArgumentGroup) -> D
             # how a given value is spelled: --no-X for a negatable switch turned off
             "off": f"--no-{flag[2:]}" if isinstance(action, argparse.BooleanOptionalAction) else flag,
             "needs_transformer_engine": getattr(action, "needs_transformer_engine", False),
-            "requires": requires if requires and requires[0] != action.dest else None}
+            "requires": requires if requires and requires[0] != action.dest else None,
+            "no_effect": getattr(action, "no_effect", None)}
 
 
 def check_flags(config) -> None:
-    """Every flag within its bounds (a bad value otherwise surfaces as a traceback much later), and none
-    given that would be ignored."""
+    """Every flag within its bounds (a bad value otherwise surfaces as a traceback much later), none given
+    with a choice of Megatron-LM's that we refuse, and none given that would be ignored."""
     for field in dataclasses.fields(config):
         if "flag" not in field.metadata:
             continue  # a derived value
         value = getattr(config, field.name)
         flag = field.metadata["off" if value is False else "flag"]
+        for choice in value if isinstance(value, tuple) else (value,):
+            why = REFUSED_CHOICES.get(field.metadata["flag"], {}).get(choice)
+            require(why is None, f"{flag} {choice} (Megatron-LM's) is not supported here: {why}")
         for bound in field.metadata["bounds"]:
             problem = bound.problem(value)
             require(problem is None, f"{flag} {problem}")
@@ -129,6 +155,17 @@ def check_flags(config) -> None:
             needed, without = requires
             require(getattr(config, needed), f"{flag} needs {flag_name(needed)} ({without}); give "
                                               f"{flag_name(needed)} or remove {flag}")
+
+
+def note_no_effect(config, device: str) -> None:
+    """One info line (first rank) for each flag given that has no effect in this run, saying why."""
+    for field in dataclasses.fields(config):
+        no_effect = field.metadata.get("no_effect")
+        if no_effect is not None and given(config, field.name):
+            why = no_effect.idle(config, device)
+            if why is not None:
+                flag = field.metadata["off" if getattr(config, field.name) is False else "flag"]
+                info(f"{flag} has no effect here: {why}")
 
 
 def default_of(config, dest: str):
@@ -145,6 +182,12 @@ def warn(message: str) -> None:
     not expect."""
     if os.environ.get("RANK", "0") == "0":
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    """One line on stdout, from the first rank only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"info: {message}", flush=True)
 
 
 def require(condition: bool, message: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
-from megatron_moe.arguments.flags import (ARCHITECTURE, MODEL, FlagGroup, above, at_least, between, default_of, given,
-                                          require, warn)
+from megatron_moe.arguments.flags import (ARCHITECTURE, MODEL, FlagGroup, NoEffect, above, at_least, between,
+                                          default_of, given, require, warn)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                "Megatron-LM, also in MoE models")
     g.add("--add-qkv-bias", action="store_true",
           help="biases on the query/key/value projection only (Qwen2's attention), also in MoE models")
+    g.add("--apply-layernorm-1p", action="store_true",
+          help="zero-centred norm weights: the norms scale by (1 + weight), the weights start at 0")
     g.add("--qk-layernorm", action="store_true",
           help="normalise each head's queries and keys (--normalization, one weight of head width shared by the "
                "heads) before the rotary embedding: Qwen3's and OLMo-2's per-head q/k norm")
@@ -48,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--init-method-std", type=float, default=0.02, valid=at_least(0))
     g.add("--hidden-dropout", type=float, default=0.1, valid=between(0.0, 1.0))
     g.add("--attention-dropout", type=float, default=0.1, valid=between(0.0, 1.0))
+    g.add("--use-cpu-initialization", action="store_true",
+          no_effect=NoEffect.never("every weight is drawn on the host anyway, by a generator of its own, the same in "
+                                   "every parallel layout"))
+    g.add("--no-position-embedding", dest="add_position_embedding", action="store_false",
+          no_effect=NoEffect.never("deprecated in Megatron-LM: with --position-embedding-type rope there is no "
+                                   "position-embedding table to leave out"),
+          help="deprecated in Megatron-LM: accepted with --position-embedding-type rope, refused otherwise")
+    g.add("--rope-type", choices=["rope"], default=None, help="rope (standard attention's only kind)")
 
 
 def validate(c) -> Dict[str, Any]:
@@ -68,6 +78,10 @@ def validate(c) -> Dict[str, Any]:
         warn(f"--num-query-groups {c.num_query_groups} is ignored without --group-query-attention (as in "
              f"Megatron-LM): every one of the {c.num_attention_heads} attention heads has its own keys and values")
         filled["num_query_groups"] = default_of(c, "num_query_groups")
+    # Megatron-LM raises on it: a model without position embeddings (NoPE) is not offered
+    require(c.add_position_embedding or c.position_embedding_type == "rope",
+            "--no-position-embedding is deprecated (Megatron-LM refuses it without rope): give "
+            "--position-embedding-type rope or learned_absolute instead")
     max_positions = c.max_position_embeddings or c.seq_length
     require(c.seq_length <= max_positions or c.position_embedding_type == "rope",
             f"--seq-length {c.seq_length} exceeds --max-position-embeddings {max_positions}")

@@ -7,14 +7,20 @@ import argparse
 import ast
 from typing import Any, Dict, List, Optional
 
-from megatron_moe.arguments.flags import (ARCHITECTURE, MODEL, RUN, FlagGroup, above, at_least, flag_name, given,
-                                          require)
+from megatron_moe.arguments.flags import (ARCHITECTURE, MODEL, RUN, FlagGroup, NoEffect, above, at_least, flag_name,
+                                          given, require)
 from megatron_moe.errors import ConfigError
 from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
 
 
 # Every MoE flag (the routing schemes' too) but --num-experts: refused on a dense model, which would ignore it
 MOE_ONLY = ("num_experts", "without it the model is dense and the flag would be ignored")
+
+
+# speed-only MoE kernels of Transformer Engine: accepted on the local spec, where they cannot act
+_TE_ONLY = NoEffect("with --transformer-impl transformer_engine",
+                    lambda c, device: "it is a Transformer Engine kernel, and the local spec "
+                                      "(--transformer-impl local) has none" if c.transformer_impl == "local" else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,11 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             scheme.add_arguments(g.group)
 
     g = FlagGroup(parser, "mixture of experts: kernels", RUN, requires=MOE_ONLY)
-    g.add("--moe-grouped-gemm", action="store_true", needs_transformer_engine=True,
-          help="all local experts in one grouped GEMM (Transformer Engine's TEGroupedMLP; "
-               "needs --transformer-impl transformer_engine)")
-    g.add("--moe-permute-fusion", action="store_true", needs_transformer_engine=True,
+    g.add("--moe-grouped-gemm", action="store_true", no_effect=_TE_ONLY,
+          help="all local experts in one grouped GEMM (Transformer Engine's TEGroupedMLP; the local spec runs "
+               "one GEMM per expert)")
+    g.add("--moe-permute-fusion", action="store_true", no_effect=_TE_ONLY,
           help="fused token permutation in megatron's dispatchers (Transformer Engine kernels; topk and base)")
+    g.add("--moe-router-fusion", action="store_true", no_effect=_TE_ONLY,
+          help="fused top-k routing and aux-loss computation (Transformer Engine 2.7+ kernels; topk)")
     g.add("--moe-router-padding-for-fp8", action="store_true",
           help="topk with --fp8-format: pad the routing map so that every expert gets a multiple of 16 tokens "
                "(gate 0), sparing the experts' own FP8 padding; the BASE and SAM dispatchers always align under "

@@ -78,7 +78,7 @@ def _in_background(check, directory: Path):
 def _write_folder(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
                   dtype: Optional[str], verification: Optional[Future]) -> List[str]:
     tokenizer = build_tokenizer(args)
-    vocab = tokenizer.vocab_size
+    vocab = tokenizer.model_vocab_size
     if args.tokenizer_vocab_size is not None and vocab != args.tokenizer_vocab_size:
         raise ConversionError(f"the tokenizer has {vocab} tokens, the checkpoint was trained with "
                               f"{args.tokenizer_vocab_size}; give its tokenizer flags after --")

@@ -445,6 +445,8 @@ def check_exportable(args) -> None:
     _require(args.swiglu, "--swiglu is off: the exported classes use SwiGLU experts")
     _require(args.disable_bias_linear, "--disable-bias-linear is off: the model's linear layers have biases, the "
              "exported classes have none (export a model trained with --disable-bias-linear)")
+    _require(not getattr(args, "apply_layernorm_1p", False),
+             "--apply-layernorm-1p: the model's norms scale by 1 + weight, the exported classes' by the weight")
     _require(getattr(args, "fp8_format", None) is None,
              f"--fp8-format {args.fp8_format}: our model computes its GEMMs in FP8, the exported classes cannot")
 

@@ -22,13 +22,13 @@ def main(out: str, iterations, argv) -> None:
     open_counter = []
     train_step = training.train_step
 
-    def counted_step(job, micro_batch_iter, iteration=0):
+    def counted_step(job, micro_batch_iter, iteration=0, *rest):
         if open_counter:
             open_counter.pop().__exit__(None, None, None)
         if iteration in iterations:
             counters[iteration] = HostSyncCounter().__enter__()
             open_counter.append(counters[iteration])
-        return train_step(job, micro_batch_iter, iteration)
+        return train_step(job, micro_batch_iter, iteration, *rest)
 
     training.train_step = counted_step
     losses = training.train(training.setup(argv))

@@ -49,9 +49,9 @@ def main() -> int:
 
     train_step = training.train_step
 
-    def counting_train_step(job, micro_batch_iter, iteration=0):
+    def counting_train_step(job, micro_batch_iter, iteration=0, *rest):
         state["iteration"] = iteration
-        return train_step(job, micro_batch_iter, iteration)
+        return train_step(job, micro_batch_iter, iteration, *rest)
 
     def after_iteration(iteration, losses):
         state["parameter_sums"][iteration] = sum(p.double().sum().item() for p in state["job"].model[0].module.parameters())
