@@ -33,7 +33,7 @@ OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 4 pretrain_gpt_moe.py \
     --num-experts 4 --moe-ffn-hidden-size 256 --moe-layer-freq 1 "${ROUTER_ARGS[@]}" \
     "${PARALLEL_ARGS[@]}" --use-distributed-optimizer \
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
-    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((ITERS / 10)) --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
     --adam-beta1 0.9 --adam-beta2 0.95 --hidden-dropout 0.0 --attention-dropout 0.0 --seed 1234 \
     "${DATA_ARGS[@]}" \
     --log-interval 10 --eval-interval 100 --eval-iters 5 \
