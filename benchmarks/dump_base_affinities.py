@@ -19,7 +19,7 @@ from megatron_moe.training import setup, train
 if __name__ == "__main__":
     out, argv = sys.argv[1], sys.argv[2:]
     job = setup(argv)
-    router = next(module for module in job.model.module.modules() if isinstance(module, BaseRouter))
+    router = next(module for module in job.model[0].module.modules() if isinstance(module, BaseRouter))
     captured = {}
     solve = router.assign
 

@@ -35,19 +35,21 @@ REPO = Path(__file__).resolve().parents[1]
 HIDDEN, EXPERTS, FFN, TOKENS_PER_RANK = 256, 16, 512, 2048
 SCHEMES = {
     "sam": lambda ep: ["--moe-router-type", "sam", "--sam-num-groups", str(ep)],
-    "topk": lambda ep: ["--moe-router-type", "topk"],
-    "group-limited": lambda ep: ["--moe-router-type", "topk", "--moe-router-num-groups", str(ep),
-                                 "--moe-router-group-topk", "1"],
+    "topk": lambda ep: ["--moe-router-type", "topk", "--moe-token-dispatcher-type", "alltoall"],
+    "group-limited": lambda ep: ["--moe-router-type", "topk", "--moe-token-dispatcher-type", "alltoall",
+                                 "--moe-router-num-groups", str(ep), "--moe-router-group-topk", "1"],
 }
 
 
 def model_flags(ep: int, topk: int, scheme: str):
     return ["--num-layers", "1", "--hidden-size", str(HIDDEN), "--num-attention-heads", "4",
-            "--seq-length", "32", "--swiglu", "--normalization", "RMSNorm", "--num-experts", str(EXPERTS),
+            "--seq-length", "32", "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
+            "--num-experts", str(EXPERTS),
             "--moe-ffn-hidden-size", str(FFN), "--moe-router-topk", str(topk), "--moe-aux-loss-coeff", "0",
             "--sam-group-balance-loss-coeff", "0", "--sam-expert-balance-loss-coeff", "0",
             "--sam-alignment-loss-coeff", "0", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
-            "--mock-data", "--vocab-size", "1000", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000", "--hidden-dropout", "0",
+            "--attention-dropout", "0",
             "--device", "cpu", "--expert-model-parallel-size", str(ep), *SCHEMES[scheme](ep)]
 
 
@@ -60,7 +62,7 @@ def worker(out: str, iters: int, argv):
     from megatron_moe.training import setup
 
     job = setup(argv)
-    layer = job.model.module.decoder.layers[0].mlp
+    layer = job.model[0].module.decoder.layers[0].mlp
     generator = torch.Generator().manual_seed(100 + dist.get_rank())
     tokens = torch.randn(TOKENS_PER_RANK, 1, HIDDEN, generator=generator)
     comm_stats.timing = True

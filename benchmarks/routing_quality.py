@@ -52,7 +52,8 @@ DATA = REPO / "data"
 
 MODEL = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
-    "--max-position-embeddings", "128", "--normalization", "RMSNorm", "--swiglu",
+    "--max-position-embeddings", "128", "--normalization", "RMSNorm", "--swiglu", "--ffn-hidden-size", "512",
+    "--disable-bias-linear", "--moe-token-dispatcher-type", "alltoall",
     "--position-embedding-type", "rope", "--num-experts", "8", "--hidden-dropout", "0",
     "--attention-dropout", "0", "--micro-batch-size", "8", "--global-batch-size", "16",
     "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "10", "--lr-decay-style", "cosine",
@@ -60,7 +61,8 @@ MODEL = [
 ]
 SMOKE_MODEL = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
-    "--max-position-embeddings", "64", "--normalization", "RMSNorm", "--swiglu",
+    "--max-position-embeddings", "64", "--normalization", "RMSNorm", "--swiglu", "--ffn-hidden-size", "256",
+    "--disable-bias-linear", "--moe-token-dispatcher-type", "alltoall",
     "--position-embedding-type", "rope", "--num-experts", "8", "--hidden-dropout", "0",
     "--attention-dropout", "0", "--micro-batch-size", "4", "--global-batch-size", "8",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
@@ -129,8 +131,13 @@ def summarize_run(flags: List[str], k: int, start: float, scalars: Dict[str, lis
     """The figures of one run from its scalars (see the module docstring)."""
     tokens_per_iter = int(flag_value(flags, "--global-batch-size")) * int(flag_value(flags, "--seq-length"))
     log_interval = int(flag_value(flags, "--log-interval"))
+    interval = int(flag_value(flags, "--eval-interval"))
+    periodic = {}  # the validations every --eval-interval (the final one, after the last iteration, left out)
+    for step, wall, value in scalars["validation lm loss"]:
+        if step % interval == 0:
+            periodic.setdefault(step, (wall, value))
     validation = [{"iteration": step, "tokens": step * tokens_per_iter, "seconds": wall - start, "loss": value}
-                  for step, wall, value in scalars["validation lm loss"]]
+                  for step, (wall, value) in periodic.items()]
     throughput = [value for _, _, value in scalars["throughput (tokens/s)"]][1:] or \
                  [value for _, _, value in scalars["throughput (tokens/s)"]]
     layers = sorted({tag.split("/")[1] for tag in scalars if tag.startswith("expert-load/")})

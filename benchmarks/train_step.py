@@ -43,7 +43,8 @@ WORKER = Path(__file__).resolve().parent / "_train_step_worker.py"
 # PP=4 has one per stage, 8 experts so EP=4 has two per rank, 8 micro batches so PP has a pipeline to fill.
 MODEL = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
-    "--max-position-embeddings", "128", "--swiglu", "--normalization", "RMSNorm", "--num-experts", "8",
+    "--max-position-embeddings", "128", "--swiglu", "--ffn-hidden-size", "512", "--disable-bias-linear",
+    "--normalization", "RMSNorm", "--num-experts", "8",
     "--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "1e-4", "--lr-warmup-iters", "0",
     "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "1000000", "--eval-iters", "1",
@@ -52,7 +53,8 @@ MODEL = [
 # Per routing scheme: BASE routes to one expert with no auxiliary loss; SAM's 4 groups of 2 experts are a
 # multiple of every EP size here, so all rows train the same SAM model.
 ROUTERS = {
-    "topk": ["--moe-router-type", "topk", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01"],
+    "topk": ["--moe-router-type", "topk", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01",
+             "--moe-token-dispatcher-type", "alltoall"],
     "base": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"],
     "sam": ["--moe-router-type", "sam", "--moe-router-topk", "2", "--sam-num-groups", "4"],
 }

@@ -15,7 +15,8 @@ else
 fi
 
 case "$ROUTER" in
-    topk) ROUTER_ARGS=(--moe-router-type topk --moe-router-topk 2 --moe-aux-loss-coeff 0.01) ;;
+    topk) ROUTER_ARGS=(--moe-router-type topk --moe-router-topk 2 --moe-aux-loss-coeff 0.01
+                       --moe-token-dispatcher-type alltoall) ;;
     base) ROUTER_ARGS=(--moe-router-type base --moe-router-topk 1) ;;
     sam)  ROUTER_ARGS=(--moe-router-type sam --sam-num-groups 2 --moe-router-topk 2) ;;
     *) echo "ROUTER must be topk, base or sam" >&2; exit 2 ;;
@@ -24,8 +25,9 @@ PARALLEL_ARGS=(--tensor-model-parallel-size 2 --sequence-parallel --expert-model
 
 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 4 pretrain_gpt_moe.py \
     --device cpu \
-    --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 \
-    --normalization RMSNorm --swiglu --position-embedding-type rope --untie-embeddings-and-output-weights \
+    --num-layers 4 --hidden-size 128 --ffn-hidden-size 512 --num-attention-heads 4 --seq-length 128 \
+    --max-position-embeddings 128 --normalization RMSNorm --swiglu --position-embedding-type rope \
+    --untie-embeddings-and-output-weights --disable-bias-linear \
     --num-experts 4 --moe-ffn-hidden-size 256 --moe-layer-freq 1 "${ROUTER_ARGS[@]}" \
     "${PARALLEL_ARGS[@]}" --use-distributed-optimizer \
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \

@@ -37,7 +37,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 8 \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" \
     --max_restarts "$MAX_RESTARTS" pretrain_gpt_moe.py \
-    --num-layers 24 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --num-query-groups 4 \
+    --num-layers 24 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --group-query-attention --num-query-groups 4 \
     --seq-length 4096 --max-position-embeddings 4096 --normalization RMSNorm --swiglu \
     --position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear \
     --num-experts 64 --moe-ffn-hidden-size 1408 --moe-layer-freq 1 "${ROUTER_ARGS[@]}" \

@@ -144,6 +144,10 @@ def check_checkpoint_files(directory: Optional[Path], verify: bool) -> None:
     files match their digests. Collective."""
     if directory is None:
         return
+    if not directory.is_dir():
+        iteration = int(directory.name.split("_")[-1])
+        raise ConfigError(f"--load: {directory.parent / TRACKER} names iteration {iteration}, but the folder "
+                          f"{directory} is missing; point the tracker at an iteration folder that exists or save again")
     for name in (RUN_CONFIG, ".metadata"):
         if not (directory / name).is_file():
             raise ConfigError(f"--load: {directory / name} is missing; the checkpoint is incomplete: "

@@ -8,12 +8,15 @@ Layout of ``--save DIR`` (Megatron-LM's)::
     DIR/iter_0000010/manifest.json    size and digest of each of its other files (verified before loading)
     DIR/latest_checkpointed_iteration.txt
 
-The tracker file is written by rank 0 only after a barrier that every rank reaches once its shards are
-on disk and after the manifest is written, and it is replaced atomically: a crash during a save leaves the
-previous checkpoint the one ``--load`` resumes from. At start every rank checks that ``--save`` is writable
-with room for a checkpoint and that ``--load`` names a complete checkpoint whose files match the manifest
-(:func:`check_save_dir`, :func:`check_save_space`,
-:func:`megatron_moe.checkpoint_files.check_checkpoint_files`).
+A save writes into a folder of its own, ``iter_0000010.partial-XXXXXXXXXXXX``; once every rank's shards are
+on disk and the manifest is written, rank 0 renames it to ``iter_0000010`` (an older save of that iteration
+is moved aside and removed) and only then replaces the tracker, atomically. A crash during a save leaves the
+previous checkpoint the one ``--load`` resumes from, and an iteration folder only ever holds one save's
+files. One job writes a ``--save`` directory at a time (``.writer.lock``, :mod:`megatron_moe.save_lock`);
+the job holding the lock removes the unfinished folders of a job that died during a save. At start every
+rank checks that ``--save`` is writable, free of another writer, with room for a checkpoint, and that
+``--load`` names a complete checkpoint whose files match the manifest (:func:`check_save_dir`,
+:func:`check_save_space`, :func:`megatron_moe.checkpoint_files.check_checkpoint_files`).
 
 A checkpoint holds the model, the optimizer, the LR scheduler, the RNG states of every rank and the number
 of consumed samples (the data position). Resume is bit-exact (tests/test_resume.py). Three fixes are needed
@@ -42,8 +45,9 @@ import os
 import queue
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,7 +57,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_moe import run_config
+from megatron_moe import run_config, save_lock
 from megatron_moe.arguments import ARCHITECTURE, RunConfig
 from megatron_moe.checkpoint_files import TRACKER, checkpoint_dir, read_tracker, write_manifest
 from megatron_moe.errors import ConfigError
@@ -68,15 +72,19 @@ DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
 # The distributed optimizer's dp_reshardable state can change the data-parallel size, not these (its
 # fully_reshardable state, like every other optimizer's, can change them all).
-DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                "expert_model_parallel_size")
+DISTRIBUTED_OPTIMIZER_FIELDS = ("tensor_model_parallel_size", "context_parallel_size",
+                                "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                                "expert_model_parallel_size", "expert_tensor_parallel_size")
 # megatron-core's OptimizerParamScheduler settings (its state-dict keys) -> the flags that set them
 SCHEDULER_SETTINGS = {
-    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size",
-    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
-    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
-    "wd_incr_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size",
-    "wd_incr_style": "constant",
+    "max_lr": "--lr", "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size, --lr-warmup-samples or --lr-warmup-fraction",
+    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size, or --lr-decay-samples "
+                      "(default --train-samples)",
+    "lr_decay_style": "--lr-decay-style", "start_wd": "--start-weight-decay or --weight-decay",
+    "end_wd": "--end-weight-decay or --weight-decay",
+    "wd_incr_steps": "--train-iters x --global-batch-size, or --train-samples",
+    "wd_incr_style": "--weight-decay-incr-style",
 }
 
 
@@ -90,6 +98,12 @@ def find_checkpoint(args: RunConfig) -> Optional[Path]:
         if not args.save or Path(args.load).resolve() != Path(args.save).resolve():
             raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
                               "(or leave --load out to start from scratch)")
+        if args.exit_on_missing_checkpoint:  # Megatron-LM's: exit (status 0) instead of starting from scratch
+            if dist.get_rank() == 0:
+                print(f"> --load {args.load} holds no checkpoint yet and --exit-on-missing-checkpoint is given: "
+                      "exiting", flush=True)
+            dist.barrier()
+            raise SystemExit(0)
         return None
     return checkpoint_dir(args.load, iteration)
 
@@ -173,11 +187,20 @@ def sharded_metadata(args) -> Dict[str, object]:
     return dict(SHARDED_METADATA)
 
 
+def model_state_keys(num_chunks: int) -> List[str]:
+    """Where each model chunk's state lies in the checkpoint's state dict: ``model``, or under virtual pipeline
+    stages ``model0``, ``model1``, ... (Megatron-LM's). Only the nesting differs: the tensors inside have the
+    same global keys (layer numbers, expert indices) in every layout, so a checkpoint loads into any other."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def _sharded_state_dict(job, metadata: Optional[dict], is_loading: bool, with_optimizer: bool,
                         with_rng: bool) -> Dict[str, object]:
-    model_state = job.model.module.sharded_state_dict(metadata=metadata)
-    state = {"model": model_state}
+    state = {key: chunk.module.sharded_state_dict(metadata=metadata)
+             for key, chunk in zip(model_state_keys(len(job.model)), job.model)}
     if with_optimizer:
+        # the optimizer finds each parameter's sharded tensor by identity, whatever the nesting
+        model_state = {key: state[key] for key in model_state_keys(len(job.model))}
         state["optimizer"] = job.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
         state["scheduler"] = job.scheduler.state_dict()
     if with_rng:
@@ -228,19 +251,52 @@ def _unshare_adam_steps(optimizer) -> None:
 # save / load
 # ----------------------------------------------------------------------------------------------------------
 
+# name parts of the folders a save works in (iter_NNNNNNN.partial-XXXXXXXXXXXX, iter_NNNNNNN.replaced-...)
+PARTIAL, REPLACED = ".partial-", ".replaced-"
+
+
 def check_save_dir(args) -> None:
-    """``--save`` exists (created if need be) and this rank can write a file there: every rank, at start."""
+    """``--save`` exists (created if need be), every rank can write a file there, and no other job writes
+    there (rank 0 takes its lock, then removes what a job that died during a save left). Collective: every
+    rank raises the same one-line ConfigError."""
     if not args.save:
         return
+    problem = _unwritable(args.save)
+    if problem is None and dist.get_rank() == 0:
+        problem = save_lock.take(args.save)
+        if problem is None and save_lock.holds(args.save):
+            _remove_unfinished_saves(args.save)
+    problems: List[Optional[str]] = [problem]
+    if dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise ConfigError(found[0])
+
+
+def _unwritable(save: str) -> Optional[str]:
     try:
-        os.makedirs(args.save, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=args.save, prefix=".write-probe-") as probe:
+        os.makedirs(save, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save, prefix=".write-probe-") as probe:
             probe.write(b"0")
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as error:
-        raise ConfigError(f"--save {args.save}: not writable ({error.strerror or error}); give a directory "
-                          "this job can write") from error
+        return f"--save {save}: not writable ({error.strerror or error}); give a directory this job can write"
+    return None
+
+
+def _remove_unfinished_saves(save: str) -> None:
+    """Removes the working folders of saves that never finished (their job died): only the lock's holder may,
+    as only then is no other job writing them."""
+    leftovers = sorted(path for path in Path(save).glob("iter_*") if path.is_dir() and
+                       (PARTIAL in path.name or REPLACED in path.name))
+    for path in leftovers:
+        shutil.rmtree(path)
+    if leftovers:
+        print(f"> removed {len(leftovers)} unfinished save folder(s) of a job that ended during a save: "
+              f"{', '.join(path.name for path in leftovers)}", flush=True)
 
 
 def checkpoint_bytes(job) -> int:
@@ -248,10 +304,10 @@ def checkpoint_bytes(job) -> int:
     replicas) in its dtype, plus the optimizer's fp32 Adam moments and, with --bf16, fp32 main params.
     Collective."""
     per_element_extra = 8 + (4 if job.args.bf16 else 0)
-    dense_owner = parallel_state.get_data_parallel_rank() == 0
+    dense_owner = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     expert_owner = parallel_state.get_expert_data_parallel_rank() == 0
     local = 0
-    for param in job.model.module.parameters():
+    for param in (param for chunk in job.model for param in chunk.module.parameters()):
         is_expert = not getattr(param, "allreduce", True)  # megatron's mark for expert-parallel parameters
         if (expert_owner if is_expert else dense_owner):
             local += param.numel() * (param.element_size() + per_element_extra)
@@ -270,29 +326,45 @@ def check_save_space(save: str, needed: int) -> None:
 
 
 def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
-    """Writes ``--save``/iter_NNNNNNN on every rank, then (rank 0, after all finished) the tracker."""
+    """Writes ``--save``/iter_NNNNNNN on every rank into a folder of this save's own, which rank 0 renames into
+    place once every rank's shards and the manifest are written; then (rank 0) the tracker."""
     args = job.args
     directory = checkpoint_dir(args.save, iteration)
+    working = [None]
     if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        working[0] = str(directory.with_name(f"{directory.name}{PARTIAL}{uuid.uuid4().hex[:12]}"))
+        os.mkdir(working[0])
+    dist.broadcast_object_list(working, src=0)
+    working = Path(working[0])
     metadata = sharded_metadata(args)
     state = _sharded_state_dict(job, metadata, is_loading=False, with_optimizer=True, with_rng=True)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     _keep_write_results_in_process()
-    dist_checkpointing.save(state, str(directory), content_metadata=metadata)
+    dist_checkpointing.save(state, str(working), content_metadata=metadata)
     if dist.get_rank() == 0:
-        run_config.save(args, directory)
+        run_config.save(args, working)
     dist.barrier()  # every rank's shards are on disk
-    write_manifest(directory)  # only now may the tracker name this iteration
+    write_manifest(working)
     if dist.get_rank() == 0:
+        _publish(working, directory)  # only now may the tracker name this iteration
         tracker = Path(args.save) / TRACKER
         tmp = tracker.with_suffix(".tmp")
         tmp.write_text(str(iteration))
         os.replace(tmp, tracker)
     dist.barrier()
     return directory
+
+
+def _publish(working: Path, directory: Path) -> None:
+    """Renames a finished save's folder to its iteration's name, replacing an older save of it."""
+    if not directory.exists():
+        os.rename(working, directory)
+        return
+    replaced = directory.with_name(f"{directory.name}{REPLACED}{uuid.uuid4().hex[:12]}")
+    os.rename(directory, replaced)
+    os.rename(working, directory)
+    shutil.rmtree(replaced)
 
 
 def _keep_write_results_in_process() -> None:
@@ -328,16 +400,20 @@ def load_checkpoint(job) -> Tuple[int, int]:
         raise _damaged(args, directory, error) from error
     if load_optimizer:
         check_scheduler(common["scheduler"], job.scheduler, args, directory)
-    try:
-        if load_optimizer:
-            _create_missing_adam_state(job.optimizer)
-        template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer,
-                                       with_rng=load_rng)
-        loaded = dist_checkpointing.load(template, str(directory), strict="assume_ok_unexpected")
+        _create_missing_adam_state(job.optimizer)
+    template = _sharded_state_dict(job, metadata, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng)
+    try:  # only the read: an error of ours building the template or applying the state is no damaged file
+        loaded = dist_checkpointing.load(template, str(directory), strict=args.dist_ckpt_strictness)
+        if isinstance(loaded, tuple):  # --dist-ckpt-strictness return_*: the mismatching keys come back too
+            loaded, missing, unexpected = loaded
+            if dist.get_rank() == 0:
+                print(f"> --load {directory}: {len(missing)} tensors of the model missing from the checkpoint, "
+                      f"{len(unexpected)} of the checkpoint not in the model", flush=True)
     except (Exception, CheckpointException) as error:
         raise _damaged(args, directory, error) from error
 
-    job.model.module.load_state_dict(loaded["model"])
+    for key, chunk in zip(model_state_keys(len(job.model)), job.model):
+        chunk.module.load_state_dict(loaded[key])
     if load_optimizer:
         _load_optimizer_state(job.optimizer, loaded["optimizer"], common["optimizer"], metadata)
         job.scheduler.load_state_dict(loaded["scheduler"])

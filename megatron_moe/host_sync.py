@@ -7,20 +7,26 @@ things break that, and both are visible on CPU, where the tests run:
   (``.item()``, ``bool(t)`` / ``if t``, ``int(t)``, ``float(t)``, ``.tolist()``), a copy to the host
   (``.cpu()``, ``.to('cpu')``, ``.numpy()``), or an output whose *shape* depends on the data
   (``nonzero``/``argwhere``/one-argument ``torch.where``, boolean-mask indexing, ``masked_select``,
-  ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``, ``torch.equal``);
+  ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``, ``torch.equal``; not
+  ``x[mask] = number``, which ATen runs as ``masked_fill_``);
 * **launches**: every aten operation that computes something is about one kernel launch (a few µs of
   host time each on a GPU); views, reshapes and allocations are not counted.
 
 :class:`HostSyncCounter` is a context manager that sees both, through a ``TorchDispatchMode`` (aten
 operations, after autograd and Python-level composites are decomposed) and a ``TorchFunctionMode``
 (the host copies and ``tolist``, which never reach aten as a sync). Each sync is recorded with the
-line of user code that caused it, so a failing bound says which line syncs::
+line of code that caused it and the code it belongs to (``Sync.origin``: ours, megatron-core's, or one of
+the CPU-only adaptations of ``megatron_moe/platform.py``, which a GPU run never executes), so a failing bound
+says which line syncs::
 
     with HostSyncCounter() as counter:
         balanced_assignment(scores)
     assert counter.num_syncs <= 4, counter.describe()
 
 Calls nest: an inner counter sees only its own block, an outer one sees everything.
+
+A copy with ``non_blocking=True`` is not counted: the host does not wait for it (on a GPU, from pinned
+memory); whatever reads its result later is.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSyncCounter", "Sync"]
+__all__ = ["HostSyncCounter", "Sync", "OURS", "CPU_COMPAT", "MEGATRON_CORE", "OTHER"]
 
 _aten = torch.ops.aten
 
@@ -69,29 +75,84 @@ _HOST_METHODS = {
 
 _THIS_FILE = os.path.abspath(__file__)
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_PACKAGE_DIR = os.path.dirname(_THIS_FILE)  # megatron_moe/
+_REPO_DIR = os.path.dirname(_PACKAGE_DIR)
+_PLATFORM_FILE = os.path.join(_PACKAGE_DIR, "platform.py")
+
+# Sync.origin values
+OURS = "megatron_moe"
+CPU_COMPAT = "megatron_moe/platform.py CPU/gloo adaptation"  # never runs on a GPU
+MEGATRON_CORE = "megatron-core"
+OTHER = "other"
 
 
 @dataclass(frozen=True)
 class Sync:
     op: str  # what synchronises
     why: str  # the Python-level operation that usually causes it
-    where: str  # "file:line in function" of the innermost user frame
+    where: str  # "file:line in function" of the innermost frame outside torch
+    origin: str = OTHER  # whose code ``where`` is: OURS, CPU_COMPAT, MEGATRON_CORE or OTHER
+    called_from: str = ""  # CPU_COMPAT only: the first frame outside platform.py (who needed the adaptation)
 
 
-def _user_frame() -> str:
-    """The innermost frame outside torch, this module and other torch modes: the line that asked for the
-    sync."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
+def _short_path(path: str) -> str:
+    """Installed packages from their package directory (also in a virtual environment inside the
+    repository, as CI makes it); repository files relative to the repository."""
+    marker = os.sep + "site-packages" + os.sep
+    if marker in path:
+        return path.split(marker, 1)[1]
+    if path.startswith(_REPO_DIR + os.sep):
+        return os.path.relpath(path, _REPO_DIR)
+    return path
+
+
+def _origin(path: str) -> str:
+    if path == _PLATFORM_FILE:
+        return CPU_COMPAT
+    if path.startswith(_PACKAGE_DIR + os.sep):
+        return OURS
+    if os.sep + os.path.join("megatron", "core") + os.sep in path:
+        return MEGATRON_CORE
+    return OTHER
+
+
+def _user_frames():
+    """Frames outside torch, this module and other torch modes, innermost first."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
         path = os.path.abspath(frame.filename)
         if (path != _THIS_FILE and not path.startswith(_TORCH_DIR) and "contextlib" not in path
                 and frame.name not in ("__torch_function__", "__torch_dispatch__")):
-            return f"{os.path.relpath(path)}:{frame.lineno} in {frame.name}"
-    return "?"
+            yield path, f"{_short_path(path)}:{frame.lineno} in {frame.name}"
+
+
+def _locate():
+    """(where, origin, called_from) of the line that asked for the sync."""
+    frames = _user_frames()
+    path, where = next(frames, ("", "?"))
+    origin = _origin(path)
+    called_from = ""
+    if origin == CPU_COMPAT:
+        called_from = next((line for other, line in frames if other != _PLATFORM_FILE), "?")
+    return where, origin, called_from
 
 
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices or ())
+
+
+def _is_masked_fill(func, args, kwargs) -> bool:
+    """``x[mask] = scalar``: ATen's ``index_put_`` runs it as ``masked_fill_`` (no nonzero, no sync) when the
+    only index is one mask on ``x``'s device and the value is a single element on the host (a Python
+    number)."""
+    if func not in (_aten.index_put_.default, _aten.index_put.default):
+        return False
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    masks = [index for index in args[1] if index is not None]
+    value = args[2]
+    return (not accumulate and len(masks) == 1 and masks[0].dtype in (torch.bool, torch.uint8)
+            and masks[0].device == args[0].device and value.numel() == 1 and value.dim() == 0
+            and value.device.type == "cpu")
 
 
 def _is_view(func) -> bool:
@@ -111,7 +172,7 @@ class _Dispatch(TorchDispatchMode):
             counter._sync(str(func), _SYNC_OPS[func])
         elif func in _REPEAT_INTERLEAVE and kwargs.get("output_size") is None:
             counter._sync(str(func), "repeat_interleave without output_size")
-        elif func in _INDEX_OPS and _has_bool_index(args):
+        elif func in _INDEX_OPS and _has_bool_index(args) and not _is_masked_fill(func, args, kwargs):
             counter._sync(str(func), "boolean-mask indexing")
         if func not in _FREE_OPS and not _is_view(func):
             counter.ops[func.overloadpacket.__name__] += 1
@@ -127,7 +188,7 @@ class _Function(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _HOST_METHODS:
             self.counter._sync(_HOST_METHODS[func], "copy to the host")
-        elif func is torch.Tensor.to and _to_host(args[1:], kwargs):
+        elif func is torch.Tensor.to and _to_host(args[1:], kwargs) and not kwargs.get("non_blocking"):
             self.counter._sync("Tensor.to", "copy to the host (.to('cpu'))")
         return func(*args, **kwargs)
 
@@ -163,7 +224,14 @@ class HostSyncCounter:
         return sum(self.ops.values())
 
     def _sync(self, op: str, why: str) -> None:
-        self.syncs.append(Sync(op, why, _user_frame()))
+        self.syncs.append(Sync(op, why, *_locate()))
+
+    def by_origin(self) -> collections.Counter:
+        """Syncs per ``Sync.origin``."""
+        return collections.Counter(sync.origin for sync in self.syncs)
+
+    def syncs_of(self, origin: str) -> list:
+        return [sync for sync in self.syncs if sync.origin == origin]
 
     def __enter__(self):
         self._modes = (_Function(self), _Dispatch(self))
@@ -177,8 +245,12 @@ class HostSyncCounter:
         return False
 
     def describe(self) -> str:
-        """One line per distinct sync site with its count, then the launch count."""
-        sites = collections.Counter((sync.where, sync.op, sync.why) for sync in self.syncs)
+        """The totals, then per origin one line per distinct sync site with its count."""
         lines = [f"{self.num_syncs} host syncs, {self.num_ops} launched ops"]
-        lines += [f"  {count} x {op} ({why}) at {where}" for (where, op, why), count in sites.most_common()]
+        for origin, total in self.by_origin().most_common():
+            lines.append(f" {total} in {origin}:")
+            sites = collections.Counter((sync.where, sync.op, sync.why, sync.called_from)
+                                        for sync in self.syncs_of(origin))
+            lines += [f"  {count} x {op} ({why}) at {where}" + (f" (called from {caller})" if caller else "")
+                      for (where, op, why, caller), count in sites.most_common()]
         return "\n".join(lines)

@@ -7,12 +7,15 @@
 - :func:`register_scalar_source`: a routing scheme (or anything else) adds ``fn() -> {name: float}``;
   it is called on every rank at each log step (it may use collectives) and its scalars go to the log
   line and TensorBoard.
-- :func:`tensorboard_writer`: torch's SummaryWriter on the last rank, or None.
+- :func:`scalar_writer`: where the scalars go, on the last rank (the one with the loss): TensorBoard
+  (``--tensorboard-dir``) and Weights & Biases (``--wandb-project``, offline unless ``WANDB_MODE`` says
+  otherwise: nothing here waits for a login or the network; ``wandb sync`` uploads the run later).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -40,10 +43,13 @@ def extra_scalars() -> Dict[str, float]:
     return scalars
 
 
-def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, float]:
-    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call.
+def moe_aux_losses(args, num_layers: int, device: torch.device,
+                   num_microbatches: Optional[int] = None) -> Dict[str, float]:
+    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call (or the last
+    :func:`clear_moe_aux_losses`); ``num_microbatches``: this iteration's (batch-size ramp-up), else the run's.
 
-    Every rank calls this every iteration (the reduction is collective); the tracker is then cleared.
+    Every rank calls this at every log iteration (the reduction is collective) and reads the result on the
+    host in one go; the tracker is then cleared.
     """
     if args.num_experts is None:
         return {}
@@ -56,22 +62,31 @@ def moe_aux_losses(args, num_layers: int, device: torch.device) -> Dict[str, flo
         return {}
     names = sorted(tracker)
     moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    sums = torch.stack([tracker[name]["values"].float().sum() for name in names]).tolist()
     num_moe_layers = sum(args.moe_layer_pattern)
-    losses = {name: tracker[name]["values"].float().sum().item() / num_moe_layers / args.num_microbatches
-              for name in names}
+    num_microbatches = num_microbatches or args.num_microbatches
+    losses = {name: total / num_moe_layers / num_microbatches for name, total in zip(names, sums)}
     moe_utils.clear_aux_losses_tracker()
     return losses
+
+
+def clear_moe_aux_losses() -> None:
+    """Forgets what megatron-core's aux-loss tracker holds (an iteration that does not log), on the device."""
+    moe_utils.clear_aux_losses_tracker()
 
 
 class ExpertLoad:
     """Tokens per expert per MoE layer in training forwards since the last :meth:`collect`."""
 
-    def __init__(self, model, num_layers: int, num_experts: int, device: torch.device):
+    def __init__(self, model_chunks, num_layers: int, num_experts: int, device: torch.device):
+        """``model_chunks``: this rank's GPTModels (one per virtual pipeline stage); their layer numbers are
+        global."""
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
-        for layer in model.decoder.layers:
-            router = getattr(layer.mlp, "router", None)
-            if router is not None:
-                router.register_forward_hook(self._hook(layer.layer_number - 1))
+        for chunk in model_chunks:
+            for layer in chunk.decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is not None:
+                    router.register_forward_hook(self._hook(layer.layer_number - 1))
 
     def _hook(self, layer_index: int):
         def count(module, inputs, output):
@@ -83,9 +98,39 @@ class ExpertLoad:
     def collect(self) -> Dict[int, List[float]]:
         """{layer number (1-based): tokens per expert} over all ranks; resets the counts. Collective."""
         counts = self.counts.clone()
-        dist.all_reduce(counts)  # every rank routed distinct tokens (SP slices, DP batches, PP layers)
+        dist.all_reduce(counts)  # every rank routed distinct tokens (SP and CP slices, DP batches, PP layers)
         self.counts.zero_()
-        return {i + 1: row.tolist() for i, row in enumerate(counts) if row.sum() > 0}
+        return {i + 1: row for i, row in enumerate(counts.tolist()) if sum(row) > 0}  # one host read
+
+
+def params_norm(model_chunks) -> float:
+    """The L2 norm of all the parameters of this rank's model chunks (each counted once: tensor-parallel copies and the tied
+    embedding's second copy left out), as Megatron-LM's calc_params_l2_norm takes it: dense parameters summed
+    over the model-parallel group, expert parameters over the expert-model-parallel one. Collective."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    squares = {True: [], False: []}  # dense (all-reduced over data parallel), expert
+    params = [param for chunk in model_chunks for param in chunk.parameters()]
+    for param in params:
+        if param_is_not_tensor_parallel_duplicate(param) and param_is_not_shared(param):
+            squares[getattr(param, "allreduce", True)].append(param.detach().float().square().sum())
+    device = params[0].device
+    dense, expert = (torch.stack(values).sum() if values else torch.zeros((), device=device)
+                     for values in (squares[True], squares[False]))
+    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    return math.sqrt((dense + expert).item())
+
+
+def cuda_memory_scalars() -> Dict[str, float]:
+    """Megatron-LM's --log-memory-to-tensorboard scalars (CUDA runs only)."""
+    stats = torch.cuda.memory_stats()
+    return {"mem-reserved-bytes": stats["reserved_bytes.all.current"],
+            "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+            "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"],
+            "mem-allocated-count": stats["allocation.all.current"]}
 
 
 def load_imbalance(tokens_per_expert: List[float]) -> float:
@@ -94,20 +139,56 @@ def load_imbalance(tokens_per_expert: List[float]) -> float:
     return max(tokens_per_expert) / mean if mean > 0 else math.nan
 
 
-def tensorboard_writer(args):
-    """A SummaryWriter on the last rank (the one that has the loss), None elsewhere or without the flag."""
-    if not args.tensorboard_dir or dist.get_rank() != dist.get_world_size() - 1:
+class ScalarWriter:
+    """TensorBoard's SummaryWriter and a W&B run behind one ``add_scalar(name, value, step)``."""
+
+    def __init__(self, tensorboard=None, wandb_run=None):
+        self.tensorboard, self.wandb_run = tensorboard, wandb_run
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(name, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({name: value}, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def scalar_writer(args) -> Optional[ScalarWriter]:
+    """Where the scalars go, on the last rank (the one that has the loss); None elsewhere or without
+    --tensorboard-dir and --wandb-project."""
+    if dist.get_rank() != dist.get_world_size() - 1 or not (args.tensorboard_dir or args.wandb_project):
         return None
-    return open_summary_writer(args.tensorboard_dir)
+    tensorboard = open_summary_writer(args.tensorboard_dir, args.tensorboard_queue_size) if args.tensorboard_dir else None
+    return ScalarWriter(tensorboard, open_wandb_run(args) if args.wandb_project else None)
 
 
-def open_summary_writer(directory: str):
+def open_summary_writer(directory: str, max_queue: int = 1000):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
         raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
                           "(or leave the flag out)") from error
-    return SummaryWriter(log_dir=directory, max_queue=1000)
+    return SummaryWriter(log_dir=directory, max_queue=max_queue)
+
+
+def open_wandb_run(args):
+    """Megatron-LM's W&B run (project, name, entity, the whole config; files under --wandb-save-dir, default
+    --save/wandb), offline unless WANDB_MODE is set: a cluster node without network or login never waits."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise ConfigError("--wandb-project needs the wandb package: pip install wandb (or leave the flag out)") \
+            from error
+    directory = args.wandb_save_dir or os.path.join(args.save, "wandb")
+    os.makedirs(directory, exist_ok=True)
+    return wandb.init(dir=directory, project=args.wandb_project, name=args.wandb_exp_name, entity=args.wandb_entity,
+                      config=args.to_dict(), mode=os.environ.get("WANDB_MODE", "offline"),
+                      settings=wandb.Settings(silent=True, console="off", disable_git=True))
 
 
 def write_scalars(writer, iteration: int, scalars: Dict[str, Optional[float]]) -> None:

@@ -7,6 +7,11 @@ streams and events, the CUDA RNG, optimizer asserts on ``'torch.cuda.FloatTensor
 megatron-core itself, so that ``tests/test_platform.py`` notices when an upgrade makes a piece unnecessary.
 Pieces are applied only on CPU (except the Transformer-Engine-absent one, which any machine without TE
 needs), and nothing else in the project patches megatron-core.
+
+It also owns what a GPU start needs before any process group exists (:func:`check_start`: the device, NCCL,
+Transformer Engine and FP8, each refused in one line), the rendezvous store under torchrun (a per-attempt
+prefix, so that ``--max-restarts`` works with the default static rendezvous) and the lifetime of the
+processes a rank forks (:func:`children_die_with_this_process`).
 """
 
 from __future__ import annotations
@@ -14,16 +19,22 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import importlib
+import importlib.util
 import inspect
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+
+from megatron_moe.errors import ConfigError
+from megatron_moe.preprocessing.worker_lifetime import die_with_parent  # imported here, never in a forked child
 
 
 @dataclass(frozen=True)
@@ -48,14 +59,119 @@ def select_platform(requested: Optional[str] = None) -> Platform:
     if requested not in (None, "cpu", "cuda"):
         raise ValueError(f"--device must be 'cpu' or 'cuda', got {requested!r}")
     use_cuda = wants_cuda(requested)
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but torch sees no GPU; use --device cpu")
+    problem = device_problem(requested)
+    if problem is not None:
+        raise ConfigError(problem)
     if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = _local_rank()
         torch.cuda.set_device(local_rank)
         return Platform(torch.device("cuda", local_rank), "nccl")
     return Platform(torch.device("cpu"), "gloo")
 
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# start-up checks: one line each, on every rank, before any process group
+# ----------------------------------------------------------------------------------------------------------
+
+# Transformer Engine's FP8 rule (transformer_engine/pytorch/fp8.py, check_fp8_support): compute capability
+# 9.0 (Hopper) and later; 8.9 (Ada) with CUDA 12.1 or later (and a cuBLASLt TE checks itself); nothing older.
+FP8_MIN_CAPABILITY = (8, 9)
+FP8_ADA_MIN_CUDA = (12, 1)
+
+
+def _no_gpu_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return "CUDA_VISIBLE_DEVICES is empty"
+    return "no CUDA device or driver is visible"
+
+
+def device_problem(requested: Optional[str]) -> Optional[str]:
+    """Why ``--device`` (None: whatever is visible) cannot be used here, or None."""
+    if not wants_cuda(requested):
+        return None
+    if not torch.cuda.is_available():
+        return f"--device cuda: torch sees no GPU ({_no_gpu_reason()}); run on a GPU node or pass --device cpu"
+    count, local_rank = torch.cuda.device_count(), _local_rank()
+    if local_rank >= count:
+        return (f"LOCAL_RANK {local_rank} but only {count} GPU{'s' if count != 1 else ''} visible on this node: "
+                "give torchrun --nproc-per-node at most the number of GPUs per node")
+    return None
+
+
+def backend_problem(args) -> Optional[str]:
+    """Why the communication backend the run would use cannot start here, or None."""
+    nccl = args.distributed_backend == "nccl" or (args.distributed_backend is None and wants_cuda(args.device))
+    if not nccl:
+        return None
+    if not torch.cuda.is_available():
+        return (f"--distributed-backend nccl needs GPUs, but torch sees none ({_no_gpu_reason()}); "
+                "use --distributed-backend gloo --device cpu on this machine")
+    if not dist.is_nccl_available():
+        return (f"--distributed-backend nccl: this torch ({torch.__version__}) was built without NCCL; "
+                "install a CUDA build of torch")
+    return None
+
+
+def transformer_engine_problem(needed_by: str) -> Optional[str]:
+    """Why Transformer Engine, which ``needed_by`` (the flags that ask for it) needs, cannot be used, or None."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return (f"{needed_by} needs NVIDIA Transformer Engine, which is not installed: pip install '.[gpu]' on a "
+                "CUDA machine, or pass --transformer-impl local")
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as error:  # a broken install fails in many ways (ImportError, OSError, RuntimeError)
+        first = (str(error).strip().splitlines() or [""])[0]
+        return (f"{needed_by} needs NVIDIA Transformer Engine, which is installed but does not import "
+                f"({type(error).__name__}: {first}); reinstall it for this torch and CUDA, or pass "
+                "--transformer-impl local")
+    return None
+
+
+def require_transformer_engine(needed_by: str = "--transformer-impl transformer_engine") -> None:
+    """ConfigError (one line naming ``needed_by`` and the way out) unless Transformer Engine imports."""
+    problem = transformer_engine_problem(needed_by)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def fp8_problem() -> Optional[str]:
+    """Why this rank's GPU cannot run FP8 GEMMs (Transformer Engine's rule), or None."""
+    capability = tuple(torch.cuda.get_device_capability(_local_rank()))
+    name = torch.cuda.get_device_name(_local_rank())
+    if capability < FP8_MIN_CAPABILITY:
+        return (f"--fp8-format needs a GPU of compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
+                f"or later (Hopper, Ada); {name} has {capability[0]}.{capability[1]}: leave out --fp8-format")
+    cuda = tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
+    if capability < (9, 0) and cuda < FP8_ADA_MIN_CUDA:
+        return (f"--fp8-format on {name} (compute capability {capability[0]}.{capability[1]}) needs CUDA "
+                f"{FP8_ADA_MIN_CUDA[0]}.{FP8_ADA_MIN_CUDA[1]} or later; this torch has CUDA {torch.version.cuda}: "
+                "install a newer CUDA build of torch, or leave out --fp8-format")
+    return None
+
+
+def check_start(args) -> None:
+    """What a GPU run needs, checked on every rank before any process group: the device, the backend,
+    Transformer Engine when the spec (the default on CUDA) or --fp8-format asks for it, and FP8 support of
+    the GPU. Each a one-line ConfigError naming the flag and the way out."""
+    problem = device_problem(args.device) or backend_problem(args)
+    if problem is None and args.transformer_impl == "transformer_engine":
+        flags = "--transformer-impl transformer_engine (the default on CUDA)"
+        problem = transformer_engine_problem(flags + (" with --fp8-format" if args.fp8_format else ""))
+    if problem is None and args.fp8_format is not None and wants_cuda(args.device):
+        problem = fp8_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the process group
+# ----------------------------------------------------------------------------------------------------------
 
 def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
     """Join the process group ``torchrun`` describes; a plain ``python`` launch becomes a 1-process group."""
@@ -64,30 +180,85 @@ def init_distributed(platform: Platform, timeout_minutes: int = 10) -> None:
     if not platform.is_cuda:
         apply_cpu_compat()
     apply_transformer_engine_absent_compat()
-    # A plain launch (no torchrun) rendezvouses in memory: no port to collide with, and nothing written to
-    # os.environ, which a caller (a tool run in-process, a test) would pass on to the processes it starts.
-    one_process = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" not in os.environ:
+        # A plain launch rendezvouses in memory: no port to collide with, and nothing written to os.environ,
+        # which a caller (a tool run in-process, a test) would pass on to the processes it starts.
+        rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        store = _torchrun_attempt_store(timeout)
+        rendezvous = {} if store is None else dict(store=store, rank=int(os.environ["RANK"]),
+                                                   world_size=int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(
         backend=platform.backend,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=timeout,
         device_id=platform.device if platform.is_cuda else None,
-        **one_process,
+        **rendezvous,
     )
     atexit.register(shutdown_distributed)
 
 
-def elastic_restart_problem() -> Optional[str]:
-    """Why torchrun's restarts would fail for this worker, or None.
+def _torchrun_attempt_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """torchrun's agent store seen under a prefix for this attempt (None when torchrun gives no agent store).
 
-    With ``--max-restarts`` > 0 and the rendezvous store shared with the workers (torchrun's default since
-    torch 2.4), a relaunched worker can read the previous attempt's addresses from that store and fail to
-    connect (pytorch/pytorch#135712); ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment
-    gives every attempt a fresh store.
+    With the agent store (TORCHELASTIC_USE_AGENT_STORE: always with static rendezvous, by default with c10d)
+    the store outlives a failed attempt, and torch's own ``env://`` reads it unprefixed: a relaunched worker
+    then finds the previous attempt's addresses and cannot connect (pytorch/pytorch#135712). Under the prefix
+    ``attempt_<TORCHELASTIC_RESTART_COUNT>`` every attempt starts clean; every rank of an attempt agrees on
+    the count where :func:`elastic_restart_problem` finds none.
     """
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        return ("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: a "
-                "restarted worker would otherwise read the previous attempt's addresses (pytorch/pytorch#135712)")
-    return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    problem = elastic_restart_problem(store)
+    if problem is not None:
+        raise ConfigError(problem)
+    return dist.PrefixStore(f"megatron_moe/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def elastic_restart_problem(agent_store: dist.Store) -> Optional[str]:
+    """Why torchrun's restarts could not start this job cleanly, or None.
+
+    Each attempt's ranks meet under the prefix of their restart count (:func:`_torchrun_attempt_store`). The
+    count is the same on every node when the rendezvous is static (a node's agent restarts only when its own
+    workers failed, and every worker fails once its peers are gone) or when there is one node. With c10d
+    rendezvous over several nodes, an agent whose workers were healthy restarts them without counting
+    (torch's ``num_nodes_waiting`` path), so the counts, and the prefixes, may differ. Static rendezvous is
+    recognised by the rank assignment its agents write into the store the workers share.
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0 or os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+        return None
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if agent_store.check([f"{run_id}/torchelastic/assigned_ranks/0"]):
+        return None  # static rendezvous
+    return ("torchrun --max-restarts with c10d rendezvous over several nodes needs "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (every attempt then gets a fresh store), "
+            "or torchrun's default static rendezvous (--master-addr/--master-port)")
+
+
+_forker = {"pid": 0, "main_thread": True}  # who is forking: set just before each fork, read in the child
+
+
+def _note_forker() -> None:
+    _forker.update(pid=os.getpid(), main_thread=threading.current_thread() is threading.main_thread())
+
+
+def _die_with_forker() -> None:
+    die_with_parent(_forker["pid"], kernel=_forker["main_thread"])
+
+
+_children_guarded = False
+
+
+def children_die_with_this_process() -> None:
+    """Every process this one forks from now on dies with it, SIGKILL included (as the preprocessing
+    workers do). megatron-core's checkpoint writer forks its write processes (``filesystem_async``); a rank
+    killed during a save would otherwise leave them behind, holding memory and the files they write."""
+    global _children_guarded
+    if not _children_guarded:
+        os.register_at_fork(before=_note_forker, after_in_child=_die_with_forker)
+        _children_guarded = True
 
 
 def shutdown_distributed() -> None:
@@ -312,6 +483,21 @@ def _patch_uneven_all_gather() -> None:
     dist.all_gather = all_gather
 
 
+def _expert_bias_update_is_compiled() -> bool:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return hasattr(TopKRouter._apply_expert_bias, "_torchdynamo_orig_callable")
+
+
+def _run_expert_bias_update_eagerly() -> None:
+    """torch.compile on the CPU builds C++ with inductor at the first call (about 11 s per process, and a
+    compiler on the machine) for one in-place addition."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if _expert_bias_update_is_compiled():
+        TopKRouter._apply_expert_bias = TopKRouter._apply_expert_bias._torchdynamo_orig_callable
+
+
 _cuda_as_cpu_mode: Optional[_CudaAsCpuMode] = None
 
 
@@ -360,6 +546,13 @@ CPU_COMPAT_PIECES = (
         lambda: "torch.distributed.all_gather(output_tensor_list"
         in _source("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
         _patch_uneven_all_gather,
+    ),
+    CompatPiece(
+        "eager-expert-bias-update",
+        "transformer/moe/router.py:TopKRouter._apply_expert_bias (--moe-router-enable-expert-bias) is wrapped by "
+        "megatron.core.jit.jit_fuser, which is torch.compile",
+        _expert_bias_update_is_compiled,
+        _run_expert_bias_update_eagerly,
     ),
 )
 

@@ -8,8 +8,10 @@ Every ``iter_NNNNNNN/`` directory holds ``run_config.json``: a JSON object with 
 export and import all go through it.
 
 Older files: a setting the file lacks (a flag added after it was written) takes the flag's default, which
-is what the run that wrote it did. Files written before format 2 (a hand-picked subset of fields, the
-routing scheme's flags under ``moe_routing_flags``) are read the same way. A setting this version does not
+is what the run that wrote it did (a default validation derives from another flag is derived the same way:
+the expert tensor-parallel size is the tensor-parallel size). Files written before format 2 (a hand-picked subset of fields, the
+routing scheme's flags under ``moe_routing_flags``) are read the same way. Files written before format 3
+are read with the meanings their flags had then (:func:`_from_format_2`). A setting this version does not
 know is refused: it may change what the model computes.
 """
 
@@ -24,7 +26,7 @@ from megatron_moe.arguments import RunConfig
 from megatron_moe.errors import ConfigError
 
 FILE_NAME = "run_config.json"
-FORMAT = 2
+FORMAT = 3
 _FORMAT_KEY = "run_config_format"
 
 
@@ -40,8 +42,13 @@ def from_json(text: str, source: str = FILE_NAME) -> RunConfig:
         raise ConfigError(f"{source} is not valid JSON ({error}); the checkpoint is damaged") from error
     if not isinstance(values, dict):
         raise ConfigError(f"{source} holds no JSON object; the checkpoint is damaged")
-    if values.pop(_FORMAT_KEY, 1) < FORMAT:
+    written = values.pop(_FORMAT_KEY, 1)
+    if written < 2:
         values = _from_format_1(values)
+    if written < 3:
+        values = _from_format_2(values)
+    # added later, with a default that validation fills in from another flag: what the writer ran with
+    values.setdefault("expert_tensor_parallel_size", values.get("tensor_model_parallel_size", 1))
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -61,6 +68,23 @@ def _from_format_1(values: Dict[str, Any]) -> Dict[str, Any]:
     values.setdefault("seq_length", values.get("max_position_embeddings"))
     if "tokenizer_type" not in values and values.get("tokenizer_vocab_size"):  # written before it was recorded
         values.update(tokenizer_type="NullTokenizer", vocab_size=values["tokenizer_vocab_size"] - 1)  # + eod
+    return values
+
+
+# Defaults format 3 changed to Megatron-LM's: a file written before that lacks the setting ran with these
+_FORMAT_2_DEFAULTS = {"eval_interval": 1000, "moe_token_dispatcher_type": "alltoall", "tokenizer_type": "NullTokenizer",
+                      "split": "969,30,1"}
+
+
+def _from_format_2(values: Dict[str, Any]) -> Dict[str, Any]:
+    """A format-2 run config as format-3 values: MoE models had no linear biases whatever
+    ``--disable-bias-linear`` said, and ``--num-query-groups`` alone meant grouped-query attention."""
+    values = {**_FORMAT_2_DEFAULTS, **values}
+    if values.get("num_experts") is not None:
+        values["disable_bias_linear"] = True
+    groups = values.pop("num_query_groups", None)
+    if groups is not None:
+        values.update(group_query_attention=True, num_query_groups=groups)
     return values
 
 

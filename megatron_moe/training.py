@@ -20,16 +20,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_moe import checkpoint_files, checkpointing, data, metrics, run_config
+from megatron_moe import checkpoint_files, checkpointing, context_parallel, data, metrics, run_config, step_guard
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
+from megatron_moe.arguments import training as schedule
+from megatron_moe.batches import GlobalBatches
 from megatron_moe.errors import ConfigError
-from megatron_moe.model import GPTMoEConfig, build_model, transformer_config_from_args
+from megatron_moe.model import GPTMoEConfig, build_model_chunks, transformer_config_from_args
 from megatron_moe.moe import comm_stats
-from megatron_moe.platform import Platform, elastic_restart_problem, init_distributed, select_platform
+from megatron_moe.platform import (Platform, check_start, children_die_with_this_process, init_distributed,
+                                   select_platform)
 from megatron_moe.run_control import NonFiniteError, RunControl
+from megatron_moe.step_extras import StepExtras
 from megatron_moe.tokenizer import build_tokenizer
 
 
@@ -38,13 +42,15 @@ class TrainingJob:
     args: RunConfig  # the run's whole config, vocabulary included
     platform: Platform
     config: GPTMoEConfig
-    model: DistributedDataParallel
+    model: List[DistributedDataParallel]  # this rank's model chunks, one per virtual pipeline stage (Megatron-LM's)
     optimizer: object
     scheduler: OptimizerParamScheduler
     tokenizer: object
     started: float  # time.time() when setup began: --exit-duration-in-mins counts from here, as Megatron-LM's
     checkpoint: Optional[Path] = None  # the iteration directory --load resumes from
     saved_config: Optional[RunConfig] = None  # the run config it was written with
+    non_finite_guard: Optional[step_guard.NonFiniteGuard] = None  # installed by the first train_step
+    num_zeros_in_grad: Optional[float] = None  # of the last step, with --log-num-zeros-in-grad
 
 
 def print_rank_last(message: str) -> None:
@@ -72,7 +78,83 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
         overlap_param_gather=args.overlap_param_gather,
         bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        # the interleaved schedule starts each chunk's parameter all-gather itself (Megatron-LM's aligned gather)
+        align_param_gather=args.overlap_param_gather and args.virtual_pipeline_model_parallel_size is not None,
     )
+
+
+def optimizer_config_from_args(args, config: GPTMoEConfig) -> OptimizerConfig:
+    """megatron-core's Adam with Megatron-LM's settings: mixed precision and loss scaling, the decoupled
+    learning rate of the embedding and output layer."""
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+    )
+
+
+def scheduler_from_args(args, optimizer) -> OptimizerParamScheduler:
+    """megatron-core's scheduler as Megatron-LM's get_optimizer_param_scheduler sets it up: it counts samples
+    (iterations x global batch size, or --train-samples)."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_steps(args),
+        lr_decay_steps=schedule.lr_decay_steps(args),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=schedule.wd_incr_steps(args),
+        wd_incr_style=args.weight_decay_incr_style,
+        # on resume, where the saved schedule differs (checkpointing.check_scheduler refuses it without these)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=schedule.wsd_decay_steps(args),
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+
+
+def wrap_model_chunks(config: GPTMoEConfig, args, chunks) -> List[DistributedDataParallel]:
+    """Each model chunk in megatron-core's DDP, and the schedule's hooks into them, as Megatron-LM sets them
+    (a list with one entry per chunk under virtual pipeline stages)."""
+    ddp_config = ddp_config_from_args(args)
+    # Megatron-LM: one bucket per chunk after the first, whose reductions overlap computation anyway
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+             for i, chunk in enumerate(chunks)]
+
+    def per_chunk(hooks):
+        return hooks if len(hooks) > 1 else hooks[0]
+
+    # Without these, megatron-core silently skips the data-parallel gradient all-reduce.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = per_chunk([chunk.no_sync for chunk in model])
+    if args.overlap_grad_reduce:
+        # Megatron-LM's default (aligned grad reduce): later pipeline stages launch their reduction when
+        # their last backward ends instead of bucket by bucket.
+        config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in model])
+    if ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in model])
+    return model
 
 
 def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> TrainingJob:
@@ -81,16 +163,17 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     started = time.time()
     if args is None:  # errors surface before any process group exists
         args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_start(args)  # device, NCCL, Transformer Engine, FP8: one line each, before any process group
+    children_die_with_this_process()  # megatron-core's checkpoint writer forks; a killed rank takes them along
     platform = select_platform(args.device)
-    restart_problem = elastic_restart_problem()
-    if restart_problem is not None:
-        raise ConfigError(restart_problem)
-    init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)
+    init_distributed(platform, timeout_minutes=args.distributed_timeout_minutes)  # refuses restarts that cannot meet
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.tensor_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         distributed_timeout_minutes=args.distributed_timeout_minutes,  # megatron's default is 30 minutes
     )
     checkpointing.check_save_dir(args)  # file errors before the minutes a large model takes to build
@@ -98,61 +181,21 @@ def setup(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) ->
     checkpoint_files.check_checkpoint_files(checkpoint, args.verify_checkpoint)
     _set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
-    data.check_datasets(args, tokenizer.vocab_size)
+    data.check_datasets(args, tokenizer.model_vocab_size)
     saved = run_config.load(checkpoint) if checkpoint is not None else None
-    args = args.replace(tokenizer_vocab_size=tokenizer.vocab_size,
-                        padded_vocab_size=_vocabulary_rows(args, tokenizer.vocab_size, saved, checkpoint))
+    args = args.replace(tokenizer_vocab_size=tokenizer.model_vocab_size,
+                        padded_vocab_size=_vocabulary_rows(args, tokenizer.model_vocab_size, saved, checkpoint))
     if saved is not None:
         checkpointing.check_compatible(saved, args, checkpoint)
     print_rank_0(format_arguments(args))
     metrics.register_scalar_source(comm_stats.snapshot_and_reset)
 
     config = transformer_config_from_args(args)
-    model = build_model(config, args).to(platform.device)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config_from_args(args), module=model)
-    # Without these, megatron-core silently skips the data-parallel gradient all-reduce.
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
-    if args.overlap_grad_reduce:
-        # Megatron-LM's default (aligned grad reduce): later pipeline stages launch their reduction when
-        # their last backward ends instead of bucket by bucket.
-        config.grad_sync_func = model.start_grad_sync
+    model = wrap_model_chunks(config, args, [chunk.to(platform.device) for chunk in build_model_chunks(config, args)])
 
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_param_gather=args.overlap_param_gather,
-        ),
-        [model],
-    )
-    # megatron-core's scheduler counts samples, as Megatron-LM's does.
-    decay_samples = (args.lr_decay_iters or args.train_iters) * args.global_batch_size
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
-        lr_decay_steps=decay_samples,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=decay_samples,
-        wd_incr_style="constant",
-        # on resume, where the saved schedule differs (checkpointing.check_scheduler refuses it without these)
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
-    )
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args, config), model)
+    config.grad_scale_func = optimizer.scale_loss  # as Megatron-LM: fp16's loss scaling (1 otherwise)
+    scheduler = scheduler_from_args(args, optimizer)
     job = TrainingJob(args, platform, config, model, optimizer, scheduler, tokenizer, started, checkpoint, saved)
     if args.save:
         needed = checkpointing.checkpoint_bytes(job)
@@ -174,92 +217,163 @@ def _vocabulary_rows(args: RunConfig, vocab_size: int, saved: Optional[RunConfig
     return rows
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    loss_mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(per_token_loss.reshape(-1).float() * loss_mask) / loss_mask.sum().clamp(min=1)
-    # clone: the schedule divides the returned loss in place by the number of micro batches
-    return loss, {"lm loss": loss.detach().clone()}
+def model_modules(job: TrainingJob) -> List[torch.nn.Module]:
+    """This rank's model chunks without their DDP wrappers (the GPTModels)."""
+    return [chunk.module for chunk in job.model]
 
 
-def _forward_step(device: torch.device, data_iterator: Iterator[Dict[str, torch.Tensor]], model):
-    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+def micro_batch_iterators(job: TrainingJob, dataset, first_sample: int):
+    """This rank's micro batches from global sample ``first_sample`` on; under virtual pipeline stages one
+    iterator per model chunk, as the interleaved schedule wants them (each chunk reads every micro batch
+    once, in its own order)."""
+    def iterator():
+        return data.micro_batches(dataset, job.args, first_sample, parallel_state.get_data_parallel_rank(),
+                                  job.args.num_workers)
+
+    return iterator() if len(job.model) == 1 else [iterator() for _ in job.model]
+
+
+def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token_loss: torch.Tensor):
+    loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
+    if guard_non_finite:  # a NaN/Inf loss reaches the grad norm, the step's one NaN/Inf check
+        loss = step_guard.poison_if_non_finite(loss)
+    return loss, {"lm loss": reported}
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The host batch on ``device`` without the host waiting: a copy from pinned memory is queued on the
+    stream like a kernel (from pageable memory the host would wait for the device to drain first)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _forward_step(device: torch.device, guard_non_finite: bool, data_iterator: Iterator[Dict[str, torch.Tensor]],
+                  model):
+    batch = {key: _to_device(value, device) for key, value in next(data_iterator).items()}
+    batch = context_parallel.batch_on_this_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, batch["loss_mask"], guard_non_finite)
 
 
-def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[float]:
-    """Mean of the micro-batch losses over the whole global batch (last pipeline stage only)."""
+def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Mean of the micro-batch losses over the whole global batch (last pipeline stage only), on the device:
+    a collective but no host read."""
     if not values:
         return None
     total = torch.stack(values).mean()
     group = parallel_state.get_data_parallel_group()
     dist.all_reduce(total, group=group)
-    return total.item() / dist.get_world_size(group)
+    return total / dist.get_world_size(group)
 
 
-def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) -> Optional[float]:
+def _checks_non_finite(args) -> bool:
+    return args.check_for_nan_in_loss_and_grad or args.skip_nan_iterations
+
+
+def _micro_batch_losses(job: TrainingJob, micro_batch_iter, forward_only: bool,
+                        num_microbatches: Optional[int] = None) -> List[torch.Tensor]:
+    """This rank's lm loss of every micro batch (device tensors; empty off the last pipeline stage) of one
+    global batch of ``num_microbatches`` micro batches (default: a full --global-batch-size)."""
     args = job.args
     losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, job.platform.device),
+        forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only),
         data_iterator=micro_batch_iter,
-        model=[job.model],
-        num_microbatches=args.num_microbatches,
+        model=job.model,
+        num_microbatches=num_microbatches or args.num_microbatches,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )
-    return _mean_over_data_parallel([item["lm loss"] for item in losses])
+    return [item["lm loss"] for item in losses]
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (the loss lives on the last pipeline stage)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def run_micro_batches(job: TrainingJob, micro_batch_iter, forward_only: bool) -> Optional[float]:
+    """The lm loss of one global batch, read on the host (evaluation; the training step keeps it on the
+    device)."""
+    loss = _mean_over_data_parallel(_micro_batch_losses(job, micro_batch_iter, forward_only))
+    return None if loss is None else loss.item()
 
 
-def _local_grads_finite(job: TrainingJob) -> bool:
-    """Whether this rank's reduced gradients (DDP's main_grad buffers) are all finite."""
-    return all(bool(torch.isfinite(p.main_grad).all()) for p in job.model.module.parameters()
-               if getattr(p, "main_grad", None) is not None)
+@dataclass
+class StepResult:
+    loss: Optional[torch.Tensor]  # lm loss over the global batch, on the device (last pipeline stage only)
+    grad_norm: Optional[float]  # megatron-core's, as its step returns it
+    applied: bool  # the optimizer updated the parameters
+    non_finite: bool  # skipped for a NaN/Inf loss or gradient (--skip-nan-iterations)
 
 
-def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0):
-    """One optimizer step. Returns (lm loss or None off the last stage, grad norm, update applied).
+def train_step(job: TrainingJob, micro_batch_iter, iteration: int = 0,
+               batches: Optional[GlobalBatches] = None) -> StepResult:
+    """One optimizer step on the global batch ``batches`` sets (default: --global-batch-size), without a host
+    read of its own: the loss stays on the device.
 
-    A NaN/Inf loss or gradient on any rank is found before the update: the run stops naming the
-    iteration and rank, or with --skip-nan-iterations the update is skipped (and counted by the caller).
+    A NaN/Inf loss or gradient on any rank is found before the update, on the grad norm megatron-core's
+    step reads anyway (:mod:`megatron_moe.step_guard`): the run stops naming the iteration and rank, or
+    with --skip-nan-iterations the update is skipped (and counted by the caller).
     """
     args = job.args
-    job.model.zero_grad_buffer()
+    for chunk in job.model:
+        chunk.zero_grad_buffer()
     job.optimizer.zero_grad()
-    lm_loss = run_micro_batches(job, micro_batch_iter, forward_only=False)
-    if args.check_for_nan_in_loss_and_grad or args.skip_nan_iterations:
-        loss_bad = lm_loss is not None and not math.isfinite(lm_loss)
-        local_bad = loss_bad or not _local_grads_finite(job)
-        if _any_rank(local_bad, job.platform.device):
-            if args.skip_nan_iterations:
-                return lm_loss, None, False
-            what = f"lm loss is {lm_loss}" if loss_bad else "a gradient is NaN/Inf"
-            if local_bad:
-                raise NonFiniteError(f"iteration {iteration}: {what} on rank {dist.get_rank()}; lower --lr, "
-                                     "check the data, or pass --skip-nan-iterations to skip such steps")
-            raise NonFiniteError(f"iteration {iteration}: a NaN/Inf loss or gradient on another rank")
-    update_successful, grad_norm, _ = job.optimizer.step()
-    if update_successful:
-        job.scheduler.step(increment=args.global_batch_size)
-    return lm_loss, grad_norm, update_successful
+    local_losses = _micro_batch_losses(job, micro_batch_iter, forward_only=False,
+                                       num_microbatches=batches.num_microbatches if batches else None)
+    loss = _mean_over_data_parallel(local_losses)
+    guard = None
+    if _checks_non_finite(args):
+        if job.non_finite_guard is None:
+            job.non_finite_guard = step_guard.NonFiniteGuard(job.optimizer)
+        guard = job.non_finite_guard
+        guard.before_step()
+    applied, grad_norm, job.num_zeros_in_grad = job.optimizer.step()
+    if guard is not None and guard.non_finite:
+        what = step_guard.locate_non_finite(local_losses, job.model, guard.grad_norm)
+        if not args.skip_nan_iterations:
+            raise NonFiniteError(f"iteration {iteration}: {what}; lower --lr, check the data, or pass "
+                                 "--skip-nan-iterations to skip such steps")
+        return StepResult(loss, None, False, True)
+    if applied:  # the schedule counts samples (an overflow skipped by fp16 loss scaling: none)
+        job.scheduler.step(increment=batches.global_batch_size if batches else args.global_batch_size)
+    return StepResult(loss, grad_norm, applied, False)
+
+
+class LossHistory:
+    """This run's lm losses. Each step queues its loss as a device value; :meth:`read` copies the queue to
+    the host in one go (log iterations, a caller's hook, the end), so a step never waits for its loss."""
+
+    def __init__(self):
+        self.values: List[float] = []
+        self._queued: List[torch.Tensor] = []
+
+    def add(self, loss: Optional[torch.Tensor]) -> None:
+        if loss is not None:
+            self._queued.append(loss.reshape(1))
+
+    def read(self) -> List[float]:
+        if self._queued:
+            self.values.extend(torch.cat(self._queued).tolist())
+            self._queued.clear()
+        return self.values
 
 
 def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
     args = job.args
-    job.model.eval()
+    for chunk in job.model:
+        chunk.eval()
     first = eval_index * args.eval_iters * args.global_batch_size
-    iterator = data.micro_batches(dataset, args, first, parallel_state.get_data_parallel_rank())
+    iterator = micro_batch_iterators(job, dataset, first)
     with torch.no_grad():
         losses = [run_micro_batches(job, iterator, forward_only=True) for _ in range(args.eval_iters)]
-    job.model.train()
+    for chunk in job.model:
+        chunk.train()
     return None if losses[0] is None else sum(losses) / len(losses)
+
+
+def layout_text(args) -> str:
+    """The parallel layout in one line (VPP: model chunks per pipeline rank)."""
+    return (f"TP={args.tensor_model_parallel_size} CP={args.context_parallel_size} "
+            f"PP={args.pipeline_model_parallel_size} VPP={args.virtual_pipeline_model_parallel_size or 1} "
+            f"EP={args.expert_model_parallel_size} ETP={args.expert_tensor_parallel_size} DP={args.data_parallel_size}")
 
 
 def format_arguments(args) -> str:
@@ -271,24 +385,42 @@ def format_arguments(args) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class StepReport:
+    """What the log line of an iteration shows besides the loss (Megatron-LM's fields)."""
+
+    global_batch_size: int  # this iteration's (it grows with --rampup-batch-size)
+    consumed_samples: int  # after this iteration
+    loss_scale: float = 1.0  # fp16 loss scaling (1 otherwise)
+    num_zeros_in_grad: Optional[float] = None  # --log-num-zeros-in-grad
+    params_norm: Optional[float] = None  # --log-params-norm
+
+
 def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float, grad_norm, skipped: int,
-             nan_iterations: int = 0, extra: Optional[Dict[str, float]] = None) -> str:
+             nan_iterations: int = 0, extra: Optional[Dict[str, float]] = None,
+             report: Optional[StepReport] = None) -> str:
     """Megatron-LM's training log line; ``extra``: MoE losses and registered scalars (per-layer ones, named
-    ``.../layer_NN/...``, go to TensorBoard only)."""
-    tokens_per_s = args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0)
+    ``.../layer_NN/...``, go to TensorBoard only); ``report``: the batch, samples and optional fields (default:
+    a full global batch per iteration)."""
+    report = report or StepReport(args.global_batch_size, iteration * args.global_batch_size)
+    tokens_per_s = report.global_batch_size * args.seq_length / (elapsed_ms / 1000.0)
     grad_norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
     extra_text = "".join(f" {name.replace('_', ' ')}: {value:.6E} |" for name, value in (extra or {}).items()
                          if "/layer_" not in name)
+    optional = (f" num zeros: {report.num_zeros_in_grad} |" if report.num_zeros_in_grad is not None else "") + \
+        (f" params norm: {report.params_norm:.3f} |" if report.params_norm is not None else "")
     return (
         f" iteration {iteration:8d}/{args.train_iters:8d} |"
-        f" consumed samples: {iteration * args.global_batch_size:12d} |"
+        f" consumed samples: {report.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
         f" throughput (tokens/s): {tokens_per_s:.1f} |"
         f" learning rate: {lr:.6E} |"
-        f" global batch size: {args.global_batch_size:5d} |"
+        f" global batch size: {report.global_batch_size:5d} |"
         f" lm loss: {lm_loss:.6E} |"
         f"{extra_text}"
+        f" loss scale: {report.loss_scale:.1f} |"
         f" grad norm: {grad_norm_text} |"
+        f"{optional}"
         f" number of skipped iterations: {skipped:3d} |"
         f" number of nan iterations: {nan_iterations:3d} |"
     )
@@ -298,65 +430,99 @@ def _finish_param_gather(job: TrainingJob) -> None:
     """With --overlap-param-gather the optimizer step leaves the all-gather of the updated parameters to the
     next forward's hooks; whatever reads the parameters outside a forward (a checkpoint, the caller after
     training) must have it done first."""
-    if job.model.use_forward_hook:
-        job.model.start_param_sync(force_sync=True)
+    for chunk in job.model:
+        if chunk.use_forward_hook:
+            chunk.start_param_sync(force_sync=True)
 
 
 def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]], None]] = None) -> List[float]:
     """Loads ``--load``, trains to ``--train-iters``, saves; returns this run's lm losses (last stage).
 
     ``after_iteration(iteration, losses)`` runs after every iteration (tests use it to crash a run).
+
+    As in Megatron-LM, each iteration's global batch follows the consumed samples (``--rampup-batch-size``:
+    :mod:`megatron_moe.batches`), and with --save a checkpoint is written when the batch size changes.
+    A step queues its work and its loss on the device; the host reads the losses, the MoE losses and the
+    counters only at log iterations, and at --tensorboard-log-interval iterations when a scalar writer is on
+    (``docs/host_syncs.md``). The log line's time per iteration is the mean over the log interval, taken once
+    the device has caught up.
     """
     args = job.args
     start_iteration, consumed_samples = checkpointing.load_checkpoint(job)
     train_ds, valid_ds, _ = data.build_datasets(args, job.tokenizer)
-    iterator = data.micro_batches(train_ds, args, consumed_samples, parallel_state.get_data_parallel_rank())
-    writer = metrics.tensorboard_writer(args)
+    iterator = micro_batch_iterators(job, train_ds, consumed_samples)
+    batches = GlobalBatches(args, dist.get_rank())
+    batches.update(consumed_samples)
+    writer = metrics.scalar_writer(args)
+    extras = StepExtras(args, job.platform.device)
     expert_load = None
     if args.num_experts is not None and args.tensorboard_dir and args.log_expert_load:  # rank-independent: collective
-        expert_load = metrics.ExpertLoad(job.model.module, args.num_layers, args.num_experts, job.platform.device)
+        expert_load = metrics.ExpertLoad(model_modules(job), args.num_layers, args.num_experts, job.platform.device)
     control = RunControl(args, job.started)
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
-                 f"processes ({job.platform.device.type}/{job.platform.backend}): "
-                 f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-                 f"EP={args.expert_model_parallel_size} DP={args.data_parallel_size}")
-    losses: List[float] = []
+                 f"processes ({job.platform.device.type}/{job.platform.backend}): {layout_text(args)}")
+    history = LossHistory()
     skipped = nan_iterations = 0
-    iteration = start_iteration
+    iteration = saved_iteration = start_iteration
+    interval_seconds, interval_iterations = 0.0, 0  # training time since the last log line
     while iteration < args.train_iters:
+        before = batches.global_batch_size
+        if batches.update(consumed_samples):
+            print_rank_0(f"> ramping up batch size from {before} to {batches.global_batch_size}")
+            if args.save and iteration > start_iteration and saved_iteration != iteration:
+                _finish_param_gather(job)  # Megatron-LM saves when the number of micro batches changes
+                checkpointing.save_checkpoint(job, iteration, consumed_samples)
+                saved_iteration = iteration
+        extras.before_step(iteration)
         iteration += 1
         start = time.perf_counter()
-        lm_loss, grad_norm, ok = train_step(job, iterator, iteration)
-        consumed_samples += args.global_batch_size
-        if not ok:
+        step = train_step(job, iterator, iteration, batches)
+        consumed_samples += batches.global_batch_size
+        if not step.applied:
             skipped += 1
-            nan_iterations += 1 if grad_norm is None else 0  # skipped by the NaN/Inf check (no grad norm)
-        control.count_update(iteration, ok)
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        moe_losses = metrics.moe_aux_losses(args, args.num_layers, job.platform.device)
-        if lm_loss is not None:
-            losses.append(lm_loss)
-        if iteration % args.log_interval == 0:
-            extra = {**moe_losses, **metrics.extra_scalars()}
+            nan_iterations += step.non_finite
+        control.count_update(iteration, step.applied)
+        history.add(step.loss)
+        extras.after_step(iteration)
+        interval_iterations += 1
+        logs = iteration % args.log_interval == 0
+        writes = writer is not None and iteration % args.tensorboard_log_interval == 0 and step.loss is not None
+        if logs or writes:
+            losses = history.read()  # waits for the device: the step's time is complete after it
+        seconds = time.perf_counter() - start
+        interval_seconds += seconds
+        if logs or writes:
+            report = _step_report(job, batches, consumed_samples, logs)
+        if writes:
+            _write_step_scalars(job, writer, iteration, losses[-1], step.grad_norm, report, seconds * 1000.0)
+        if logs:
+            elapsed_ms = interval_seconds * 1000.0 / interval_iterations
+            interval_seconds, interval_iterations = 0.0, 0
+            extras.at_log()
+            extra = {**metrics.moe_aux_losses(args, args.num_layers, job.platform.device, batches.num_microbatches),
+                     **metrics.extra_scalars()}
             load = expert_load.collect() if expert_load is not None else {}
-            if lm_loss is not None:
-                lr = job.optimizer.param_groups[0]["lr"]
-                print_rank_last(log_line(iteration, args, elapsed_ms, lr, lm_loss, grad_norm, skipped,
-                                         nan_iterations, extra))
+            if step.loss is not None:
+                print_rank_last(log_line(iteration, args, elapsed_ms, _learning_rate(job), losses[-1], step.grad_norm,
+                                         skipped, nan_iterations, extra, report))
                 metrics.write_scalars(writer, iteration, {
-                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": grad_norm,
-                    "throughput (tokens/s)": args.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
+                    "throughput (tokens/s)": report.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
                     "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
-                    "nan iterations": nan_iterations, "consumed samples": consumed_samples, **extra})
+                    "nan iterations": nan_iterations, **extra})
                 metrics.write_expert_load(writer, iteration, load)
-        if args.eval_iters and iteration % args.eval_interval == 0:  # --eval-iters 0: no validation
-            _validate(job, valid_ds, iteration, writer)
+            _report_memory(job, iteration)
+        else:
+            metrics.clear_moe_aux_losses()  # what a log iteration reduces is its own step's
+        if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0:
+            with extras.validation():
+                _validate(job, valid_ds, iteration, writer)
         stop = control.stop_reason(iteration, job.platform.device)
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             _finish_param_gather(job)
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
+            saved_iteration = iteration
         if after_iteration is not None:
-            after_iteration(iteration, losses)
+            after_iteration(iteration, history.read())
         if stop:
             if not args.save:
                 _finish_param_gather(job)  # the save did it otherwise
@@ -365,21 +531,79 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
             break
     else:
         _finish_param_gather(job)
-        if args.save and not (args.save_interval and iteration % args.save_interval == 0) and iteration > start_iteration:
+        if args.save and saved_iteration != iteration and iteration > start_iteration:
             checkpointing.save_checkpoint(job, iteration, consumed_samples)
+        if args.eval_iters:  # Megatron-LM validates once more when training ends (not when it exits early)
+            with extras.validation():
+                _validate(job, valid_ds, iteration, writer, final=True)
+    extras.finish()
     if writer is not None:
         writer.close()
-    return losses
+    return history.read()
 
 
-def _validate(job: TrainingJob, valid_ds, iteration: int, writer) -> None:
-    valid_loss = evaluate(job, valid_ds, iteration // job.args.eval_interval - 1)
+def _learning_rate(job: TrainingJob) -> float:
+    """The learning rate Megatron-LM logs: the default parameter group's (not --decoupled-lr's)."""
+    return get_canonical_lr_for_logging(job.optimizer.param_groups)
+
+
+def _step_report(job: TrainingJob, batches: GlobalBatches, consumed_samples: int, logs: bool) -> StepReport:
+    """The iteration's batch, samples and loss scale; at log iterations the optional norms (collective).
+    The loss scale is read only under --fp16: it is 1 otherwise, and a read waits for the device."""
+    args = job.args
+    return StepReport(
+        global_batch_size=batches.global_batch_size, consumed_samples=consumed_samples,
+        loss_scale=job.optimizer.get_loss_scale().item() if args.fp16 else 1.0,
+        num_zeros_in_grad=job.num_zeros_in_grad,
+        params_norm=metrics.params_norm(model_modules(job)) if args.log_params_norm and logs else None)
+
+
+def _write_step_scalars(job: TrainingJob, writer, iteration: int, lm_loss: float, grad_norm, report: StepReport,
+                        elapsed_ms: float) -> None:
+    """Megatron-LM's scalars of a --tensorboard-log-interval iteration (TensorBoard and W&B)."""
+    args = job.args
+    scalars = {"lm loss": lm_loss, "learning-rate": _learning_rate(job), "batch-size": report.global_batch_size,
+               "samples vs steps": report.consumed_samples,
+               "grad-norm": grad_norm, "num-zeros": report.num_zeros_in_grad, "params-norm": report.params_norm}
+    if args.log_loss_scale_to_tensorboard:
+        scalars["loss-scale"] = report.loss_scale
+    if args.log_world_size_to_tensorboard:
+        scalars["world-size"] = args.world_size
+    if args.log_timers_to_tensorboard:
+        scalars["iteration-time"] = elapsed_ms / 1000.0
+    if job.platform.is_cuda and args.log_memory_to_tensorboard:
+        scalars.update(metrics.cuda_memory_scalars())
+    if job.platform.is_cuda and args.log_device_memory_used:
+        scalars["mem-device-used-bytes"] = torch.cuda.device_memory_used()
+    metrics.write_scalars(writer, iteration, scalars)
+
+
+def _report_memory(job: TrainingJob, iteration: int) -> None:
+    """--log-memory-interval: Megatron-LM's memory line (CUDA)."""
+    interval = job.args.log_memory_interval
+    if job.platform.is_cuda and interval and iteration % interval == 0:
+        mib = 1024 * 1024
+        print(f"[Rank {dist.get_rank()}] (after {iteration} iterations) memory (MB) | allocated: "
+              f"{torch.cuda.memory_allocated() / mib} | max allocated: {torch.cuda.max_memory_allocated() / mib} | "
+              f"reserved: {torch.cuda.memory_reserved() / mib} | max reserved: {torch.cuda.max_memory_reserved() / mib}",
+              flush=True)
+
+
+def _validate(job: TrainingJob, valid_ds, iteration: int, writer, final: bool = False) -> None:
+    """Megatron-LM's validation: the periodic ones (every --eval-interval) and the final one after the last
+    iteration, each on the next --eval-iters global batches of the validation split."""
+    interval = job.args.eval_interval
+    periodic_before = iteration // interval if interval else 0
+    valid_loss = evaluate(job, valid_ds, periodic_before if final else periodic_before - 1)
     if valid_loss is None:
         return
     ppl = math.exp(min(20.0, valid_loss))
-    print_rank_last(f" validation loss at iteration {iteration} | lm loss value: {valid_loss:.6E} |"
-                    f" lm loss PPL: {ppl:.6E} |")
-    metrics.write_scalars(writer, iteration, {"validation lm loss": valid_loss, "validation lm loss PPL": ppl})
+    where = f"iteration {iteration}{' on validation set' if final else ''}"
+    print_rank_last(f" validation loss at {where} | lm loss value: {valid_loss:.6E} | lm loss PPL: {ppl:.6E} |")
+    scalars = {"validation lm loss": valid_loss}
+    if job.args.log_validation_ppl_to_tensorboard:
+        scalars["validation lm loss PPL"] = ppl
+    metrics.write_scalars(writer, iteration, scalars)
 
 
 def pretrain(argv: Optional[List[str]] = None, args: Optional[RunConfig] = None) -> List[float]:

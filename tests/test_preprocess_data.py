@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from launcher import REPO, assert_same_files
+
 TOOL = REPO / "tools" / "preprocess_data.py"
 
 
@@ -139,11 +140,6 @@ def megatron_documents(pieces_per_document, encode, eod=EOD):
                 sequences[-1] = sequences[-1] + [eod]
             documents.append(sequences)
     return documents
-
-
-def assert_same_files(ours, expected):
-    for ext in (".bin", ".idx"):
-        assert Path(f"{ours}{ext}").read_bytes() == Path(f"{expected}{ext}").read_bytes(), ext
 
 
 def gpt2_reference(text):
@@ -552,21 +548,6 @@ def test_temporary_files_of_a_live_run_are_named_and_kept(tmp_path, capsys):
     line, = capsys.readouterr().err.splitlines()
     assert line.startswith("left temporary files of a run that may still be running") and \
         f"{live} (pid {os.getpid()}" in line
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs: a real ENOSPC (needs root, as in CI containers; skipped otherwise)."""
-    mount_point = tmp_path / "tiny_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root)")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_full_disk_says_so_and_how_much_space_is_needed(tiny_disk, tmp_path):

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import REPO, SCRIPTS, TINY_MOE, torchrun
-from test_training_job import assert_one_line_error, launch
+from launcher import REPO, SCRIPTS, TINY_MOE, assert_one_line_error, launch, torchrun
 
 from megatron_moe.arguments import ConfigError
 
@@ -140,6 +139,18 @@ def test_eval_iters_zero_means_no_validation():
     assert " iteration        2/" in result.stdout and "validation loss" not in result.stdout
 
 
+@pytest.mark.parametrize("flags, validated", [
+    ([], ["iteration 2 on validation set"]),  # no --eval-interval: only the final validation
+    (["--eval-interval", "1", "--exit-interval", "1"], ["iteration 1"]),  # an early exit skips the final one
+])
+def test_validation_happens_when_megatron_lm_validates(flags, validated):
+    i = TINY_MOE.index("--eval-interval")
+    result = launch(TINY_MOE[:i] + TINY_MOE[i + 2:] + ["--train-iters", "2", *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split(" | ")[0].removeprefix(" validation loss at ") for line in result.stdout.splitlines()
+            if line.startswith(" validation loss at")] == validated
+
+
 @pytest.mark.parametrize("cap_flags, stops_at", [([], 11), (["--max-consecutive-skipped-iterations", "3"], 4),
                                                  (["--max-skipped-iterations", "2"], 3)])
 def test_skipped_iterations_are_capped(cap_flags, stops_at):
@@ -188,23 +199,40 @@ def _records(prefix: Path, rank: int) -> list:
     return [json.loads(p.read_text()) for p in paths]
 
 
-def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(tmp_path):
-    """Two torchrun agents ("nodes", one rank each) meet by c10d rendezvous with --max-restarts 1. Rank 1 is
-    SIGKILLed after iteration 3 (the last checkpoint is iteration 2): torchrun relaunches both nodes, the job
-    resumes from iteration 2, and its losses and final weights equal an uninterrupted run's bit for bit."""
-    flags = TINY_MOE + ["--expert-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "2"]
-    reference = tmp_path / "reference"
-    torchrun(2, SCRIPTS / "train_with_fault.py", [str(reference), *flags, "--save", str(tmp_path / "ref_ckpt")])
+RESTART_FLAGS = TINY_MOE + ["--expert-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "2"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """What each rank of an uninterrupted run of RESTART_FLAGS records."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    torchrun(2, SCRIPTS / "train_with_fault.py", [str(tmp / "reference"), *RESTART_FLAGS, "--save", str(tmp / "ckpt")])
+    return [_records(tmp / "reference", rank)[-1] for rank in (0, 1)]
+
+
+def _rendezvous(backend: str, port: int, node_rank: int) -> list:
+    if backend == "c10d":
+        return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reliability"]
+    # torchrun's default: static rendezvous on the master's address
+    return ["--master-addr", "127.0.0.1", "--master-port", str(port), "--node-rank", str(node_rank)]
+
+
+@pytest.mark.parametrize("backend, share_store", [("c10d", "1"), ("static", "0")])
+def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(backend, share_store, uninterrupted, tmp_path):
+    """Two torchrun agents ("nodes", one rank each) meet by c10d rendezvous (with a fresh store per attempt)
+    or by torchrun's default static rendezvous (its store shared with the workers across attempts), with
+    --max-restarts 2. Rank 1 is SIGKILLed after iteration 3 (the last checkpoint is iteration 2): torchrun
+    relaunches both nodes, the job resumes from iteration 2, and its losses and final weights equal an
+    uninterrupted run's bit for bit."""
     ckpt, out, port = tmp_path / "ckpt", tmp_path / "elastic", _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="",
-               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "reliability",
-            "--max-restarts", "1", str(SCRIPTS / "train_with_fault.py"), str(out), *flags,
-            "--save", str(ckpt), "--load", str(ckpt)]
-    nodes = [subprocess.Popen(node, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+               FAULT_SIGNAL="KILL", FAULT_RANK="1", FAULT_AFTER="3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE=share_store)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               *_rendezvous(backend, port, node_rank), "--max-restarts", "2",
+                               str(SCRIPTS / "train_with_fault.py"), str(out), *RESTART_FLAGS,
+                               "--save", str(ckpt), "--load", str(ckpt)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node_rank in range(2)]
     try:
         logs = [n.communicate(timeout=400)[0] for n in nodes]
     finally:
@@ -212,14 +240,134 @@ def test_killed_node_is_relaunched_by_torchrun_and_resumes_exactly(tmp_path):
             n.kill()
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
 
-    straight = [_records(reference, rank)[-1] for rank in (0, 1)]
     elastic = [_records(out, rank) for rank in (0, 1)]
     assert all(len(attempts) >= 2 for attempts in elastic), "both ranks ran again after the kill"
     killed_at = elastic[1][0]["iteration_end_times"]["3"]
     for rank in (0, 1):
         resumed = elastic[rank][-1]
         assert sorted(resumed["iteration_end_times"], key=int) == ["3", "4", "5", "6"], "resumed from iteration 2"
-        assert resumed["losses"] == straight[rank]["losses"][2:]
-        assert resumed["parameter_sums"] == straight[rank]["parameter_sums"]
+        assert resumed["losses"] == uninterrupted[rank]["losses"][2:]
+        assert resumed["parameter_sums"] == uninterrupted[rank]["parameter_sums"]
     first_step = min(records[-1]["iteration_end_times"]["3"] for records in elastic)
-    print(f"restart to first step: {first_step - killed_at:.1f} s after the kill")
+    print(f"{backend} rendezvous: restart to first step {first_step - killed_at:.1f} s after the kill")
+
+
+def test_restarts_that_could_not_meet_are_refused_with_the_ways_that_work(monkeypatch):
+    """c10d rendezvous over several nodes with its store shared across attempts: the restart counts of the
+    nodes may differ, so the start is refused naming TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and static rendezvous.
+    One node, or static rendezvous (recognised by its agents' rank assignment in the store), may restart."""
+    import torch.distributed as dist
+
+    from megatron_moe.platform import elastic_restart_problem
+
+    store = dist.HashStore()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    problem = elastic_restart_problem(store)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in problem and "static rendezvous" in problem
+    store.set("job7/torchelastic/assigned_ranks/0", "[]")  # what torchrun's agents write with static rendezvous
+    assert elastic_restart_problem(store) is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert elastic_restart_problem(dist.HashStore()) is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert elastic_restart_problem(dist.HashStore()) is None
+
+
+# --- one writer per --save directory ---------------------------------------------------------------------
+
+def _wait_for(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie that nobody reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _start(script, args, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_second_job_on_the_same_save_is_refused_and_a_dead_job_leaves_no_lock(tmp_path):
+    """A job resubmitted while the first still writes --save stops in one line naming the running one; once the
+    first is killed (SIGKILL: no clean-up of its own), a new job starts and saves."""
+    ckpt, log = tmp_path / "ckpt", tmp_path / "first.log"
+    first = _start(REPO / "pretrain_gpt_moe.py", [*TINY_MOE, "--train-iters", "100000", "--save-interval", "1000",
+                                                  "--save", str(ckpt)], log)
+    try:
+        _wait_for(lambda: " iteration        1/" in log.read_text() or first.poll() is not None, "the first job")
+        second = launch(TINY_MOE + ["--train-iters", "1", "--save", str(ckpt)])
+        line = assert_one_line_error(second, f"--save {ckpt}: another job is writing there (pid {first.pid} on ")
+        assert "give this job another --save" in line and "arguments ---" not in second.stdout
+    finally:
+        first.kill()
+        first.wait()
+    third = launch(TINY_MOE + ["--train-iters", "1", "--save", str(ckpt)])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (ckpt / TRACKER).read_text() == "1"
+
+
+def test_rank_killed_mid_save_takes_its_writer_processes_along(tmp_path):
+    """megatron-core's checkpoint writer forks write processes; SIGKILL the rank while they write (held in
+    a 300 s sleep): they end with it. The save's unfinished folder never takes the iteration's name, and the
+    next job on --save removes it and resumes from the last whole checkpoint."""
+    ckpt, pids, log = tmp_path / "ckpt", tmp_path / "pids", tmp_path / "rank.log"
+    pids.mkdir()
+    rank = _start(SCRIPTS / "slow_checkpoint_writer.py", [str(pids), *TINY_MOE, "--train-iters", "2",
+                                                          "--save", str(ckpt)], log)
+    try:
+        _wait_for(lambda: len(list(pids.glob("writer.*"))) >= 2 or rank.poll() is not None, "the write processes")
+        writers = {int(path.name.split(".")[1]): int(path.read_text()) for path in pids.glob("writer.*")}
+        assert len(writers) >= 2 and set(writers.values()) == {rank.pid}, (writers, log.read_text()[-3000:])
+        rank.kill()
+        rank.wait()
+        _wait_for(lambda: not any(_alive(pid) for pid in writers), "the write processes to end", timeout=10)
+    finally:
+        rank.kill()
+        for pid in writers if "writers" in locals() else ():
+            if _alive(pid):
+                os.kill(pid, 9)
+    assert not (ckpt / "iter_0000002").exists() and not (ckpt / TRACKER).exists()
+    unfinished = [path.name for path in ckpt.glob("iter_0000002.partial-*")]
+    assert len(unfinished) == 1, sorted(os.listdir(ckpt))
+
+    again = launch(TINY_MOE + ["--train-iters", "2", "--save", str(ckpt), "--load", str(ckpt)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"removed 1 unfinished save folder(s) of a job that ended during a save: {unfinished[0]}" in again.stdout
+    assert sorted(path.name for path in ckpt.glob("iter_*")) == ["iter_0000002"]
+
+
+def test_tracker_naming_a_missing_iteration_says_the_folder_is_missing(saved, tmp_path):
+    root = copy_of(saved, tmp_path)
+    shutil.rmtree(root / "iter_0000002")
+    assert_one_line_error(resume(root), f"--load: {root / TRACKER} names iteration 2, but the folder "
+                                        f"{root / 'iter_0000002'} is missing")
+
+
+def test_our_own_error_while_loading_is_not_reported_as_a_damaged_checkpoint(saved, tmp_path):
+    """Only the read of the files is reported as damage: a bug of ours building the load template surfaces."""
+    code = ("import sys\n"
+            "from megatron_moe import checkpointing\n"
+            "def broken(*args, **kwargs):\n"
+            "    raise KeyError('a bug of ours')\n"
+            "checkpointing._sharded_state_dict = broken\n"
+            "sys.argv = ['pretrain_gpt_moe.py'] + sys.argv[1:]\n"
+            "import pretrain_gpt_moe\n"
+            "sys.exit(pretrain_gpt_moe.main())\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", code, *TINY_MOE, "--train-iters", "3", "--load",
+                             str(copy_of(saved, tmp_path))], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "KeyError: 'a bug of ours'" in result.stderr, result.stderr[-3000:]
+    assert "damaged" not in result.stderr

@@ -1,9 +1,9 @@
 """Distributed-optimizer checkpoints across parallel layouts (--dist-ckpt-optim-fully-reshardable).
 
 One process trains 5 iterations with the distributed optimizer and the flag, saving at 2. For each axis, a
-TP=2 (+SP), PP=2 or EP=2 run loads that iteration-2 checkpoint (1 -> 2), trains iterations 3-5 with the one
-process's losses and saves at 3; one process loads the 2-process iteration-3 checkpoint (2 -> 1) and trains
-4-5 with the 2-process losses. The loss of iteration 5 depends on the Adam moments and step restored at 3
+TP=2 (+SP), PP=2 (also with two virtual stages per rank) or EP=2 run loads that iteration-2 checkpoint
+(1 -> 2), trains iterations 3-5 with the one process's losses and saves at 3; one process loads the 2-process
+iteration-3 checkpoint (2 -> 1) and trains 4-5 with the 2-process losses. The loss of iteration 5 depends on the Adam moments and step restored at 3
 (without them it differs in the second decimal), so the second step checks the optimizer state. EP=2 chains a
 dense and an expert optimizer, one process has one: both directions change the chaining. bf16 (fp32 main
 params in the optimizer state) is checked EP=2 -> 1, with this flag and with the non-distributed optimizer.
@@ -12,13 +12,11 @@ line naming the fix.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from launcher import REPO, SCRIPTS, TINY_MOE, torchrun
-from test_training_job import assert_one_line_error, launch
+from launcher import REPO, SCRIPTS, TINY_MOE, assert_one_line_error, checkpoint_at, launch, torchrun
 
 MODEL = TINY_MOE + ["--position-embedding-type", "rope", "--moe-layer-freq", "[0,1,1,1]",
                     # the learning-rate schedule must not depend on --train-iters: runs of different lengths
@@ -28,6 +26,8 @@ FLAGS = MODEL + FULLY_RESHARDABLE
 LAYOUTS = {
     "TP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "PP2": ["--pipeline-model-parallel-size", "2"],
+    # one buffer per model chunk in the optimizer; the checkpoint nests the chunks as model0, model1
+    "PP2xVPP2": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
     "EP2": ["--expert-model-parallel-size", "2"],
 }
 
@@ -36,14 +36,6 @@ def losses(tmp: Path, name: str, nproc: int, flags):
     out = tmp / f"{name}.json"
     torchrun(nproc, SCRIPTS / "train_losses.py", [str(out), *flags])
     return json.loads(out.read_text())
-
-
-def checkpoint_at(root: Path, iteration: int, dest: Path) -> Path:
-    """A --save directory holding only ``root``'s checkpoint of ``iteration``."""
-    name = f"iter_{iteration:07d}"
-    shutil.copytree(root / name, dest / name)
-    (dest / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    return dest
 
 
 def two_and_back(tmp: Path, flags, two_only):

@@ -24,6 +24,11 @@ CASES = {
     "EP2-distributed-optimizer": EP2 + ["--use-distributed-optimizer"],
     "EP2-distributed-optimizer-fully-reshardable": EP2 + ["--use-distributed-optimizer",
                                                          "--dist-ckpt-optim-fully-reshardable"],
+    # whole experts on both tensor-parallel ranks
+    "TP2-ETP1-dropout": TP2 + ["--expert-tensor-parallel-size", "1"],
+    # two model chunks per pipeline rank (checkpoint keys model0, model1)
+    "PP2xVPP2-distributed-optimizer": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+                                       "1", "--use-distributed-optimizer"],
 }
 
 

@@ -20,14 +20,15 @@ spec = importlib.util.spec_from_file_location("routing_quality", REPO / "benchma
 routing_quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(routing_quality)
 
-FLAGS = ["--global-batch-size", "4", "--seq-length", "8", "--log-interval", "2"]
+FLAGS = ["--global-batch-size", "4", "--seq-length", "8", "--log-interval", "2", "--eval-interval", "2"]
 TOKENS_PER_ITER = 4 * 8
 
 
 def scalars(final_loss: float, assignments: float):
-    """Two logged intervals (iterations 2 and 4) and two evaluations, like a run's TensorBoard scalars."""
+    """Two logged intervals (iterations 2 and 4) and two evaluations (and the final one, at 4 again), like a
+    run's TensorBoard scalars."""
     return {
-        "validation lm loss": [(2, 10.0, final_loss + 1.0), (4, 20.0, final_loss)],
+        "validation lm loss": [(2, 10.0, final_loss + 1.0), (4, 20.0, final_loss), (4, 21.0, final_loss + 9.0)],
         "lm loss": [(2, 10.0, 7.0), (4, 20.0, 6.0)],
         "throughput (tokens/s)": [(2, 10.0, 50.0), (4, 20.0, 100.0)],
         "expert-load/layer_01/max_over_mean": [(2, 10.0, 1.5), (4, 20.0, 2.5)],

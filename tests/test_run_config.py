@@ -130,6 +130,7 @@ def test_format_1_run_configs_still_load():
     config = run_config.from_json(json.dumps(FORMAT_1))
     assert (config.sam_num_groups, config.sam_renormalize_gates, config.moe_layer_pattern) == (2, True, (0, 1, 1, 1))
     assert saved_sharding_type(config) == "fully_reshardable" and config.padded_vocab_size == 1280
+    assert config.eval_interval == 1000  # the default when it was written
     rebuilt = parse_args(config.flags((ARCHITECTURE, MODEL, TOKENIZER)) + ["--train-iters", "1", "--lr", "0",
                                                                               "--micro-batch-size", "1", "--mock-data"])
     assert all(getattr(rebuilt, name) == getattr(config, name) for name in RunConfig.names([ARCHITECTURE])
@@ -137,6 +138,19 @@ def test_format_1_run_configs_still_load():
     old = dict(FORMAT_1, distrib_optim_sharding_type=None)
     del old["distrib_optim_sharding_type"]
     assert saved_sharding_type(run_config.from_json(json.dumps(old))) == "dp_reshardable"  # before it was recorded
+
+
+def test_format_2_run_configs_keep_their_meaning():
+    """Before format 3 MoE models had no linear biases whatever --disable-bias-linear said, and
+    --num-query-groups alone meant grouped-query attention."""
+    values = json.loads(run_config.to_json(parse_args(REQUIRED)))
+    del values["group_query_attention"]
+    values.update(run_config_format=2, disable_bias_linear=False, num_query_groups=2)
+    config = run_config.from_json(json.dumps(values))
+    assert (config.disable_bias_linear, config.group_query_attention, config.num_query_groups) == (True, True, 2)
+    values.update(num_experts=None, num_query_groups=None)
+    dense = run_config.from_json(json.dumps(values))
+    assert (dense.disable_bias_linear, dense.group_query_attention, dense.num_query_groups) == (False, False, 1)
 
 
 @pytest.mark.parametrize("text, message", [

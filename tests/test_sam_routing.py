@@ -1,5 +1,6 @@
-"""SAM routing: the one-copy dispatcher equals one process (also with expert tensor parallelism), sends one
-row per token in one token all-to-all per direction (packed bit-exactly), k=1 is Switch, trains."""
+"""SAM routing: the one-copy dispatcher equals one process (also with expert tensor parallelism, equal to TP
+or not), sends one row per token in one token all-to-all per direction (packed bit-exactly), k=1 is Switch,
+trains."""
 
 import pytest
 import torch
@@ -49,7 +50,8 @@ def reference(tmp_path_factory):
     (2, ["--expert-model-parallel-size", "2"]),
     (4, ["--expert-model-parallel-size", "4"]),
     (4, TP2 + ["--expert-model-parallel-size", "2"]),
-], ids=["EP2", "EP4", "TP2xEP2"])
+    (4, TP2 + ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]),
+], ids=["EP2", "EP4", "TP2xEP2", "TP2xEP2-ETP1"])
 def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, reference, tmp_path):
     result = run_layer(tmp_path, nproc, LAYER + ["--moe-router-topk", "2", *layout])
     assert torch.equal(result["tokens"], reference["tokens"])
@@ -66,7 +68,8 @@ def test_layer_equals_one_process_and_sends_each_token_once(nproc, layout, refer
         assert all_to_alls(calls["backward"]) == [torch.float32, torch.uint8]
         # the split sizes: one all-gather of counts per forward (over TP x EP), nothing else on the EP side
         assert [c for c in calls["forward"] if c[1] == torch.int64] == [("_allgather_base_", torch.int64)]
-        if "--tensor-model-parallel-size" not in layout:
+        if "--tensor-model-parallel-size" not in layout or "--expert-tensor-parallel-size" in layout:
+            # no expert-TP all-gather / reduce-scatter (expert TP = 1)
             assert len(calls["forward"]) == 3 and len(calls["backward"]) == 2
 
 
@@ -172,7 +175,8 @@ def test_losses_backpropagate_to_the_router_logits():
 
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-        "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--vocab-size", "100",
+        "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--mock-data",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
         "--moe-router-type", "sam", "--num-experts", "8"]
 
 
@@ -191,19 +195,6 @@ def test_bad_flags_are_one_line_errors(flags, world, message):
 def test_groups_default_to_the_expert_parallel_size():
     args = parse_args(BASE + ["--expert-model-parallel-size", "2"], world_size=2)
     assert args.sam_num_groups == 2
-
-
-def test_fp8_padding_makes_every_expert_count_a_multiple_of_16_and_combine_drops_it():
-    from megatron_moe.moe.sam import SAMDispatcher
-
-    dispatcher = SAMDispatcher.__new__(SAMDispatcher)  # only the padding state is used
-    dispatcher.align = 16
-    rows = torch.arange(7 * 2, dtype=torch.float32).view(7, 2)
-    padded_rows, padded_gates, counts = dispatcher._pad_per_expert(rows, torch.ones(7), torch.tensor([3, 0, 4]))
-    assert counts.tolist() == [16, 0, 16] and padded_rows.shape == (32, 2)
-    assert torch.equal(padded_rows[:3], rows[:3]) and torch.equal(padded_rows[16:20], rows[3:])
-    assert padded_gates.sum() == 7 and padded_rows[3:16].abs().sum() == 0
-    assert torch.equal(padded_rows[dispatcher.padded_positions], rows)
 
 
 def test_loss_shares_of_sequence_shards_add_up_to_the_whole_batch_loss(monkeypatch):

@@ -1,87 +1,17 @@
 """pretrain_gpt_moe.py as a job: real indexed data and tokenizer files, bad inputs, NaN, SIGTERM, TensorBoard."""
 
-import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import numpy
 import pytest
-import torch
 
-from launcher import REPO, TINY_MOE, train_losses
+from launcher import ON_FILES, REPO, TINY_MOE, VOCAB, assert_one_line_error, launch, train_losses
 from megatron_moe.arguments import ConfigError, parse_args
-
-VOCAB = 256  # byte-level GPT-2 alphabet; <|endoftext|> is id 256
-
-
-def _flags_without(flags, *names):
-    out, skip = [], False
-    for flag in flags:
-        if skip:
-            skip = False
-            continue
-        if flag in names:
-            skip = flag != "--mock-data"
-            continue
-        out.append(flag)
-    return out
-
-
-# TINY_MOE on files: the tokenizer and data flags are the test's own
-ON_FILES = _flags_without(TINY_MOE, "--mock-data", "--tokenizer-type", "--vocab-size")
-
-
-def write_indexed_dataset(prefix, documents, seed):
-    """An indexed dataset (.bin/.idx) of random tokens written by megatron-core's builder."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    generator = numpy.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.uint16)
-    for _ in range(documents):
-        length = int(generator.integers(20, 80))
-        builder.add_document(torch.from_numpy(generator.integers(0, VOCAB, length).astype(numpy.int64)), [length])
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Two datasets and GPT-2 BPE files with the byte alphabet only (no merges)."""
-    root = tmp_path_factory.mktemp("data")
-    from megatron_moe.preprocessing.text_tokenizers import _gpt2_byte_alphabet
-
-    _, byte_order = _gpt2_byte_alphabet()
-    char_of = {b: c for c, b in _gpt2_byte_alphabet()[0].items()}
-    vocab = {char_of[b]: i for i, b in enumerate(byte_order)}
-    vocab["<|endoftext|>"] = VOCAB
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    return {
-        "a": write_indexed_dataset(root / "a_text_document", 60, 1),
-        "b": write_indexed_dataset(root / "b_text_document", 60, 2),
-        "empty": write_indexed_dataset(root / "empty_text_document", 0, 3),
-        "tokenizer": ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(root / "vocab.json"),
-                      "--merge-file", str(root / "merges.txt")],
-        "root": root,
-    }
-
-
-def launch(args, timeout=300):
-    """python pretrain_gpt_moe.py ARGS, one process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "pretrain_gpt_moe.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("pretrain_gpt_moe.py: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_weighted_blend_of_indexed_datasets_trains(files, tmp_path):
@@ -174,7 +104,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     (["--tokenizer-type", "GPT2BPETokenizer"], "needs --vocab-file and --merge-file"),
 ])
 def test_conflicting_flags_are_config_errors(extra, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(TINY_MOE + ["--train-iters", "1"] + extra)
 
 

@@ -2,15 +2,18 @@
 
     python tools/convert_checkpoint.py export --load CKPT_DIR --output HF_DIR [--dtype bf16|fp16|fp32]
                                               [--overwrite] [-- TRAINING FLAGS]
-    python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite]
+    python tools/convert_checkpoint.py import --hf HF_DIR --save CKPT_DIR [--overwrite] [-- TRAINING FLAGS]
 
 ``export`` reads a checkpoint saved with any TP/PP/EP layout (its latest iteration) tensor by tensor; the
 run config it records decides the Hugging Face class, or refuses (naming the flag) before any weight is
 read. Flags after ``--`` are training flags that override the recorded ones (e.g. another tokenizer's
-files). softmax top-k routing exports to transformers' Mixtral / Qwen2-MoE; BASE, SAM, sigmoid and
-group-limited top-k to our modeling code in the folder (``trust_remote_code=True``). ``import`` writes
+files). Each routing option goes to the first transformers class that computes the same model (Mixtral,
+Qwen2-MoE, Qwen3-MoE, GLM-4.5's Glm4Moe: softmax, sigmoid, group-limited top-k with expert bias and scaling,
+BASE), else to our modeling code in the folder (``trust_remote_code=True``: SAM, and the options no class
+computes); docs/conversion.md has the table. ``import`` reads the folders of those classes back and writes
 iteration 0 (model weights only) of a checkpoint that ``pretrain_gpt_moe.py --load CKPT_DIR --finetune``
-starts from in any layout. Both stream: memory stays about one tensor. Needs ``pip install .[hf]``.
+starts from in any layout (flags after ``--`` are added to its run config). Both stream: memory stays about
+one tensor. Needs ``pip install .[hf]``.
 """
 
 import argparse
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer = sub.add_parser("import", help="Hugging Face folder -> our checkpoint")
     export.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
                         help="export without checking the checkpoint's file digests (manifest.json)")
-    importer.add_argument("--hf", required=True, help="a Hugging Face Mixtral or Qwen2-MoE folder")
+    importer.add_argument("--hf", required=True, help="a Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE or Glm4Moe "
+                                                      "folder (or one of our remote-code exports)")
     importer.add_argument("--save", required=True, help="the checkpoint directory to write")
     for command in (export, importer):
         command.add_argument("--overwrite", action="store_true", help="replace an existing output")

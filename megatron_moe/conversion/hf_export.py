@@ -78,7 +78,7 @@ def _in_background(check, directory: Path):
 def _write_folder(directory: Path, args: RunConfig, target, output: str, overwrite: bool, max_shard_bytes: int,
                   dtype: Optional[str], verification: Optional[Future]) -> List[str]:
     tokenizer = build_tokenizer(args)
-    vocab = tokenizer.vocab_size
+    vocab = tokenizer.model_vocab_size
     if args.tokenizer_vocab_size is not None and vocab != args.tokenizer_vocab_size:
         raise ConversionError(f"the tokenizer has {vocab} tokens, the checkpoint was trained with "
                               f"{args.tokenizer_vocab_size}; give its tokenizer flags after --")
@@ -86,7 +86,7 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
     torch_dtype = hf_layout.TORCH_DTYPES[dtype or ("bf16" if args.bf16 else "fp32")]
 
     reader = CheckpointReader(directory)
-    plan = hf_layout.units(args, target)
+    plan = hf_layout.units(args, target) + hf_layout.export_only_units(args, target)
     missing = sorted({unit.key for unit in plan} - set(reader.tensors))
     if missing:
         raise ConversionError(f"{directory} has no tensor {missing[0]} ({len(missing)} missing): not the model "
@@ -95,29 +95,30 @@ def _write_folder(directory: Path, args: RunConfig, target, output: str, overwri
     for unit in plan:  # the Hugging Face shapes, from the saved shapes alone
         shape = reader.shape(unit.key)[1:] if unit.expert is not None else reader.shape(unit.key)
         parts = hf_layout.to_hf(unit, torch.empty(shape, device="meta"), args, vocab)
-        layout += [(name, tuple(part.shape), torch_dtype) for name, part in zip(unit.hf, parts)]
-    zeros = hf_layout.zero_shared_experts(args, target)
-    layout += [(name, shape, torch_dtype) for name, shape in zeros]
+        layout += [(name, tuple(part.shape), torch.float32 if unit.fp32 else torch_dtype)
+                   for name, part in zip(unit.hf, parts)]
+    zeros = hf_layout.zero_fills(args, target, torch_dtype)
+    layout += zeros
     config = hf_layout.hf_config(args, target, vocab, bos, eos, torch_dtype)
 
     with hf_files.atomic_directory(output, overwrite, "--output") as folder:
         writer = hf_files.SafetensorsWriter(folder, layout, max_shard_bytes)
         for unit in plan:
             for name, part in zip(unit.hf, hf_layout.to_hf(unit, reader.read(unit.key, unit.expert), args, vocab)):
-                writer.write(name, part.to(torch_dtype))
-        for name, shape in zeros:
-            writer.write(name, torch.zeros(shape, dtype=torch_dtype))
+                writer.write(name, part.to(torch.float32 if unit.fp32 else torch_dtype))
+        for name, shape, zero_dtype in zeros:
+            writer.write(name, torch.zeros(shape, dtype=zero_dtype))
         written = writer.finish()
         hf_files.write_json(folder / "config.json", config)
         hf_files.write_json(folder / "generation_config.json",
                             {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
-        if "auto_map" in config:
+        if target.architecture.remote_code:
             written += hf_files.copy_remote_code(folder)
         tokenizer_line = hf_files.write_tokenizer(args, folder, eos)
         if verification is not None:
             verification.result()  # the folder is kept only if the checkpoint matched its digests
-    lines = [f"exported {directory} as {target.architecture} ({json.dumps(str(torch_dtype))[1:-1]}) to {output} "
+    lines = [f"exported {directory} as {target.architecture.name} ({json.dumps(str(torch_dtype))[1:-1]}) to {output} "
              f"({', '.join(written)})", tokenizer_line]
-    if "auto_map" in config:
+    if target.architecture.remote_code:
         lines.append("load it with trust_remote_code=True (its modeling code is in the folder)")
     return lines

@@ -258,6 +258,9 @@ def write_tokenizer(args, folder: Path, eod: int) -> str:
     if kind == "HuggingFaceTokenizer":
         source = Path(args.tokenizer_model)
         return f"tokenizer: copied {', '.join(copy_tokenizer_files(source, folder))} from {source}"
+    if kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        shutil.copyfile(args.tokenizer_model, folder / "tokenizer.model")
+        return f"tokenizer: copied the SentencePiece model {args.tokenizer_model} as tokenizer.model"
     return (f"tokenizer: none written ({kind} has no tokenizer files); token ids are used as they are, "
             f"eos id {eod}")
 

@@ -1,9 +1,11 @@
-"""Import: a Hugging Face Mixtral / Qwen2-MoE folder (or one of our remote-code exports) -> one of our
-checkpoints, to pretrain on with ``--load DIR --finetune`` in any TP/PP/EP layout.
+"""Import: a Hugging Face folder of a class of ``hf_layout.ARCHITECTURES`` (Mixtral, Qwen2-MoE, Qwen3-MoE,
+GLM-4.5's Glm4Moe, or one of our remote-code exports) -> one of our checkpoints, to pretrain on with
+``--load DIR --finetune`` in any TP/PP/EP layout.
 
 The HF config becomes our model flags (``hf_layout.args_from_hf_config`` refuses what we cannot
-represent, naming the field); every header of the folder is checked against them (missing tensors,
-shapes, truncated or missing shards) before anything is written. The checkpoint's keys and shapes come
+represent, naming the field; a part whose tensors are all zero and stay zero in training, such as the
+zero shared expert of our Qwen2-MoE exports, is dropped); every header of the folder is checked against
+them (missing tensors, shapes, truncated or missing shards) before anything is written. The checkpoint's keys and shapes come
 from our model built on the ``meta`` device (no memory); its tensors are then produced one chunk at a
 time from the safetensors files and written as a torch_dist checkpoint (model weights only, iteration 0).
 """
@@ -11,6 +13,7 @@ time from the safetensors files and written as a torch_dist checkpoint (model we
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from pathlib import Path
 from typing import Iterator, List, Sequence
@@ -20,6 +23,8 @@ import torch
 from megatron_moe.conversion import dist_files, hf_files, hf_layout, sentencepiece_json
 from megatron_moe.conversion.hf_layout import ConversionError
 
+# the scales of FP8 block-quantized (DeepSeek-V3, GLM-4.5-FP8) and MXFP4 (gpt-oss) releases
+_QUANTIZATION_TENSORS = ("_scale_inv", ".weight_scale", "_scales", "_blocks")
 _JOB = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "0", "--mock-data", "--device", "cpu"]
 TOKENIZER_DIR = "tokenizer"  # the imported folder's tokenizer files, inside --save
 
@@ -57,14 +62,20 @@ def tokenizer_source(folder: Path) -> Iterator[Path]:
         yield staging
 
 
-def _flags(config: dict, path: Path) -> List[str]:
+def _flags(config: dict, path: Path, zero) -> List[str]:
     try:
         config["vocab_size"], config["max_position_embeddings"]  # noqa: B018 (read below: checked here)
-        return hf_layout.args_from_hf_config(config)
+        return hf_layout.args_from_hf_config(config, zero)
     except KeyError as error:
         raise ConversionError(f"{path}: no {error.args[0]!r}, which the model needs") from None
     except ConversionError as error:
         raise ConversionError(f"{path}: {error}") from None
+
+
+def _read(weights, located, name: str) -> torch.Tensor:
+    stored, expert, half = located[name]
+    tensor = weights.read(stored, expert)
+    return tensor.chunk(2)[half] if half is not None else tensor
 
 
 def _meta_template(args):
@@ -113,9 +124,27 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
 
     config_path = folder / "config.json"
     config = hf_files.read_json(config_path, "the model config; point --hf at a Hugging Face model folder")
-    arch = hf_layout.hf_architecture(config)
-    flags = _flags(config, config_path)
-    weights = hf_files.HFWeights(folder)
+    try:
+        arch = hf_layout.architecture(hf_layout.hf_architecture(config))
+    except ConversionError as error:
+        raise ConversionError(f"{config_path}: {error}") from None
+
+    @functools.lru_cache(maxsize=None)
+    def tensors():  # the folder's headers, read at the first question about a tensor
+        weights = hf_files.HFWeights(folder)
+        quantized = sorted(name for name in weights.shapes if name.endswith(_QUANTIZATION_TENSORS))
+        if quantized:
+            raise ConversionError(f"{folder}: {quantized[0]} ({len(quantized)} such tensors): the folder stores "
+                                  "quantized (FP8 or MXFP4) weights; convert them to bf16 first")
+        return weights, hf_layout.hf_locations(arch, weights.shapes)
+
+    def zero(role: str) -> bool:
+        weights, located = tensors()
+        names = hf_layout.role_names(arch, role, config["num_hidden_layers"])
+        return all(not _read(weights, located, name).any() for name in names if name in located)
+
+    flags = _flags(config, config_path, zero)
+    weights, located = tensors()
     hf_files.refuse_existing(save, overwrite, "--save")
     final_tokenizer_dir = Path(save).resolve() / TOKENIZER_DIR
     # the tokenizer is read from the folder now, and recorded where its files are kept
@@ -127,13 +156,11 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
         raise ConversionError(f"{config_path}: vocab_size {config['vocab_size']} is smaller than the tokenizer "
                               f"files' {vocab_size} tokens")
     args = args.replace(tokenizer_vocab_size=vocab_size, padded_vocab_size=padded_vocab_size(vocab_size, args))
-    # the names follow the folder's class; BASE's router is its centroids
-    target = hf_layout.export_target(args)
-    target = hf_layout.Target(arch, {}, router_tensor=target.router_tensor)
+    # the names follow the folder's class; our router's tensor follows our routing scheme
+    target = hf_layout.Target(arch, hf_layout.eval_routing(args))
 
     template = _meta_template(args)
     units = {(unit.key, unit.expert): unit for unit in hf_layout.units(args, target)}
-    located = hf_layout.hf_locations(arch, weights.shapes)
     experts = {unit.key for unit in units.values() if unit.expert is not None}
     items, sources, shapes = [], {}, {}
     for entry in template:
@@ -151,11 +178,7 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
     _check_shapes(units.values(), located, weights, args, folder, shapes)
 
     def read_unit(unit) -> torch.Tensor:
-        parts = []
-        for name in unit.hf:
-            stored, expert, half = located[name]
-            tensor = weights.read(stored, expert)
-            parts.append(tensor.chunk(2)[half] if half is not None else tensor)
+        parts = [_read(weights, located, name) for name in unit.hf]
         return hf_layout.from_hf(unit, parts, args, args.tokenizer_vocab_size, args.padded_vocab_size)
 
     def produce(item):
@@ -180,9 +203,15 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
                                         for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
         checkpoint_files.write_manifest(directory)  # --load verifies every file against it
         (out / checkpoint_files.TRACKER).write_text("0")
-    lines = [f"imported {arch} from {folder} to {save} (iteration 0, model weights only)",
+    lines = [f"imported {arch.name} from {folder} to {save} (iteration 0, model weights only)",
              f"tokenizer: kept {', '.join(kept)} in {final_tokenizer_dir}" if kept else "tokenizer: none in the folder",
-             "pretrain with: " + " ".join(flags + tokenizer) + f" --load {save} --finetune"]
+             "pretrain with: " + " ".join(flags + tokenizer + list(overrides)) + f" --load {save} --finetune"]
+    mtp = config.get("num_nextn_predict_layers") or 0
+    if mtp:
+        layers = config["num_hidden_layers"]
+        lines.append(f"dropped the {mtp} multi-token-prediction layer(s) (model.layers.{layers}"
+                     f"{f'..{layers + mtp - 1}' if mtp > 1 else ''}.*): they do not compute the model's logits, and "
+                     "multi-token prediction is not trained here")
     return lines
 
 

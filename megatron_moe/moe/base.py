@@ -14,8 +14,12 @@ The whole idea, in the order a token meets it (``--moe-router-type base``):
    gradient and no un-shuffle of the expert output.
 3. **Assignment.** In training, :func:`balanced_assignment` maximises ``sum_t s[t, a(t)]`` subject to each
    expert receiving ``expert_capacities(T, E)`` tokens of the batch it solves (T/E each when E divides T).
-   At evaluation (``model.eval()``) each token simply takes its best expert (greedy argmax), as in the
-   paper: inference must not depend on the other tokens of the batch.
+   At evaluation (``model.eval()``) each token simply takes its best expert (greedy), as in the paper:
+   inference must not depend on the other tokens of the batch. "Best" is the top-1 of the fp32
+   ``sigmoid(s[t, e])``, taken by the very ``torch.topk`` call of GLM-4.5's sigmoid router
+   (``Glm4MoeTopkRouter``), so that the exported model (BASE is that router with one group, no bias and no
+   renormalisation) chooses exactly as ours. It is the argmax of ``s`` except where two affinities have
+   equal fp32 sigmoids (both above about 16.6, where the sigmoid is 1.0): there both take the same one.
 4. **Gate.** The expert output is scaled by ``sigmoid(h_t · c_a(t))``. This is the only path by which the
    centroids receive a gradient (the assignment itself is not differentiable), and there is no auxiliary
    loss: balance is a constraint, not a penalty. megatron's experts apply the gate (``probs``).
@@ -30,22 +34,24 @@ data-parallel worker), tensor/sequence and pipeline parallelism, the shuffle mov
 tokens, and the solver is exact-balance with a bounded round count for any T and E (fairseq's auction
 needs E to divide T).
 
-FP8: megatron-core 0.16's experts pad each expert's tokens to the FP8 alignment themselves
-(``SequentialMLP._pad_tensor_for_quantization``, ``TEGroupedMLP``'s ``Fp8Padding``), so the dispatcher
-hands them exact counts; ``tests/test_base_routing.py`` checks that megatron still does this.
+FP8: under ``--fp8-format`` the dispatcher pads each local expert's rows to the FP8 GEMM alignment and
+takes the padding out of the experts' output (:mod:`megatron_moe.moe.expert_padding`); T/E rows per expert
+are rarely a multiple of 16.
 """
 
 from __future__ import annotations
 
 from typing import Callable, List, Optional
 
+import numpy
 import torch
 import torch.distributed as dist
 
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_moe.moe.balanced_assignment import balanced_assignment, expert_capacities
+from megatron_moe.moe import expert_padding
+from megatron_moe.moe.balanced_assignment import balanced_assignment
 from megatron_moe.moe.base_flags import BaseOptions
 
 
@@ -55,8 +61,9 @@ from megatron_moe.moe.base_flags import BaseOptions
 
 
 def equal_shares(num_items: int, parts: int) -> List[int]:
-    """``num_items`` split into ``parts`` sizes differing by at most one, larger ones first."""
-    return expert_capacities(num_items, parts).tolist()
+    """``num_items`` split into ``parts`` sizes differing by at most one, larger ones first: the host-side
+    twin of ``expert_capacities``."""
+    return [num_items // parts + (part < num_items % parts) for part in range(parts)]
 
 
 def solve_on_shuffled_batch(
@@ -119,9 +126,10 @@ class BaseRouter(MegatronModule):
 
     @torch.no_grad()
     def assign(self, scores: torch.Tensor) -> torch.Tensor:
-        """Expert per token: balanced assignment in training, greedy argmax at evaluation."""
+        """Expert per token: balanced assignment in training; at evaluation the top-1 of the fp32 sigmoid of
+        the affinities, as GLM-4.5's router takes it (same op on the same values: the same choice)."""
         if not self.training:
-            experts = scores.argmax(dim=-1)
+            experts = torch.topk(torch.sigmoid(scores), k=1, dim=-1, sorted=False)[1].squeeze(-1)
             self.tokens_per_expert = _count_per_expert(experts, self.num_experts)
             return experts
         if self._shuffles():
@@ -134,7 +142,7 @@ class BaseRouter(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         tokens = hidden_states.reshape(-1, hidden_states.size(-1))
         centroids = self.centroids.to(tokens.dtype)
-        experts = self.assign(tokens.detach().float() @ centroids.detach().float().t())
+        experts = self.assign(torch.nn.functional.linear(tokens.detach().float(), centroids.detach().float()))
         gate = torch.sigmoid((tokens * centroids[experts]).sum(dim=-1).float())
         chosen = experts.unsqueeze(1)
         probs = torch.zeros(tokens.size(0), self.num_experts, dtype=gate.dtype, device=tokens.device)
@@ -167,27 +175,52 @@ def is_balanced(routing_map: torch.Tensor) -> bool:
 class BaseTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's all-to-all dispatcher whose split sizes come from the balance guarantee when it holds.
 
-    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the tensor x
-    expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
-    every rank sends expert ``e`` exactly ``expert_capacities(T, E)[e]`` tokens, where T is the number of
+    megatron's ``preprocess`` counts the tokens per expert, all-gathers the counts over the expert
+    tensor x expert parallel group and copies them to the host to size the all-to-alls. With balanced routing
+    every rank sends expert ``e`` exactly ``equal_shares(T, E)[e]`` tokens, where T is the number of
     tokens each rank holds (the same on every rank of the group, as megatron's fixed micro-batch shape
-    guarantees), so all those sizes are known on the host without communication.
+    guarantees), so all those sizes are known on the host without communication or host sync.
+
+    Under ``--fp8-format`` each local expert's rows are padded to the FP8 GEMM alignment after the
+    all-to-all (:mod:`megatron_moe.moe.expert_padding`), with the counts megatron's dispatch already holds
+    on the host.
     """
 
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        super().__init__(num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection)
+        align = expert_padding.alignment(config)
+        self.padding = expert_padding.ExpertRowPadding(align) if align > 1 else None
+
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        # megatron's preprocess only ever moves its sync point earlier; one greedy (eval) forward would
+        # otherwise leave every later balanced forward waiting on the device
+        self.cuda_sync_point = "no_sync"
         if not is_balanced(routing_map):
             return super().preprocess(routing_map)
         num_tokens = routing_map.size(0)
-        per_expert = expert_capacities(num_tokens, self.num_experts)
+        per_expert = equal_shares(num_tokens, self.num_experts)
         local = per_expert[self.local_expert_indices[0]: self.local_expert_indices[-1] + 1]
-        # [source TP rank, source EP rank, local expert]: every source rank sends the same counts.
-        per_source = local.expand(self.tp_size, self.ep_size, self.num_local_experts)
         self.num_out_tokens = num_tokens
         if self.ep_size > 1 or self.tp_size > 1:
-            self.input_splits = per_expert.reshape(self.ep_size, self.num_local_experts).sum(dim=1).numpy()
-            per_source_rank = per_source.sum(dim=2)
-            self.output_splits = per_source_rank[self.tp_rank].numpy()
-            self.output_splits_tp = per_source_rank.sum(dim=1).numpy()
+            per_rank = [sum(per_expert[rank * self.num_local_experts: (rank + 1) * self.num_local_experts])
+                        for rank in range(self.ep_size)]
+            self.input_splits = numpy.array(per_rank)
+            # every source rank (expert TP x EP) sends this rank's experts the same counts
+            self.output_splits = numpy.full(self.ep_size, sum(local))
+            self.output_splits_tp = numpy.full(self.tp_size, self.ep_size * sum(local))
         if self.num_local_experts > 1:
-            self.num_global_tokens_per_local_expert = per_source.reshape(-1, self.num_local_experts)
-        return per_source.sum(dim=(0, 1))
+            # [source expert-TP x EP rank, local expert]
+            self.num_global_tokens_per_local_expert = torch.tensor(local).expand(self.tp_size * self.ep_size, -1)
+        return torch.tensor([self.tp_size * self.ep_size * count for count in local])
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        hidden_states, tokens_per_expert, probs = super().dispatch_postprocess(hidden_states, probs)
+        if self.padding is not None:  # tokens_per_expert: on the host, as megatron's experts take it
+            hidden_states, probs, padded = self.padding.pad(hidden_states, probs, tokens_per_expert.tolist())
+            tokens_per_expert = torch.tensor(padded)
+        return hidden_states, tokens_per_expert, probs
+
+    def combine_preprocess(self, hidden_states):
+        if self.padding is not None:
+            hidden_states = self.padding.unpad(hidden_states)
+        return super().combine_preprocess(hidden_states)

@@ -14,7 +14,7 @@ add up:
 
 Backward sends the same rows in the opposite direction (the all-to-all's gradient is the reverse
 all-to-all), so forward counts describe both. Only the expert-parallel collectives are counted: with
-TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and a reduce-scatter (combine)
+expert TP > 1 megatron's alltoall dispatcher and SAM's add an all-gather (dispatch) and a reduce-scatter (combine)
 inside the expert tensor-parallel group (usually within a node) that are not included.
 
 :func:`snapshot_and_reset` sums the counts over all ranks (a collective: every rank calls it) and returns
@@ -45,7 +45,9 @@ FIELDS = ("tokens", "rows", "remote_rows", "bytes", "remote_bytes", "seconds")
 _TOKENS, _ROWS, _REMOTE_ROWS, _BYTES, _REMOTE_BYTES, _SECONDS = range(len(FIELDS))
 
 timing = False
-_counts: Dict[int, list] = {}  # layer number -> FIELDS
+# layer number -> FIELDS, float64 on the host. A count that megatron's dispatcher keeps as a tensor (its split
+# sizes on a CPU run) is added as one, never read: counting must not make the host wait.
+_counts: Dict[int, torch.Tensor] = {}
 _num_layers = 0
 
 
@@ -59,11 +61,12 @@ def _row_bytes(tensors) -> int:
     return sum(t[0].numel() * t.element_size() if t.shape[0] else 0 for t in tensors if t is not None)
 
 
-def _local_rows(dispatcher, splits) -> Optional[int]:
-    """Rows of an all-to-all that stay on this rank (None when the dispatcher does not all-to-all)."""
+def _local_rows(dispatcher, splits):
+    """Rows of an all-to-all that stay on this rank, as the dispatcher holds them (an int, a numpy or a
+    host tensor element; None when the dispatcher does not all-to-all)."""
     if splits is None:
         return None
-    return int(splits[utils.get_pg_rank(dispatcher.ep_group)])
+    return splits[utils.get_pg_rank(dispatcher.ep_group)]
 
 
 def _sent(dispatcher, step: str, tensors):
@@ -74,7 +77,7 @@ def _sent(dispatcher, step: str, tensors):
     row_bytes = getattr(dispatcher, "packed_row_bytes", None) if step == "dispatch" else None
     row_bytes = row_bytes or _row_bytes(tensors)
     if isinstance(dispatcher, MoEAllGatherTokenDispatcher):
-        # all-gather (dispatch) / reduce-scatter (combine) over TP x EP: each row reaches the other ranks
+        # all-gather (dispatch) / reduce-scatter (combine) over expert TP x EP: each row reaches the other ranks
         others = utils.get_pg_size(dispatcher.tp_ep_group) - 1
         remote = rows * others if step == "dispatch" else rows * others // (others + 1)
     else:
@@ -100,7 +103,7 @@ def count(layer_number: int, step: str, dispatcher, tensors):
     yield
     if timing:
         _synchronize(tensors[0])
-    row = _counts.setdefault(layer_number, [0.0] * len(FIELDS))
+    row = _counts.setdefault(layer_number, torch.zeros(len(FIELDS), dtype=torch.float64))
     rows, remote, nbytes, remote_bytes = _sent(dispatcher, step, tensors)
     if step == "dispatch":
         row[_TOKENS] += math.prod(dispatcher.hidden_shape[:-1])
@@ -143,7 +146,7 @@ def _synchronize(tensor: torch.Tensor) -> None:
 
 def local_counts() -> Dict[int, Dict[str, float]]:
     """This rank's counts per layer since the last reset (no communication)."""
-    return {layer: dict(zip(FIELDS, row)) for layer, row in sorted(_counts.items())}
+    return {layer: dict(zip(FIELDS, row.tolist())) for layer, row in sorted(_counts.items())}
 
 
 def reset() -> None:
@@ -161,19 +164,19 @@ def snapshot_and_reset() -> Dict[str, float]:
         num_layers = int(size.item())
     table = torch.zeros(num_layers, len(FIELDS), dtype=torch.float64)
     for layer, row in _counts.items():
-        table[layer - 1] = torch.tensor(row, dtype=torch.float64)
+        table[layer - 1] = row
     if dist.is_initialized():
-        table = table.to(_device())
+        table = table.to(_device(), non_blocking=True)
         dist.all_reduce(table)
-        table = table.cpu()
     reset()
+    rows = table.tolist()
     scalars: Dict[str, float] = {}
-    for index, row in enumerate(table.tolist()):
+    for index, row in enumerate(rows):
         if row[_TOKENS] > 0:
             for field, value in zip(FIELDS, row):
                 if field != "seconds" or timing:
                     scalars[f"moe-comm/layer_{index + 1:02d}/{field}"] = value
-    totals = table.sum(0).tolist() if table.numel() else [0.0] * len(FIELDS)
+    totals = [sum(column) for column in zip(*rows)] if rows else [0.0] * len(FIELDS)
     if totals[_TOKENS] > 0:
         scalars["moe-comm/rows_per_token"] = totals[_ROWS] / totals[_TOKENS]
         scalars["moe-comm/remote_bytes_per_token"] = totals[_REMOTE_BYTES] / totals[_TOKENS]

@@ -21,6 +21,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_moe.arguments.moe import load_balancing_losses
 from megatron_moe.moe import base, comm_stats, sam
 from megatron_moe.moe.scheme_flags import SCHEME_FLAGS, SchemeFlags
 
@@ -48,9 +49,8 @@ _AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_
 
 
 def _topk_losses(config) -> List[str]:
-    names = []
-    if config.moe_aux_loss_coeff > 0 and config.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
-        names.append(_AUX_LOSS_NAMES[config.moe_router_load_balancing_type])
+    names = [_AUX_LOSS_NAMES[kind] for kind, coeff in load_balancing_losses(config).items()
+             if coeff > 0 and kind in _AUX_LOSS_NAMES]
     if config.moe_z_loss_coeff is not None:
         names.append("z_loss")
     return names

@@ -34,10 +34,10 @@ them and each rank attaches its share of the loss (see :func:`sam_losses`):
 Unlike Hetu (which places k copies of a token and allows k <= 2) :class:`SAMDispatcher` sends each token
 ONCE: groups are laid out so that each expert-parallel rank holds whole groups; the token travels to the
 rank of its group, is expanded there to its k local experts, the k outputs are combined with the gates on
-that rank, and one vector per token comes back. With tensor parallelism (expert TP = TP, sequence
-parallel) the tensor-parallel ranks of an expert all-gather the tokens they received and reduce-scatter the
-combined vectors, inside their TP group: each token still crosses the expert-parallel network once each
-way. Same code on CPU/gloo and GPU/NCCL.
+that rank, and one vector per token comes back. With expert tensor parallelism (``--expert-tensor-parallel-size``
+> 1, megatron-core's expert-TP group) the ranks sharing an expert's weights all-gather the tokens they
+received and reduce-scatter the combined vectors, inside that group: each token still crosses the
+expert-parallel network once each way. Same code on CPU/gloo and GPU/NCCL.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_moe.moe import packed_rows
+from megatron_moe.moe import expert_padding, packed_rows
 from megatron_moe.moe.sam_flags import SAMOptions
 
 
@@ -190,17 +190,24 @@ class SAMDispatcher(MoETokenDispatcher):
     carries the hidden state, the k gates (fp32) and the k local expert ids as raw bytes
     (:mod:`megatron_moe.moe.packed_rows`), so each direction makes ONE token all-to-all, in forward and in
     backward (which sends the hidden-state and gate gradients back packed the same way). The combine row is
-    the combined vector alone: the receiver restores the order it sent. The split sizes are exchanged once
-    per forward (one small all-gather of counts, as megatron's alltoall dispatcher does); the combine and
-    both backward all-to-alls reuse them. megatron's alltoall dispatcher sends k rows each way, hidden
-    states and probs in two all-to-alls.
+    the combined vector alone: the receiver restores the order it sent. megatron's alltoall dispatcher sends
+    k rows each way, hidden states and probs in two all-to-alls.
 
-    With expert tensor parallelism (TP > 1, sequence parallel: each TP rank routes its own shard of the
-    sequence) every TP rank of an expert holds a slice of its weights and must see all of its tokens, as in
-    megatron's alltoall dispatcher: after the all-to-all the TP ranks all-gather what they received (one
-    packed row per token, inside the TP group), compute their partial expert outputs, combine the k of them
-    per token, and reduce-scatter the sums back so each TP rank returns its own tokens through the
-    all-to-all. The count all-gather spans TP x EP, so the TP split sizes need no collective of their own.
+    One host sync per forward, as megatron's alltoall dispatcher: each rank's token count per expert (E
+    numbers) is all-gathered over expert TP x EP and read once on the host; every split size and each local
+    expert's row count follow from it (a token sends k (token, expert) pairs to the rank of its group, so
+    tokens per rank = pairs / k). The combine and both backward all-to-alls reuse them.
+
+    With expert tensor parallelism (ETP > 1; ``tp_group`` is megatron-core's expert-TP group, whose ranks
+    route different tokens: their sequence shards under TP with sequence parallelism, other data-parallel
+    batches when ETP exceeds TP) every ETP rank of an expert holds a slice of its weights and must see all of
+    its tokens, as in megatron's alltoall dispatcher: after the all-to-all the ETP ranks all-gather what they
+    received (one packed row per token, inside the expert-TP group), compute their partial expert outputs,
+    combine the k of them per token, and reduce-scatter the sums back so each ETP rank returns its own
+    tokens through the all-to-all.
+
+    Under ``--fp8-format`` each local expert's rows are padded to the FP8 GEMM alignment
+    (:mod:`megatron_moe.moe.expert_padding`).
     """
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
@@ -210,42 +217,58 @@ class SAMDispatcher(MoETokenDispatcher):
         self.options: SAMOptions = config.moe_routing_options
         self.ep_rank = utils.get_pg_rank(self.ep_group)
         self.id_dtype = packed_rows.id_dtype(num_local_experts)
-        # FP8 GEMMs need each expert's row count to be a multiple of 16
-        self.align = 16 if (config.fp8 or getattr(config, "fp4", None)) else 1
+        align = expert_padding.alignment(config)
+        self.padding = expert_padding.ExpertRowPadding(align) if align > 1 else None
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        self.num_tokens = hidden.shape[0]
-        # tokens the router dropped (capacity factor) have no expert and are not sent
-        routed = routing_map.any(dim=-1).nonzero().squeeze(1)
-        experts = routing_map[routed].nonzero()[:, 1].view(-1, self.topk)  # row-major: ascending per token
-        gates = probs[routed].gather(1, experts)
+        self.num_tokens, num_experts = routing_map.shape
+        # each token's k experts, ascending: the k largest of (E - expert id) among its chosen ones
+        descending_ids = torch.arange(num_experts, 0, -1, device=routing_map.device, dtype=torch.float32)
+        experts = torch.topk(routing_map * descending_ids, self.topk, dim=-1).indices
+        gates = probs.gather(1, experts)
         rank = experts[:, 0] // self.num_local_experts  # a group (all k experts) lives on one rank
         local_ids = experts - (rank * self.num_local_experts).unsqueeze(1)
-
-        by_rank = torch.argsort(rank, stable=True)
-        self.order = routed[by_rank]
-        self.local_ids = local_ids[by_rank].to(self.id_dtype)
+        # tokens the router dropped (capacity factor) have no expert: they sort last, and are not sent
+        destination = torch.where(routing_map.any(dim=-1), rank, self.ep_size)
+        by_rank = torch.argsort(destination, stable=True)
         # the split sizes are settled here, as megatron's alltoall dispatcher settles its own in
         # preprocess, so that token_dispatch holds nothing but the token all-to-all
-        self._settle_splits(torch.bincount(rank, minlength=self.ep_size))
+        self._settle_splits(routing_map.sum(dim=0))
+        by_rank = by_rank[: sum(self.input_splits)]
+        self.order = by_rank
+        self.local_ids = local_ids[by_rank].to(self.id_dtype)
         self.packed_row_bytes = packed_rows.row_bytes([hidden[:1], gates[:1], self.local_ids[:1]])
-        return hidden[self.order], gates[by_rank]
+        return hidden[by_rank], gates[by_rank]
 
-    def _settle_splits(self, send_counts):
-        """Rows this rank sends to / receives from each EP rank, and (TP > 1) the rows each TP rank of this
-        expert received, from one all-gather of every rank's send counts over TP x EP."""
-        self.input_splits = self.output_splits = send_counts.tolist()
+    def _settle_splits(self, pairs_per_expert):
+        """From every expert-TP x EP rank's (token, expert) pairs per expert, read on the host once: the rows
+        this rank sends to / receives from each EP rank, (ETP > 1) the rows each ETP rank of this expert
+        received, and the rows each local expert computes."""
+        every = pairs_per_expert
+        if self.ep_size * self.tp_size > 1:
+            every = gather_from_sequence_parallel_region(pairs_per_expert, group=self.tp_ep_group)
+        # [EP source, ETP, expert] (megatron's expert TP x EP rank order)
+        pairs = every.view(self.ep_size, self.tp_size, -1).tolist()  # the one host sync
+        first = self.ep_rank * self.num_local_experts
+        mine = slice(first, first + self.num_local_experts)
+
+        def tokens(per_expert, experts=slice(None)):
+            return sum(per_expert[experts]) // self.topk
+
+        sent = pairs[self.ep_rank][self.tp_rank]
+        self.input_splits = [tokens(sent, slice(r * self.num_local_experts, (r + 1) * self.num_local_experts))
+                             for r in range(self.ep_size)]
+        self.output_splits = [tokens(pairs[source][self.tp_rank], mine) for source in range(self.ep_size)]
         self.tp_splits = None
-        if self.ep_size * self.tp_size == 1:
-            return
-        # [EP source, TP, EP destination] (megatron's TP x EP rank order) -> what reaches this EP rank
-        every = gather_from_sequence_parallel_region(send_counts, group=self.tp_ep_group)
-        to_me = every.view(self.ep_size, self.tp_size, self.ep_size)[:, :, self.ep_rank]
-        self.output_splits = to_me[:, self.tp_rank].tolist()
         if self.tp_size > 1:
-            self.tp_splits = to_me.sum(0).tolist()
+            self.tp_splits = [sum(tokens(pairs[source][t], mine) for source in range(self.ep_size))
+                              for t in range(self.tp_size)]
+        # every expert-TP rank of this expert computes the tokens all of them received
+        self.rows_per_local_expert = [sum(pairs[source][t][e] for source in range(self.ep_size)
+                                          for t in range(self.tp_size))
+                                      for e in range(first, first + self.num_local_experts)]
 
     def token_dispatch(self, hidden, gates):
         hidden, gates, self.received_ids = packed_rows.all_to_all(
@@ -260,39 +283,22 @@ class SAMDispatcher(MoETokenDispatcher):
             # are the tp_splits[tp_rank] rows after the earlier ranks')
             hidden, gates, local_ids = packed_rows.all_gather(self.tp_group, (hidden, gates, local_ids),
                                                               self.tp_splits)
-        received = hidden.shape[0]
-        expert_of_pair = local_ids.reshape(-1).long()
-        by_expert = torch.argsort(expert_of_pair, stable=True)
-        self.rows = torch.arange(received, device=hidden.device).repeat_interleave(self.topk)[by_expert]
-        self.num_received = received
-        tokens_per_expert = torch.bincount(expert_of_pair, minlength=self.num_local_experts)
+        self.num_received = hidden.shape[0]
+        by_expert = torch.argsort(local_ids.reshape(-1).long(), stable=True)  # (token, slot) pairs by expert
+        self.rows = by_expert // self.topk
         expanded, expanded_gates = hidden[self.rows], gates.reshape(-1)[by_expert]
-        self.padded_positions = None
-        if self.align > 1:
-            expanded, expanded_gates, tokens_per_expert = self._pad_per_expert(
-                expanded, expanded_gates, tokens_per_expert)
-        return expanded, tokens_per_expert.cpu(), expanded_gates
-
-    def _pad_per_expert(self, rows, gates, tokens_per_expert):
-        """Zero rows (gate 0) after each expert's rows so that every count is a multiple of ``align``."""
-        padded = (tokens_per_expert + self.align - 1) // self.align * self.align
-        starts = torch.cumsum(padded, 0) - padded
-        firsts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-        expert = torch.repeat_interleave(torch.arange(len(padded), device=rows.device), tokens_per_expert)
-        positions = starts[expert] + torch.arange(rows.shape[0], device=rows.device) - firsts[expert]
-        total = int(padded.sum())
-        self.padded_positions = positions
-        out_rows = rows.new_zeros(total, rows.shape[1]).index_copy(0, positions, rows)
-        out_gates = gates.new_zeros(total).index_copy(0, positions, gates)
-        return out_rows, out_gates, padded
+        rows_per_expert = self.rows_per_local_expert
+        if self.padding is not None:
+            expanded, expanded_gates, rows_per_expert = self.padding.pad(expanded, expanded_gates, rows_per_expert)
+        return expanded, torch.tensor(rows_per_expert, dtype=torch.long), expanded_gates
 
     def combine_preprocess(self, expert_output):
-        if self.padded_positions is not None:
-            expert_output = expert_output[self.padded_positions]
+        if self.padding is not None:
+            expert_output = self.padding.unpad(expert_output)
         combined = expert_output.new_zeros(self.num_received, expert_output.shape[-1])
         combined = combined.index_add(0, self.rows, expert_output)  # the k outputs were already gate-scaled
         if self.tp_splits is not None:
-            # each TP rank holds partial sums (row-parallel fc2): add them up in the gates' precision (as
+            # each expert-TP rank holds partial sums (row-parallel fc2): add them up in the gates' precision (as
             # megatron's alltoall dispatcher does), keep this rank's tokens
             combined = reduce_scatter_to_sequence_parallel_region(
                 combined.to(self.gate_dtype), group=self.tp_group, input_split_sizes=self.tp_splits

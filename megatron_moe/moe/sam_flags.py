@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from megatron_moe.conversion.routing import EvalRouting, router_fp32
 from megatron_moe.errors import ConfigError
 
 
@@ -66,6 +67,8 @@ def validate(config) -> Dict[str, object]:
 _OWN_CAPACITY = "SAM caps each group with --sam-capacity-factor"
 # megatron's topk router flags that mean nothing here: flag dest -> why
 INAPPLICABLE = {
+    "moe_router_padding_for_fp8": "its dispatcher pads every expert's rows to the FP8 alignment under --fp8-format "
+                                  "by itself",
     "moe_z_loss_coeff": "SAM's router losses are the --sam-*-loss-coeff ones",
     "moe_router_score_function": "SAM takes the softmax over all experts, then switches to a group",
     "moe_router_pre_softmax": "SAM takes the softmax over all experts, then switches to a group",
@@ -73,6 +76,8 @@ INAPPLICABLE = {
     "moe_token_drop_policy": _OWN_CAPACITY,
     "moe_pad_expert_input_to_capacity": _OWN_CAPACITY,
     "moe_permute_fusion": "SAM's dispatcher does its own permutation",
+    "moe_router_enable_expert_bias": "SAM balances with its --sam-*-balance-loss-coeff losses",
+    "moe_router_topk_scaling_factor": "SAM's gates are its softmax probabilities (--sam-renormalize-gates)",
 }
 
 
@@ -87,11 +92,12 @@ def options_from_args(config) -> SAMOptions:
     )
 
 
-def export(args) -> dict:
+def export(args) -> EvalRouting:
     """tools/convert_checkpoint.py export: SAM in evaluation mode (dropless whatever --sam-capacity-factor,
-    the losses are training-only) is our remote code's ``sam_route``."""
+    the losses are training-only): no top-k rule, only our remote code's ``sam_route`` computes it."""
     flags = ["--moe-router-type", "sam", "--sam-num-groups", str(args.sam_num_groups)]
-    return dict(architecture="MegatronMoeForCausalLM",
-                flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
-                config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
-                        "sam_renormalize_gates": args.sam_renormalize_gates})
+    return EvalRouting(topk=args.moe_router_topk, score=None, renormalize=args.sam_renormalize_gates,
+                       router_fp32=router_fp32(args), flags="--moe-router-type sam",
+                       remote_flags=tuple(flags + ["--sam-renormalize-gates"] * args.sam_renormalize_gates),
+                       remote_config={"moe_router_type": "sam", "sam_num_groups": args.sam_num_groups,
+                                      "sam_renormalize_gates": args.sam_renormalize_gates})

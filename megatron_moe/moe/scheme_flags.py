@@ -1,5 +1,5 @@
 """The configuration half of every routing scheme: its name, flags, checks, options object, and what it
-exports to.
+computes in evaluation mode (for export).
 
 Light on purpose (no torch, no megatron-core), so that ``megatron_moe.arguments`` parses and validates
 before anything heavy is imported, and ``tools/convert_checkpoint.py export`` decides the Hugging Face class
@@ -17,6 +17,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from megatron_moe.conversion.routing import EvalRouting, router_fp32
 from megatron_moe.moe import base_flags, sam_flags
 
 
@@ -35,41 +36,53 @@ class SchemeFlags:
     # megatron's topk router flags that do not apply to this scheme: dest -> why (set to anything but the
     # default, each is a one-line error)
     inapplicable: Mapping[str, str] = field(default_factory=dict)
-    # tools/convert_checkpoint.py export: the Hugging Face class that computes this routing in evaluation
-    # mode with these flags (a RunConfig), as keyword arguments of megatron_moe.conversion.hf_layout.Target
-    # (architecture, config, flags, router_tensor); raises ValueError naming the flag it cannot
-    # reproduce. None: the scheme is never exported. Kept here, not beside the router, so that export
-    # starts without importing megatron-core.
-    export: Optional[Callable[[Any], Dict[str, Any]]] = None
+    # tools/convert_checkpoint.py export: what this routing computes in evaluation mode with these flags (a
+    # RunConfig), as a megatron_moe.conversion.routing.EvalRouting; the architecture records of
+    # megatron_moe.conversion.hf_layout pick the class that computes the same. Raises ValueError naming
+    # the flag no class reproduces. None: the scheme is never exported. Kept here, not beside the router,
+    # so that export starts without importing megatron-core.
+    export: Optional[Callable[[Any], EvalRouting]] = None
 
 
-def _topk_export(args) -> Dict[str, Any]:
-    """megatron-core's TopKRouter in evaluation mode: softmax routing to Mixtral / Qwen2-MoE, sigmoid scores
-    and group-limited top-k to our remote code (its ``topk_route``); token dropping is refused."""
+def _topk_export(args) -> EvalRouting:
+    """megatron-core's TopKRouter in evaluation mode; token dropping is refused."""
     if args.moe_expert_capacity_factor is not None:
         raise ValueError(f"--moe-expert-capacity-factor {args.moe_expert_capacity_factor}: megatron drops tokens "
                          "over an expert's capacity also in evaluation, by the load of the whole batch; no exported "
                          "class computes that (export a dropless run)")
     if args.moe_router_dtype == "fp64":
-        raise ValueError("--moe-router-dtype fp64: the exported classes compute the router in the model's dtype")
+        raise ValueError("--moe-router-dtype fp64: no exported class computes its router in fp64")
     k = args.moe_router_topk
     if args.moe_router_load_balancing_type == "sinkhorn":
         # sinkhorn only balances in training; evaluation takes sigmoid (k = 1) or softmax scores' top k
         score, pre_softmax, groups = ("sigmoid", False, None) if k == 1 else ("softmax", True, None)
+        chosen = f"--moe-router-load-balancing-type sinkhorn --moe-router-topk {k}"
     else:
         score = args.moe_router_score_function
         pre_softmax = args.moe_router_pre_softmax or (k == 1 and score == "softmax")  # as the model config
         groups = args.moe_router_num_groups if args.moe_router_group_topk else None
-    if score == "softmax" and groups is None:
-        if not pre_softmax and all(args.moe_layer_pattern):
-            return dict(architecture="MixtralForCausalLM", config={})
-        return dict(architecture="Qwen2MoeForCausalLM", config={"norm_topk_prob": not pre_softmax})
+        chosen = f"--moe-router-score-function {score} --moe-router-topk {k}" + " --moe-router-pre-softmax" * pre_softmax
     flags = ["--moe-router-score-function", score] + (["--moe-router-pre-softmax"] if pre_softmax else [])
+    group_topk = args.moe_router_group_topk if groups else None
     if groups is not None:
-        flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", str(args.moe_router_group_topk)]
-    return dict(architecture="MegatronMoeForCausalLM", flags=tuple(flags), config={
-        "moe_router_type": "topk", "moe_router_score_function": score, "moe_router_pre_softmax": pre_softmax,
-        "moe_router_num_groups": groups, "moe_router_group_topk": args.moe_router_group_topk if groups else None})
+        flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", str(group_topk)]
+        chosen += f" --moe-router-num-groups {groups} --moe-router-group-topk {group_topk}"
+    bias, scaling = args.moe_router_enable_expert_bias, args.moe_router_topk_scaling_factor
+    if bias:  # sigmoid only (arguments.moe): the bias moves the choice, not the gates
+        flags.append("--moe-router-enable-expert-bias")
+        chosen += " --moe-router-enable-expert-bias"
+    if scaling is not None:
+        flags += ["--moe-router-topk-scaling-factor", repr(scaling)]
+        chosen += f" --moe-router-topk-scaling-factor {scaling}"
+    # megatron's sigmoid gates are renormalised when k > 1; its softmax ones unless taken before the top k
+    renormalize = k > 1 if score == "sigmoid" else not pre_softmax
+    return EvalRouting(
+        topk=k, score=score, renormalize=renormalize, router_fp32=router_fp32(args), flags=chosen,
+        num_groups=groups, group_topk=group_topk, remote_flags=tuple(flags), expert_bias=bias, scaling_factor=scaling,
+        remote_config={"moe_router_type": "topk", "moe_router_score_function": score,
+                       "moe_router_pre_softmax": pre_softmax, "moe_router_num_groups": groups,
+                       "moe_router_group_topk": group_topk, "moe_router_enable_expert_bias": bias,
+                       "moe_router_topk_scaling_factor": scaling})
 
 
 TOPK = SchemeFlags("topk", export=_topk_export)

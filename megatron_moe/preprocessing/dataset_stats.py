@@ -7,12 +7,16 @@ the vocabulary (else the embedding fails: IndexError on CPU, a device-side asser
 The size check reads only the .idx. The largest id is the one our tools record beside the dataset
 (stats_sidecar.py); for any other dataset (e.g. one written by Megatron-LM's tool, or copied
 without its times) the .bin is scanned in chunks of a memory map -- 6 to 25 GB/s from the page
-cache, disk speed otherwise (benchmarks/dataset_check.py) -- and the result recorded, when the
-directory is writable, as megatron-core writes its index caches beside the data. The whole .bin is
-read: a sample could miss the one id that breaks the embedding.
+cache, disk speed otherwise (benchmarks/dataset_check.py) -- and the result recorded beside the data
+when its folder is writable (as megatron-core writes its index caches), else in the cache folder
+training is given (``--data-cache-path``), else nowhere: the next start scans again. The whole .bin
+is read: a sample could miss the one id that breaks the embedding. Training runs this once per node
+(megatron_moe/data.py).
 """
 
 import os
+import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -59,26 +63,43 @@ def scan_max_token_id(prefix: str, dtype) -> int:
                for start in range(0, len(tokens), _SCAN_ELEMENTS))
 
 
-def max_token_id(prefix: str, dtype, remember: bool = False) -> int:
-    """The largest token id of PREFIX: recorded if a matching record exists, else scanned and, with
-    `remember`, recorded where the directory allows, so that only the first start pays for the scan."""
+def max_token_id(prefix: str, dtype) -> int:
+    """The largest token id of PREFIX: recorded if a matching record exists beside it, else scanned."""
     recorded = recorded_max_token_id(prefix)
-    if recorded is not None:
-        return recorded
-    largest = scan_max_token_id(prefix, dtype)
-    if remember:
+    return recorded if recorded is not None else scan_max_token_id(prefix, dtype)
+
+
+class DatasetCheck(NamedTuple):
+    """What checking a dataset found and did."""
+
+    largest: int  # its largest token id
+    scan_seconds: Optional[float]  # None: a record gave the id; else the .bin was read, taking this long
+    recorded_at: Optional[str]  # where the scan's result was kept (None: nowhere writable, or not scanned)
+
+
+def _remember(prefix: str, largest: int, cache_dir: Optional[str]) -> Optional[str]:
+    """Records a scan's result beside the data, else in ``cache_dir``; where it went, or None."""
+    for directory in (None, cache_dir) if cache_dir is not None else (None,):
         try:
-            record_max_token_id(prefix, largest)
-        except OSError:  # a read-only data directory: scan again next time
-            pass
-    return largest
+            return record_max_token_id(prefix, largest, directory)
+        except OSError:  # a read-only folder: try the next, or keep it in memory
+            continue
+    return None
 
 
-def check_dataset(prefix: str, vocab_size: int) -> None:
-    """Raise DatasetError unless PREFIX's .bin matches its .idx and every token id is below vocab_size."""
+def check_dataset(prefix: str, vocab_size: int, cache_dir: Optional[str] = None) -> DatasetCheck:
+    """Raise DatasetError unless PREFIX's .bin matches its .idx and every token id is below vocab_size.
+    The largest id comes from a record (beside the data, else in ``cache_dir``) or a scan, whose result is
+    then recorded where a folder allows."""
     index = check_sizes(prefix)
-    largest = max_token_id(prefix, index.dtype, remember=True)
+    largest, scan_seconds, recorded_at = recorded_max_token_id(prefix, cache_dir), None, None
+    if largest is None:
+        started = time.perf_counter()
+        largest = scan_max_token_id(prefix, index.dtype)
+        scan_seconds = time.perf_counter() - started
+        recorded_at = _remember(prefix, largest, cache_dir)
     if largest >= vocab_size:
         raise DatasetError(f"{prefix}.bin holds token id {largest} but the tokenizer's vocabulary has "
                            f"{vocab_size} ids: preprocess it with the tokenizer you train with "
                            "(--tokenizer-type, --vocab-file ...)")
+    return DatasetCheck(largest, scan_seconds, recorded_at)

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--vocab-file", help="GPT2BPETokenizer: encoder.json")
     group.add_argument("--merge-file", help="GPT2BPETokenizer: vocab.bpe")
     group.add_argument("--tokenizer-model",
-                       help="HuggingFaceTokenizer: local directory with tokenizer.json")
+                       help="HuggingFaceTokenizer: local directory with tokenizer.json; the "
+                            "SentencePiece types: a local .model file")
     group.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are 0..N-1, eod is N")
     group.add_argument("--legacy-tokenizer", action="store_true",
                        help="accepted for compatibility; ids are the same either way, except "
@@ -184,9 +185,10 @@ def run(args) -> None:
         args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
         tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
         add_special_tokens=args.legacy_tokenizer or args.tokenizer_hf_include_special_tokens)
-    if args.append_eod and tokenizer.eod is None:
+    if args.append_eod and (tokenizer.eod is None or tokenizer.eod < 0):
         raise PreprocessError("--append-eod: this tokenizer has no end-of-document token (set "
-                              "eos_token in tokenizer_config.json, or drop --append-eod)")
+                              "eos_token in tokenizer_config.json, train the SentencePiece model "
+                              "with an eos piece, or drop --append-eod)")
     splitter = SentenceSplitter(args.lang, args.keep_newlines) if args.split_sentences else None
     level = "sentence" if args.split_sentences else "document"
     keys = tuple(dict.fromkeys(args.json_keys))

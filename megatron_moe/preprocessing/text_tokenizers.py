@@ -11,6 +11,15 @@ tokenizer of the same `--tokenizer-type`:
                           tokenizer_config.json. Special tokens (e.g. BOS) are added as Megatron
                           does: with --legacy-tokenizer or --tokenizer-hf-include-special-tokens.
     NullTokenizer         text is space-separated integer ids; eod = --vocab-size.
+    SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer
+                          a local SentencePiece .model file (--tokenizer-model). Megatron-LM 0.16.1
+                          tokenizes (tools/preprocess_data.py) and reads datasets (pretrain_gpt.py)
+                          with megatron-core's SentencePiece tokenizer for all three: plain
+                          SentencePiece ids (no BOS added), eod = eos, pad = the model's pad id,
+                          vocab_size = its pieces. The model's vocabulary (`model_vocab_size`, the
+                          embedding rows before padding) comes from Megatron-LM's legacy class of
+                          the type: SentencePieceTokenizer adds <CLS>, <SEP>, <EOD>, <MASK> and any
+                          of pad/bos/eos the model lacks after its pieces; the other two add none.
 
 `encode(texts)` takes a batch so a library can amortise its call overhead.
 """
@@ -21,7 +30,8 @@ from typing import List, Optional
 
 from .errors import PreprocessError
 
-SUPPORTED_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+SUPPORTED_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer", *SENTENCEPIECE_TYPES)
 # The GPT-2 pre-tokenizer: contractions, letters, digits, other symbols, whitespace runs.
 GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
                       r"""|\s+(?!\S)|\s+""")
@@ -208,9 +218,61 @@ class NullTokenizer:
         return type(self), (self.eod,)
 
 
+class SentencePieceTokenizer:
+    """A local SentencePiece model, as Megatron-LM 0.16.1 uses it for the three SentencePiece types (see
+    the module docstring): megatron-core's tokenizer for ids, eod and pad; Megatron-LM's legacy class of
+    `tokenizer_type` for the model's vocabulary size."""
+
+    # the special tokens Megatron-LM's legacy _SentencePieceTokenizer appends when the model lacks them
+    _LEGACY_SPECIAL = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+
+    def __init__(self, tokenizer_type: str, model_file: str):
+        if not model_file:
+            raise PreprocessError(f"{tokenizer_type} needs --tokenizer-model FILE (a local SentencePiece "
+                                  ".model file; nothing is downloaded)")
+        if not os.path.isfile(model_file):
+            raise PreprocessError(f"--tokenizer-model {model_file}: no such file (a local SentencePiece "
+                                  ".model file is required; nothing is downloaded)")
+        import sentencepiece
+
+        self.tokenizer_type, self.model_file = tokenizer_type, model_file
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.Load(model_file)
+        except (OSError, RuntimeError) as e:
+            raise PreprocessError(f"--tokenizer-model {model_file} is not a SentencePiece model: {e}") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+        self.pad = self._sp.pad_id()
+        self.model_vocab_size = self.vocab_size + (
+            len(self._legacy_additions()) if tokenizer_type == "SentencePieceTokenizer" else 0)
+
+    def _legacy_additions(self) -> List[str]:
+        """The tokens Megatron-LM's legacy _SentencePieceTokenizer adds after the model's pieces, in order."""
+        pieces = {self._sp.id_to_piece(i) for i in range(self.vocab_size)}
+        added = []
+        for token in self._LEGACY_SPECIAL + (self._piece(self._sp.pad_id(), "<PAD>"),
+                                             self._piece(self._sp.bos_id(), "<BOS>"),
+                                             self._piece(self._sp.eos_id(), "<EOS>")):
+            if token not in pieces and token not in added:
+                added.append(token)
+        return added
+
+    def _piece(self, token_id: int, fallback: str) -> str:
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else fallback
+
+    def encode(self, texts: List[str]) -> List[List[int]]:
+        return self._sp.encode_as_ids(list(texts))
+
+    def __reduce__(self):
+        return type(self), (self.tokenizer_type, self.model_file)
+
+
 def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None,
                     vocab_size=None, add_special_tokens=False):
     """The tokenizer for a Megatron `--tokenizer-type`, or a one-line error for other types."""
+    if tokenizer_type in SENTENCEPIECE_TYPES:
+        return SentencePieceTokenizer(tokenizer_type, tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "HuggingFaceTokenizer":

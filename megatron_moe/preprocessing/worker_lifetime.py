@@ -7,7 +7,6 @@ second that it has been handed to another parent.
 """
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -16,13 +15,16 @@ import time
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WATCH_SECONDS = 1.0
+# libc's prctl, resolved once here: a forked child then needs no library lookup (which may run ldconfig)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Call first thing in a worker started by parent_pid."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(parent_pid: int, kernel: bool = True) -> None:
+    """Call first thing in a worker started by parent_pid. ``kernel=False`` leaves it to the watch thread:
+    for a child forked by another thread than the parent's main one, as the kernel's signal comes when the
+    forking thread ends, which may be long before the parent does."""
+    if kernel and _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(1)
     threading.Thread(target=_watch, args=(parent_pid,), name="watch-parent", daemon=True).start()

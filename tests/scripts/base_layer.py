@@ -28,12 +28,12 @@ def chunk_inputs(chunk: int, hidden_size: int, device):
 def main(out_dir: Path, num_chunks: int, argv):
     job = setup(argv)
     rank, world = dist.get_rank(), dist.get_world_size()
-    layer = job.model.module.decoder.layers[0].mlp
+    layer = job.model[0].module.decoder.layers[0].mlp
     router = layer.router
     routes = []
     router.register_forward_hook(lambda module, inputs, output: routes.append(output[1].float().argmax(-1)))
     chunks = range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
-    job.model.zero_grad_buffer()
+    job.model[0].zero_grad_buffer()
     result = {"chunks": list(chunks), "output": [], "input_grad": [], "route": [], "load": [], "received": []}
     for chunk in chunks:
         hidden, output_weight = chunk_inputs(chunk, job.args.hidden_size, job.platform.device)
@@ -53,7 +53,7 @@ def main(out_dir: Path, num_chunks: int, argv):
     dist.all_reduce(centroid_grad)
     result["centroid_grad"] = centroid_grad.cpu()
 
-    job.model.eval()
+    job.model[0].eval()
     result["eval_output"], result["eval_route"], result["greedy_route"] = [], [], []
     with torch.no_grad():
         for chunk in chunks:

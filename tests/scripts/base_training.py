@@ -7,12 +7,13 @@ import sys
 import torch.distributed as dist
 
 from megatron_moe import metrics
-from megatron_moe.training import setup, train
+from megatron_moe.training import model_modules, setup, train
 
 if __name__ == "__main__":
     out, argv = sys.argv[1], sys.argv[2:]
     job = setup(argv)
-    expert_load = metrics.ExpertLoad(job.model.module, job.args.num_layers, job.args.num_experts, job.platform.device)
+    args = job.args
+    expert_load = metrics.ExpertLoad(model_modules(job), args.num_layers, args.num_experts, job.platform.device)
     loads = []
     losses = train(job, lambda iteration, losses: loads.append(expert_load.collect()))
     if losses and dist.get_rank() == dist.get_world_size() - 1:

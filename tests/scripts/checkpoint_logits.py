@@ -17,7 +17,7 @@ if __name__ == "__main__":
     with contextlib.redirect_stdout(io.StringIO()):
         job = setup(argv)
     load_checkpoint(job)
-    model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
+    model, vocab = job.model[0].module.eval(), job.tokenizer.vocab_size
     tokens = TOKENS % vocab  # the same tokens whenever the vocabulary holds them
     with torch.no_grad():
         logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :vocab]

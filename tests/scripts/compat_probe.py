@@ -3,6 +3,7 @@ and exercises each covered call site on the CPU. Prints one JSON object."""
 
 import json
 import os
+import types
 
 import numpy
 import torch
@@ -57,5 +58,14 @@ from megatron.core.transformer.moe import moe_utils
 
 logits = moe_utils.router_gating_linear(torch.ones(2, 4), torch.ones(3, 4), None, torch.float32)
 works["router-gemm-without-te"] = logits.shape == (2, 3)
+
+from megatron.core.transformer.moe.router import TopKRouter
+
+counts = torch.zeros(3)
+router = types.SimpleNamespace(enable_expert_bias=True, local_tokens_per_expert=counts)
+with torch.enable_grad():
+    TopKRouter._apply_expert_bias(router, torch.tensor([[True, False, True], [True, False, False]]))
+works["eager-expert-bias-update"] = (torch.equal(counts, torch.tensor([2.0, 0.0, 1.0]))
+                                     and not platform._expert_bias_update_is_compiled())
 
 print(json.dumps(report))

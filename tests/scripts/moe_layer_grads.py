@@ -23,7 +23,7 @@ def hidden_states(virtual_rank: int, args):
 
 def main(out: str, virtual_ranks: int, argv):
     job = setup(argv)
-    model = job.model.module
+    model = job.model[0].module
     layer = model.decoder.layers[0].mlp
     world, rank = dist.get_world_size(), dist.get_rank()
     mine = [rank] if world > 1 else range(virtual_ranks)

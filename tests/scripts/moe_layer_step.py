@@ -21,7 +21,7 @@ from megatron_moe.training import setup
 if __name__ == "__main__":
     out_dir, total_tokens, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     job = setup(argv)
-    layer = job.model.module.decoder.layers[0].mlp
+    layer = job.model[0].module.decoder.layers[0].mlp
     rank, world = dist.get_rank(), dist.get_world_size()
     hidden = job.args.hidden_size
     generator = torch.Generator().manual_seed(7)

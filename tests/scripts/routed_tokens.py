@@ -16,7 +16,7 @@ if __name__ == "__main__":
             routing_map = output[1]
             routed.append(routing_map.reshape(-1, routing_map.shape[-1]).sum(0).tolist())
 
-    for layer in job.model.module.decoder.layers:
+    for layer in job.model[0].module.decoder.layers:
         layer.mlp.router.register_forward_hook(record)
     losses = train(job)
     with open(out, "w") as f:

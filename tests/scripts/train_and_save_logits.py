@@ -29,7 +29,7 @@ if __name__ == "__main__":
     job = setup(argv)
     result = {"losses": train(job)}
     if dist.get_world_size() == 1:
-        model, vocab = job.model.module.eval(), job.tokenizer.vocab_size
+        model, vocab = job.model[0].module.eval(), job.tokenizer.vocab_size
         with torch.no_grad():
             result["logits"] = model(TOKENS, torch.arange(TOKENS.shape[1]).expand_as(TOKENS), None)[..., :vocab]
         result.update(tokens=TOKENS, greedy=greedy(model, vocab))

@@ -12,6 +12,6 @@ if __name__ == "__main__":
     prefix, argv = sys.argv[1], sys.argv[2:]
     job = setup(argv)
     losses = train(job)
-    sums = {name: param.double().sum().item() for name, param in job.model.module.named_parameters()}
+    sums = {name: param.double().sum().item() for name, param in job.model[0].module.named_parameters()}
     with open(f"{prefix}.{dist.get_rank()}.json", "w") as f:
         json.dump({"losses": losses, "parameter_sums": sums}, f)

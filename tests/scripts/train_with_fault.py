@@ -41,7 +41,7 @@ def main() -> int:
     def pretrain(argv=None, args=None):
         job = training.setup(argv, args)
         losses = training.train(job, after_iteration)
-        record["parameter_sums"] = {name: p.double().sum().item() for name, p in job.model.module.named_parameters()}
+        record["parameter_sums"] = {name: p.double().sum().item() for name, p in job.model[0].module.named_parameters()}
         write(dist.get_rank())
         return losses
 
