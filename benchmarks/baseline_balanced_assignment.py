@@ -1,5 +1,6 @@
 """FROZEN BASELINE, not part of the package: megatron_moe/moe/balanced_assignment.py as it was at commit 453a6fd
-(the sync-bounded Jacobi auction), kept verbatim below this paragraph only so that
+(the sync-bounded Jacobi auction), kept verbatim below this paragraph (but for ``expert_capacities``, which
+the rewrite left unchanged and which is imported from it) only so that
 benchmarks/balanced_assignment.py can measure the solver it replaced in the same run as the new one. Nothing
 imports it but that benchmark; do not edit it or use it elsewhere.
 
@@ -52,6 +53,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_moe.moe.balanced_assignment import expert_capacities  # unchanged by the rewrite
+
 __all__ = ["balanced_assignment", "expert_capacities"]
 
 # Rounds between refills of the bidder buffer from all the unplaced tokens (a sort over T).
@@ -60,15 +63,6 @@ _REFILL_EVERY = 8
 # most 4 host syncs per solve. The benchmark's 8k x 64 solves converge in 300-2000 rounds, 32k x 128
 # in 1300-1900.
 _CHECK_FRACTIONS = (1 / 16, 1 / 4, 3 / 8, 1 / 2)
-
-
-def expert_capacities(num_tokens: int, num_experts: int, device=None) -> torch.Tensor:
-    """Tokens per expert: ``num_tokens // num_experts`` each, plus one for the lowest-index
-    ``num_tokens % num_experts`` experts. It depends only on the sizes, so every rank can compute
-    the all-to-all split sizes of a balanced dispatch without exchanging counts."""
-    capacities = torch.full((num_experts,), num_tokens // num_experts, dtype=torch.long, device=device)
-    capacities[: num_tokens % num_experts] += 1
-    return capacities
 
 
 def balanced_assignment(
