@@ -1,5 +1,5 @@
 """HostSyncCounter: every kind of host sync is seen and located, launches are counted without views; the BASE
-router's syncs stay bounded."""
+router never syncs and its launches stay bounded."""
 
 import warnings
 
@@ -76,16 +76,18 @@ def base_router(num_experts=16, hidden=32):
     return BaseRouter(config)
 
 
-def test_base_router_syncs_only_in_the_solver_checks_and_never_at_eval():
+def test_base_router_never_syncs_and_launches_at_most_600_ops_in_training():
+    # 512 tokens, 16 experts: the balanced solve is a fixed schedule (541 ops with the router today; the
+    # auction it replaced launched 11,399 and synced up to 4 times); greedy argmax at evaluation.
     router = base_router()
     hidden = torch.randn(256, 2, 32)
     with HostSyncCounter() as training:
         router(hidden)
-    assert training.num_syncs <= 4 and all("all_placed" in s.where for s in training.syncs), training.describe()
+    assert training.num_syncs == 0 and training.num_ops <= 600, training.describe()
     router.eval()
     with HostSyncCounter() as evaluation:
         router(hidden)
-    assert evaluation.num_syncs == 0, evaluation.describe()
+    assert evaluation.num_syncs == 0 and evaluation.num_ops <= 20, evaluation.describe()
 
 
 def test_sam_routing_and_its_losses_make_no_sync():
