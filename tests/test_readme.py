@@ -1,4 +1,5 @@
-"""README stays true: its commands run, its tables match the scripts and the stored results, its links resolve.
+"""README stays true: its commands run, its tables match the scripts and the stored results, its flag counts
+the parser and Megatron-LM's table, and its links (and those of docs/) resolve.
 
 Every fenced code block of README.md follows a marker comment saying what this test does with it:
 
@@ -288,3 +289,16 @@ def test_relative_links_and_pictures_resolve(page):
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(target)
     assert not broken, f"{page.name}: links that do not resolve: {broken}"
+
+
+def test_flag_counts_are_those_of_the_parser_and_megatron_lms_table():
+    from megatron_moe.arguments import build_parser
+    from megatron_moe.arguments.megatron_lm import REFUSED
+
+    reference = json.loads((REPO / "tests" / "megatron_lm" / "flags_core_v0.16.1.json").read_text())["flags"]
+    actions = {option: action for action in build_parser()._actions for option in action.option_strings}
+    accepted = [flag for flag in reference if flag not in REFUSED]
+    idle = [flag for flag in accepted if getattr(actions[flag], "no_effect", None) is not None]
+    text = " ".join(README.read_text().split())
+    assert (f"Of its {len(reference)} flags, {len(accepted)} are accepted; {len(idle)} of those print one info line"
+            in text and f"The other {len(reference) - len(accepted)} (" in text), (len(reference), len(accepted), len(idle))
