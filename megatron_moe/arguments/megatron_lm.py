@@ -230,9 +230,6 @@ _OWN: Dict[str, str] = {
                                    "have no weight decay (megatron-core's default groups)",
     "--moe-router-padding-for-quantization": "FP4 is not offered, so this is --moe-router-padding-for-fp8, which "
                                              "megatron-core 0.16.1 keeps as its alias: use that spelling",
-    "--calculate-per-token-loss": "the lm loss is the mean over each micro batch's tokens, averaged over micro "
-                                  "batches and data-parallel ranks (Megatron-LM's default); per-token "
-                                  "normalisation across the global batch is not offered",
     "--fp32-residual-connection": "the residual stream has the parameters' dtype (fp32, or bf16/fp16 with "
                                   "--bf16/--fp16); an fp32 residual is not offered",
 }
