@@ -1,4 +1,16 @@
 #!/bin/bash
+# Shrunk copy of Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh at tag core_v0.16.1
+# (https://github.com/NVIDIA/Megatron-LM/blob/core_v0.16.1/examples/llama/train_llama3_8b_h100_fp8.sh),
+# run by tests/test_megatron_lm_scripts.py: two CPU iterations on 2 processes, data parallel (DP 2), with
+# DTYPE=bf16; with the original's DTYPE fp8 it is refused (FP8 needs Transformer Engine on a GPU).
+# Changed, and nothing else (every other line and flag is the original's):
+#   DTYPE="fp8" -> DTYPE=${DTYPE:-"fp8"} (the environment picks the original's dtype knob; fp8 by default, as the
+#   original); GPUS_PER_NODE 8 -> 2; GLOBAL_BATCH_SIZE 128 -> 4; NUM_LAYERS 32 -> 2; SEQ_LENGTH 8192 -> 64;
+#   MAX_POSITION_EMBEDDINGS 8192 -> 64; --hidden-size 4096 -> 128; --ffn-hidden-size 14336 -> 448;
+#   --num-attention-heads 32 -> 8; --num-query-groups 8 -> 2; --kv-channels 128 -> 16;
+#   --train-samples 1953125000 -> 8; --lr-decay-samples 1949218748 -> 8; --lr-warmup-samples 3906252 -> 4;
+#   --vocab-size 128256 -> 1024 (both data branches); --eval-iters 32 -> 1;
+#   PRETRAIN_SCRIPT_PATH pretrain_gpt.py -> pretrain_gpt_moe.py (with its error message).
 
 # Environment variables for performance tuning
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
@@ -19,7 +31,7 @@ mkdir -p "$(dirname "$CHECKPOINT_PATH")"
 mkdir -p "$(dirname "$TENSORBOARD_LOGS_PATH")"
 
 # Distributed training setup
-GPUS_PER_NODE=8
+GPUS_PER_NODE=2
 NUM_NODES=1
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
@@ -27,18 +39,18 @@ NODE_RANK=${NODE_RANK:-0}
 WORLD_SIZE=$(($GPUS_PER_NODE*$NUM_NODES))
 
 # Path to the pretrain_gpt.py script, assuming this script is run from the root of the Megatron-LM repository
-PRETRAIN_SCRIPT_PATH="pretrain_gpt.py"
+PRETRAIN_SCRIPT_PATH="pretrain_gpt_moe.py"
 
 # Fixed model and training parameters
 TP_SIZE=1     
 CP_SIZE=1     
 PP_SIZE=1     
 MICRO_BATCH_SIZE=1
-GLOBAL_BATCH_SIZE=128
-NUM_LAYERS=32  
-DTYPE="fp8"
-SEQ_LENGTH=8192
-MAX_POSITION_EMBEDDINGS=8192
+GLOBAL_BATCH_SIZE=4
+NUM_LAYERS=2  
+DTYPE=${DTYPE:-"fp8"}
+SEQ_LENGTH=64
+MAX_POSITION_EMBEDDINGS=64
 
 # Data cache path (useful for both mock and real data)
 DATA_CACHE_PATH="${PWD}/benchmark_cache_llama3_8b_fp8"
@@ -55,12 +67,12 @@ DISTRIBUTED_ARGS=(
 MODEL_ARGS=(
     --use-mcore-models
     --num-layers $NUM_LAYERS
-    --hidden-size 4096
-    --ffn-hidden-size 14336
-    --num-attention-heads 32
+    --hidden-size 128
+    --ffn-hidden-size 448
+    --num-attention-heads 8
     --group-query-attention
-    --num-query-groups 8
-    --kv-channels 128
+    --num-query-groups 2
+    --kv-channels 16
     --seq-length $SEQ_LENGTH
     --max-position-embeddings $MAX_POSITION_EMBEDDINGS
     --position-embedding-type rope
@@ -79,9 +91,9 @@ MODEL_ARGS=(
 TRAINING_ARGS=(
     --micro-batch-size $MICRO_BATCH_SIZE
     --global-batch-size $GLOBAL_BATCH_SIZE
-    --train-samples 1953125000
-    --lr-decay-samples 1949218748
-    --lr-warmup-samples 3906252
+    --train-samples 8
+    --lr-decay-samples 8
+    --lr-warmup-samples 4
     --lr 0.00015
     --min-lr 0.00001
     --decoupled-lr 5.0e-4      # Specific to decoupled AdamW, ensure optimizer is compatible
@@ -135,7 +147,7 @@ if [[ "$TOKENIZER_ARG" == "MOCK" ]] || [[ "$DATA_ARG" == "MOCK" ]] || [[ -z "$TO
     DATA_ARGS_LIST+=(
         "--mock-data"
         "--tokenizer-type NullTokenizer"
-        "--vocab-size 128256" 
+        "--vocab-size 1024" 
         "--data-cache-path ${DATA_CACHE_PATH}"
         "--tiktoken-pattern v2" 
         "--split '99,1,0'"
@@ -155,13 +167,13 @@ else
         "--no-mmap-bin-files"
         "--num-workers 1"
         # Note: --vocab-size might be inferred by HuggingFaceTokenizer or might need to be explicit.
-        "--vocab-size 128256"
+        "--vocab-size 1024"
     )
 fi
 
 EVAL_AND_LOGGING_ARGS=(
     --log-interval 1
-    --eval-iters 32
+    --eval-iters 1
     --eval-interval 100
     --save-interval 1000
     --log-throughput
@@ -177,8 +189,8 @@ EVAL_AND_LOGGING_ARGS=(
 
 # Ensure pretrain_gpt.py is found
 if [ ! -f "$PRETRAIN_SCRIPT_PATH" ]; then
-    echo "Error: pretrain_gpt.py not found at $PRETRAIN_SCRIPT_PATH"
-    echo "Please ensure you are running this script from the root of the Megatron-LM repository, and pretrain_gpt.py is present."
+    echo "Error: pretrain_gpt_moe.py not found at $PRETRAIN_SCRIPT_PATH"
+    echo "Please ensure you are running this script from the root of the Megatron-LM repository, and pretrain_gpt_moe.py is present."
     exit 1
 fi
 

@@ -1,10 +1,20 @@
 #!/bin/bash
+# Shrunk copy of Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh at tag core_v0.16.1
+# (https://github.com/NVIDIA/Megatron-LM/blob/core_v0.16.1/examples/mixtral/train_mixtral_8x7b_distributed.sh),
+# run by tests/test_megatron_lm_scripts.py: two CPU iterations on 2 processes, expert parallel (EP 2).
+# Changed, and nothing else (every other line and flag is the original's):
+#   GPUS_PER_NODE 8 -> 2; --seq-length 4096 -> 64; --max-position-embeddings 32768 -> 256; --num-layers 32 -> 2;
+#   --hidden-size 4096 -> 128; --ffn-hidden-size 14336 -> 448; --num-attention-heads 32 -> 8;
+#   --num-query-groups 8 -> 2; --global-batch-size 256 -> 4; --train-iters 500000 -> 2;
+#   --lr-decay-iters 320000 -> 2; --lr-warmup-iters 500 -> 1; --eval-iters 10 -> 1;
+#   --pipeline-model-parallel-size 4 -> 1 (2 processes); --expert-model-parallel-size 8 -> 2;
+#   pretrain_gpt.py -> pretrain_gpt_moe.py.
 
 # Runs Mixtral 8x7B model
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
-GPUS_PER_NODE=8
+GPUS_PER_NODE=2
 # Change for multinode config
 MASTER_ADDR=${MASTER_ADDR:-"localhost"}
 MASTER_PORT=${MASTER_PORT:-"6000"}
@@ -27,12 +37,12 @@ DISTRIBUTED_ARGS=(
 MODEL_ARGS=(
     --use-mcore-models
     --disable-bias-linear
-    --seq-length 4096
-    --max-position-embeddings 32768
-    --num-layers 32
-    --hidden-size 4096
-    --ffn-hidden-size 14336
-    --num-attention-heads 32
+    --seq-length 64
+    --max-position-embeddings 256
+    --num-layers 2
+    --hidden-size 128
+    --ffn-hidden-size 448
+    --num-attention-heads 8
     --init-method-std 0.01
     --attention-dropout 0.0
     --hidden-dropout 0.0
@@ -41,7 +51,7 @@ MODEL_ARGS=(
     --swiglu
     --untie-embeddings-and-output-weights
     --group-query-attention
-    --num-query-groups 8
+    --num-query-groups 2
     --no-masked-softmax-fusion
     --no-position-embedding
     --rotary-base 1000000
@@ -67,22 +77,22 @@ DATA_ARGS=(
 
 TRAINING_ARGS=(
     --micro-batch-size 1
-    --global-batch-size 256
+    --global-batch-size 4
     --lr 1e-4
-    --train-iters 500000
-    --lr-decay-iters 320000
+    --train-iters 2
+    --lr-decay-iters 2
     --lr-decay-style cosine
     --min-lr 1.0e-5
     --weight-decay 0.1
-    --lr-warmup-iters 500
+    --lr-warmup-iters 1
     --clip-grad 1.0
     --bf16
 )
 
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size 1
-    --pipeline-model-parallel-size 4
-    --expert-model-parallel-size 8
+    --pipeline-model-parallel-size 1
+    --expert-model-parallel-size 2
     --use-distributed-optimizer
     --sequence-parallel
 )
@@ -91,7 +101,7 @@ LOGGING_ARGS=(
     --log-interval 1 \
     --save-interval 10000 \
     --eval-interval 1000 \
-    --eval-iters 10 \
+    --eval-iters 1 \
     --save $CHECKPOINT_PATH \
     --load $CHECKPOINT_PATH \
     --tensorboard-dir "${CHECKPOINT_PATH}/tensorboard" \
@@ -107,7 +117,7 @@ if [ -n "${WANDB_API_KEY}" ]; then
 fi
 
 
-torchrun ${DISTRIBUTED_ARGS[@]} pretrain_gpt.py \
+torchrun ${DISTRIBUTED_ARGS[@]} pretrain_gpt_moe.py \
     ${MODEL_ARGS[@]} \
     ${MOE_ARGS[@]} \
     ${DATA_ARGS[@]} \
