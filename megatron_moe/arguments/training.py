@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional
 from megatron_moe.arguments.flags import (RUN, FlagGroup, NoEffect, above, at_least, between, flag_name, given,
                                           require, warn)
 
-_CPU_MEMORY = NoEffect("on CUDA (torch.cuda.empty_cache)",
-                       lambda c, device: "the CPU has no CUDA caching allocator to empty" if device == "cpu" else None)
+_CPU_MEMORY = NoEffect("on CUDA (torch.cuda.empty_cache)", "the CPU has no CUDA caching allocator to empty",
+                       lambda c, device: device == "cpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
