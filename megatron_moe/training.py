@@ -233,11 +233,16 @@ def micro_batch_iterators(job: TrainingJob, dataset, first_sample: int):
     return iterator() if len(job.model) == 1 else [iterator() for _ in job.model]
 
 
-def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token_loss: torch.Tensor):
-    loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
+def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token: bool, per_token_loss: torch.Tensor):
+    """What megatron-core's schedule takes: (loss, report), or with ``per_token`` (--calculate-per-token-loss)
+    (loss sum, number of tokens, report)."""
+    if per_token:
+        loss, num_tokens, reported = context_parallel.lm_loss_sum(loss_mask, per_token_loss)
+    else:
+        loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
     if guard_non_finite:  # a NaN/Inf loss reaches the grad norm, the step's one NaN/Inf check
         loss = step_guard.poison_if_non_finite(loss)
-    return loss, {"lm loss": reported}
+    return (loss, num_tokens, {"lm loss": reported}) if per_token else (loss, {"lm loss": reported})
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -248,12 +253,12 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _forward_step(device: torch.device, guard_non_finite: bool, data_iterator: Iterator[Dict[str, torch.Tensor]],
-                  model):
+def _forward_step(device: torch.device, guard_non_finite: bool, per_token: bool,
+                  data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     batch = {key: _to_device(value, device) for key, value in next(data_iterator).items()}
     batch = context_parallel.batch_on_this_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"], guard_non_finite)
+    return output, partial(_loss_func, batch["loss_mask"], guard_non_finite, per_token)
 
 
 def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -277,7 +282,8 @@ def _micro_batch_losses(job: TrainingJob, micro_batch_iter, forward_only: bool,
     global batch of ``num_microbatches`` micro batches (default: a full --global-batch-size)."""
     args = job.args
     losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only),
+        forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only,
+                                  args.calculate_per_token_loss),
         data_iterator=micro_batch_iter,
         model=job.model,
         num_microbatches=num_microbatches or args.num_microbatches,

@@ -1,12 +1,13 @@
 """Megatron-LM's training, logging and speed-only flags in real runs: fp16 loss scaling, what goes to TensorBoard
-and W&B (offline), the profiler, garbage collection and data-loader workers; and the one info line of each flag
-that has no effect in a layout."""
+and W&B (offline), the profiler, garbage collection and data-loader workers, per-token loss normalisation; and
+the one info line of each flag that has no effect in a layout."""
 
+import json
 import re
 
 import pytest
 
-from launcher import TINY_MOE, flags_without, launch, wandb_history
+from launcher import REPO, SCRIPTS, TINY_MOE, flags_without, launch, torchrun, wandb_history
 from megatron_moe.arguments import parse_args
 from megatron_moe.model import transformer_config_from_args
 
@@ -157,3 +158,47 @@ def test_exit_on_missing_checkpoint_exits_before_training(tmp_path):
                      "--exit-on-missing-checkpoint"])
     assert result.returncode == 0 and "--exit-on-missing-checkpoint is given: exiting" in result.stdout
     assert " iteration " not in result.stdout
+
+
+# The KJV demo data (`make data`): GPT-2 tokens with an end-of-document token after each verse, so that with
+# --eod-mask-loss the micro batches hold different numbers of tokens that count
+KJV_GPT2 = ["--data-path", str(REPO / "data" / "kjv_text_document"), "--split", "98,2,0", "--tokenizer-type",
+            "GPT2BPETokenizer", "--vocab-file", str(REPO / "data" / "gpt2-vocab.json"), "--merge-file",
+            str(REPO / "data" / "gpt2-merges.txt"), "--eval-iters", "0", "--train-iters", "3"]
+
+
+def _grad_norms(nproc, flags, tmp_path):
+    out = tmp_path / f"grad_norms_{nproc}_{abs(hash(tuple(flags)))}.json"
+    torchrun(nproc, SCRIPTS / "train_grad_norms.py", [str(out), *flags])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def kjv_gpt2():
+    if not (REPO / "data" / "kjv_text_document.bin").exists():
+        pytest.fail("the KJV demo data is missing: run `make data`")
+    return KJV_GPT2
+
+
+def test_per_token_loss_normalises_over_the_global_batchs_tokens(kjv_gpt2, tmp_path):
+    """--calculate-per-token-loss: the gradient of the lm loss summed over the global batch's counted tokens
+    over their number, as one micro batch holding the whole global batch computes it; without it, the mean of
+    the micro batches' means, which differs where --eod-mask-loss leaves them different token counts."""
+    flags = [*flags_without(TINY_MOE, "--mock-data", "--tokenizer-type", "--vocab-size", "--moe-aux-loss-coeff"),
+             *kjv_gpt2, "--eod-mask-loss"]
+    whole_batch = _grad_norms(1, flags + ["--micro-batch-size", "8"], tmp_path)
+    per_token = _grad_norms(2, flags + ["--expert-model-parallel-size", "2", "--calculate-per-token-loss"], tmp_path)
+    per_micro_batch = _grad_norms(2, flags + ["--expert-model-parallel-size", "2"], tmp_path)
+    assert per_token == pytest.approx(whole_batch, rel=1e-5)
+    assert per_micro_batch[0] != pytest.approx(whole_batch[0], rel=1e-4)  # 7e-4 apart in this run
+
+
+@pytest.mark.parametrize("router", [[], ["--moe-router-type", "sam", "--sam-num-groups", "2",
+                                         "--sam-group-balance-loss-coeff", "0.1", "--sam-alignment-loss-coeff", "0.1"]],
+                         ids=["topk", "sam"])
+def test_per_token_loss_keeps_the_router_losses_weight(router, tmp_path):
+    """With every token counted, per-token normalisation trains as the default does: the router's losses (means
+    over a micro batch's tokens) are scaled by its tokens, as megatron-core's router scales its own."""
+    flags = [*TINY_MOE, *router, "--train-iters", "3", "--eval-iters", "0"]
+    default = _grad_norms(1, flags, tmp_path)
+    assert _grad_norms(1, flags + ["--calculate-per-token-loss"], tmp_path) == pytest.approx(default, rel=1e-5)
