@@ -226,8 +226,9 @@ def validate_lr_schedule(c) -> Dict[str, Any]:
                 "--decoupled-min-lr (default --min-lr) exceeds --decoupled-lr")
     if c.weight_decay_incr_style == "constant":
         for flag in ("start_weight_decay", "end_weight_decay"):
-            require(getattr(c, flag) is None, f"{flag_name(flag)} needs --weight-decay-incr-style linear or cosine "
-                                              "(constant uses --weight-decay)")
+            # the value this fills in (a saved config's flags carry it) is the one value constant accepts
+            require(getattr(c, flag) in (None, c.weight_decay),
+                    f"{flag_name(flag)} needs --weight-decay-incr-style linear or cosine (constant uses --weight-decay)")
         return {"start_weight_decay": c.weight_decay, "end_weight_decay": c.weight_decay}
     require(c.start_weight_decay is not None and c.end_weight_decay is not None,
             f"--weight-decay-incr-style {c.weight_decay_incr_style} needs --start-weight-decay and --end-weight-decay")
