@@ -81,7 +81,7 @@ def test_fp16_overflows_skip_the_iteration_and_lower_the_loss_scale(logged_runs)
     overflowing = _log_lines(launch([*TINY_MOE, "--train-iters", "2", "--fp16", "--initial-loss-scale",
                                      str(2 ** 24), "--hysteresis", "1", "--num-workers", "0"], timeout=900))
     assert _values(overflowing, "loss scale") == [2.0 ** 23, 2.0 ** 22]
-    assert _values(overflowing, "number of skipped iterations") == [1, 2]
+    assert _values(overflowing, "number of skipped iterations") == [1, 1]  # the log interval's, as Megatron-LM's
     assert _values(overflowing, "learning rate") == [1e-3, 1e-3]
     training = _log_lines(launch([*TINY_MOE, "--train-iters", "1", "--fp16", "--loss-scale", "4096",
                                   "--num-workers", "0"], timeout=900))
@@ -202,3 +202,22 @@ def test_per_token_loss_keeps_the_router_losses_weight(router, tmp_path):
     flags = [*TINY_MOE, *router, "--train-iters", "3", "--eval-iters", "0"]
     default = _grad_norms(1, flags, tmp_path)
     assert _grad_norms(1, flags + ["--calculate-per-token-loss"], tmp_path) == pytest.approx(default, rel=1e-5)
+
+
+def test_a_log_line_sums_up_its_interval_as_megatron_lms():
+    """--log-interval N: the lm loss is the mean over the interval's applied steps, the skipped and NaN
+    iterations are the interval's; a line whose steps were all skipped has no lm loss, a skipped step no grad
+    norm."""
+    from megatron_moe.training import LogInterval, StepResult, log_line
+
+    interval = LogInterval()
+    for applied, non_finite in ((True, False), (False, True), (True, False)):
+        interval.add(StepResult(None, 1.0 if applied else None, applied, non_finite), num_microbatches=4)
+    assert (interval.iterations, interval.microbatches, interval.skipped, interval.nan) == (3, 12, 1, 1)
+    assert interval.mean_loss([9.0, 4.0, 7.0, 2.0]) == 3.0  # the last three: 4 and 2 applied
+    args = parse_args(TINY_MOE + ["--train-iters", "3", "--device", "cpu"])
+    line = log_line(3, args, 10.0, 1e-3, interval.mean_loss([4.0, 7.0, 2.0]), 1.0, interval.skipped, interval.nan)
+    assert " lm loss: 3.000000E+00 | loss scale: 1.0 | grad norm: 1.000 |" in line
+    assert "number of skipped iterations:   1 | number of nan iterations:   1 |" in line
+    all_skipped = log_line(3, args, 10.0, 1e-3, None, None, 3, 0)
+    assert " lm loss" not in all_skipped and " grad norm" not in all_skipped
