@@ -11,7 +11,9 @@ Its gradients are reduced over data x context parallel ranks, as megatron-core's
 it: each rank returns its tokens' loss sum over the group's token count. megatron-core's schedule multiplies a
 loss by CP and the gradient reduction divides by DP x CP, so the ranks' gradients add up to the gradient of
 that mean. (Megatron-LM 0.16.1 averages the ranks' own means instead, which differs when ``loss_mask`` holds
-different numbers of tokens on the ranks.)
+different numbers of tokens on the ranks.) With ``--calculate-per-token-loss`` (:func:`lm_loss_sum`) each
+rank returns its own tokens' loss sum and count, as Megatron-LM does: megatron-core divides the gradients by
+the count over the whole global batch.
 """
 
 from __future__ import annotations
@@ -45,3 +47,19 @@ def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> Tuple[torc
     reported = loss.detach().clone()
     dist.all_reduce(reported, group=group)
     return loss, reported
+
+
+def lm_loss_sum(loss_mask: torch.Tensor,
+                per_token_loss: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``--calculate-per-token-loss``: (this rank's loss sum to back-propagate, its number of tokens, the micro
+    batch's mean loss to report, as :func:`lm_loss` reports it). megatron-core's schedule adds up the numbers of
+    tokens of the micro batches, and its ``finalize_model_grads`` divides the gradients (summed, not averaged,
+    over data x context-parallel ranks) by their total: the gradient of the global batch's per-token mean."""
+    loss_mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * loss_mask)
+    tokens = loss_mask.sum()
+    num_tokens = tokens.to(torch.int)
+    total = torch.stack([loss_sum.detach(), tokens])
+    if parallel_state.get_context_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_context_parallel_group())
+    return loss_sum, num_tokens, total[0] / total[1].clamp(min=1)

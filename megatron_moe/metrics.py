@@ -45,8 +45,9 @@ def extra_scalars() -> Dict[str, float]:
 
 def moe_aux_losses(args, num_layers: int, device: torch.device,
                    num_microbatches: Optional[int] = None) -> Dict[str, float]:
-    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call (or the last
-    :func:`clear_moe_aux_losses`); ``num_microbatches``: this iteration's (batch-size ramp-up), else the run's.
+    """Mean per MoE layer and micro batch of each loss megatron-core tracked since the last call: the tracker
+    sums every training micro batch's, so over a log interval this is the interval's mean, as Megatron-LM logs
+    it. ``num_microbatches``: the micro batches since the last call (default: one iteration's).
 
     Every rank calls this at every log iteration (the reduction is collective) and reads the result on the
     host in one go; the tracker is then cleared.
@@ -68,11 +69,6 @@ def moe_aux_losses(args, num_layers: int, device: torch.device,
     losses = {name: total / num_moe_layers / num_microbatches for name, total in zip(names, sums)}
     moe_utils.clear_aux_losses_tracker()
     return losses
-
-
-def clear_moe_aux_losses() -> None:
-    """Forgets what megatron-core's aux-loss tracker holds (an iteration that does not log), on the device."""
-    moe_utils.clear_aux_losses_tracker()
 
 
 class ExpertLoad:

@@ -198,6 +198,7 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         layernorm_zero_centered_gamma=args.apply_layernorm_1p,
         cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
+        calculate_per_token_loss=args.calculate_per_token_loss,
         deterministic_mode=args.deterministic_mode,
         disable_bf16_reduced_precision_matmul=args.disable_bf16_reduced_precision_matmul,
         recompute_granularity=args.recompute_granularity,

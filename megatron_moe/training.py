@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
@@ -233,11 +233,16 @@ def micro_batch_iterators(job: TrainingJob, dataset, first_sample: int):
     return iterator() if len(job.model) == 1 else [iterator() for _ in job.model]
 
 
-def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token_loss: torch.Tensor):
-    loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
+def _loss_func(loss_mask: torch.Tensor, guard_non_finite: bool, per_token: bool, per_token_loss: torch.Tensor):
+    """What megatron-core's schedule takes: (loss, report), or with ``per_token`` (--calculate-per-token-loss)
+    (loss sum, number of tokens, report)."""
+    if per_token:
+        loss, num_tokens, reported = context_parallel.lm_loss_sum(loss_mask, per_token_loss)
+    else:
+        loss, reported = context_parallel.lm_loss(loss_mask, per_token_loss)
     if guard_non_finite:  # a NaN/Inf loss reaches the grad norm, the step's one NaN/Inf check
         loss = step_guard.poison_if_non_finite(loss)
-    return loss, {"lm loss": reported}
+    return (loss, num_tokens, {"lm loss": reported}) if per_token else (loss, {"lm loss": reported})
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -248,12 +253,12 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _forward_step(device: torch.device, guard_non_finite: bool, data_iterator: Iterator[Dict[str, torch.Tensor]],
-                  model):
+def _forward_step(device: torch.device, guard_non_finite: bool, per_token: bool,
+                  data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     batch = {key: _to_device(value, device) for key, value in next(data_iterator).items()}
     batch = context_parallel.batch_on_this_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"], guard_non_finite)
+    return output, partial(_loss_func, batch["loss_mask"], guard_non_finite, per_token)
 
 
 def _mean_over_data_parallel(values: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -277,7 +282,8 @@ def _micro_batch_losses(job: TrainingJob, micro_batch_iter, forward_only: bool,
     global batch of ``num_microbatches`` micro batches (default: a full --global-batch-size)."""
     args = job.args
     losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only),
+        forward_step_func=partial(_forward_step, job.platform.device, _checks_non_finite(args) and not forward_only,
+                                  args.calculate_per_token_loss),
         data_iterator=micro_batch_iter,
         model=job.model,
         num_microbatches=num_microbatches or args.num_microbatches,
@@ -356,6 +362,32 @@ class LossHistory:
         return self.values
 
 
+@dataclass
+class LogInterval:
+    """The iterations since the last log line, which Megatron-LM's line sums up: the lm loss averaged over
+    the iterations that updated the model, the MoE losses over every micro batch, and the skipped and NaN
+    iterations counted anew each interval."""
+
+    seconds: float = 0.0  # training time
+    iterations: int = 0
+    microbatches: int = 0
+    skipped: int = 0
+    nan: int = 0
+    applied: List[bool] = field(default_factory=list)
+
+    def add(self, step: StepResult, num_microbatches: int) -> None:
+        self.iterations += 1
+        self.microbatches += num_microbatches
+        self.skipped += not step.applied
+        self.nan += step.non_finite
+        self.applied.append(step.applied)
+
+    def mean_loss(self, losses: List[float]) -> Optional[float]:
+        """Mean of this interval's losses (the last ``iterations`` of ``losses``) over the applied steps."""
+        kept = [loss for loss, applied in zip(losses[-self.iterations:], self.applied) if applied]
+        return sum(kept) / len(kept) if kept else None
+
+
 # A long evaluation says how far it is (Megatron-LM's "Evaluating iter i/N") at most this often.
 EVAL_PROGRESS_SECONDS = 30.0
 
@@ -410,15 +442,17 @@ class StepReport:
     params_norm: Optional[float] = None  # --log-params-norm
 
 
-def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float, grad_norm, skipped: int,
+def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: Optional[float], grad_norm, skipped: int,
              nan_iterations: int = 0, extra: Optional[Dict[str, float]] = None,
              report: Optional[StepReport] = None) -> str:
     """Megatron-LM's training log line; ``extra``: MoE losses and registered scalars (per-layer ones, named
     ``.../layer_NN/...``, go to TensorBoard only); ``report``: the batch, samples and optional fields (default:
-    a full global batch per iteration)."""
+    a full global batch per iteration). As in Megatron-LM, an interval whose every step was skipped has no
+    lm loss, a skipped step no grad norm, and the counts are the interval's."""
     report = report or StepReport(args.global_batch_size, iteration * args.global_batch_size)
     tokens_per_s = report.global_batch_size * args.seq_length / (elapsed_ms / 1000.0)
-    grad_norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "nan"
+    loss_text = f" lm loss: {lm_loss:.6E} |" if lm_loss is not None else ""
+    grad_norm_text = f" grad norm: {grad_norm:.3f} |" if grad_norm is not None else ""
     extra_text = "".join(f" {name.replace('_', ' ')}: {value:.6E} |" for name, value in (extra or {}).items()
                          if "/layer_" not in name)
     optional = (f" num zeros: {report.num_zeros_in_grad} |" if report.num_zeros_in_grad is not None else "") + \
@@ -430,10 +464,10 @@ def log_line(iteration: int, args, elapsed_ms: float, lr: float, lm_loss: float,
         f" throughput (tokens/s): {tokens_per_s:.1f} |"
         f" learning rate: {lr:.6E} |"
         f" global batch size: {report.global_batch_size:5d} |"
-        f" lm loss: {lm_loss:.6E} |"
+        f"{loss_text}"
         f"{extra_text}"
         f" loss scale: {report.loss_scale:.1f} |"
-        f" grad norm: {grad_norm_text} |"
+        f"{grad_norm_text}"
         f"{optional}"
         f" number of skipped iterations: {skipped:3d} |"
         f" number of nan iterations: {nan_iterations:3d} |"
@@ -476,9 +510,8 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
     print_rank_0(f"> training iterations {start_iteration + 1}..{args.train_iters} on {dist.get_world_size()} "
                  f"processes ({job.platform.device.type}/{job.platform.backend}): {layout_text(args)}")
     history = LossHistory()
-    skipped = nan_iterations = 0
+    interval = LogInterval()
     iteration = saved_iteration = start_iteration
-    interval_seconds, interval_iterations = 0.0, 0  # training time since the last log line
     while iteration < args.train_iters:
         before = batches.global_batch_size
         if batches.update(consumed_samples):
@@ -492,41 +525,36 @@ def train(job: TrainingJob, after_iteration: Optional[Callable[[int, List[float]
         start = time.perf_counter()
         step = train_step(job, iterator, iteration, batches)
         consumed_samples += batches.global_batch_size
-        if not step.applied:
-            skipped += 1
-            nan_iterations += step.non_finite
+        interval.add(step, batches.num_microbatches)
         control.count_update(iteration, step.applied)
         history.add(step.loss)
         extras.after_step(iteration)
-        interval_iterations += 1
         logs = iteration % args.log_interval == 0
         writes = writer is not None and iteration % args.tensorboard_log_interval == 0 and step.loss is not None
         if logs or writes:
             losses = history.read()  # waits for the device: the step's time is complete after it
         seconds = time.perf_counter() - start
-        interval_seconds += seconds
+        interval.seconds += seconds
         if logs or writes:
             report = _step_report(job, batches, consumed_samples, logs)
         if writes:
             _write_step_scalars(job, writer, iteration, losses[-1], step.grad_norm, report, seconds * 1000.0)
         if logs:
-            elapsed_ms = interval_seconds * 1000.0 / interval_iterations
-            interval_seconds, interval_iterations = 0.0, 0
+            elapsed_ms = interval.seconds * 1000.0 / interval.iterations
             extras.at_log()
-            extra = {**metrics.moe_aux_losses(args, args.num_layers, job.platform.device, batches.num_microbatches),
+            extra = {**metrics.moe_aux_losses(args, args.num_layers, job.platform.device, interval.microbatches),
                      **metrics.extra_scalars()}
             load = expert_load.collect() if expert_load is not None else {}
             if step.loss is not None:
-                print_rank_last(log_line(iteration, args, elapsed_ms, _learning_rate(job), losses[-1], step.grad_norm,
-                                         skipped, nan_iterations, extra, report))
+                print_rank_last(log_line(iteration, args, elapsed_ms, _learning_rate(job), interval.mean_loss(losses),
+                                         step.grad_norm, interval.skipped, interval.nan, extra, report))
                 metrics.write_scalars(writer, iteration, {
                     "throughput (tokens/s)": report.global_batch_size * args.seq_length / (elapsed_ms / 1000.0),
-                    "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": skipped,
-                    "nan iterations": nan_iterations, **extra})
+                    "elapsed time per iteration (ms)": elapsed_ms, "skipped iterations": interval.skipped,
+                    "nan iterations": interval.nan, **extra})
                 metrics.write_expert_load(writer, iteration, load)
             _report_memory(job, iteration)
-        else:
-            metrics.clear_moe_aux_losses()  # what a log iteration reduces is its own step's
+            interval = LogInterval()
         if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0:
             with extras.validation():
                 _validate(job, valid_ds, iteration, writer)

@@ -121,3 +121,12 @@ def test_the_exception_lists_name_shared_flags():
 def test_the_documentation_lists_the_different_defaults():
     text = (REPO / "docs" / "megatron_lm_flags.md").read_text()
     assert all(f"`{flag}`" in text for flag in DIFFERENT_DEFAULTS)
+
+
+def test_the_documentation_table_is_up_to_date():
+    from megatron_lm.flags_table import DOC, document
+
+    text = DOC.read_text()
+    if document(text) != text:
+        pytest.fail("docs/megatron_lm_flags.md's table of flags is stale: run "
+                    "`python tests/megatron_lm/flags_table.py`", pytrace=False)

@@ -1,12 +1,13 @@
 """Megatron-LM's training, logging and speed-only flags in real runs: fp16 loss scaling, what goes to TensorBoard
-and W&B (offline), the profiler, garbage collection and data-loader workers; and the one info line of each flag
-that has no effect in a layout."""
+and W&B (offline), the profiler, garbage collection and data-loader workers, per-token loss normalisation; and
+the one info line of each flag that has no effect in a layout."""
 
+import json
 import re
 
 import pytest
 
-from launcher import TINY_MOE, flags_without, launch, wandb_history
+from launcher import REPO, SCRIPTS, TINY_MOE, flags_without, launch, torchrun, wandb_history
 from megatron_moe.arguments import parse_args
 from megatron_moe.model import transformer_config_from_args
 
@@ -80,7 +81,7 @@ def test_fp16_overflows_skip_the_iteration_and_lower_the_loss_scale(logged_runs)
     overflowing = _log_lines(launch([*TINY_MOE, "--train-iters", "2", "--fp16", "--initial-loss-scale",
                                      str(2 ** 24), "--hysteresis", "1", "--num-workers", "0"], timeout=900))
     assert _values(overflowing, "loss scale") == [2.0 ** 23, 2.0 ** 22]
-    assert _values(overflowing, "number of skipped iterations") == [1, 2]
+    assert _values(overflowing, "number of skipped iterations") == [1, 1]  # the log interval's, as Megatron-LM's
     assert _values(overflowing, "learning rate") == [1e-3, 1e-3]
     training = _log_lines(launch([*TINY_MOE, "--train-iters", "1", "--fp16", "--loss-scale", "4096",
                                   "--num-workers", "0"], timeout=900))
@@ -157,3 +158,66 @@ def test_exit_on_missing_checkpoint_exits_before_training(tmp_path):
                      "--exit-on-missing-checkpoint"])
     assert result.returncode == 0 and "--exit-on-missing-checkpoint is given: exiting" in result.stdout
     assert " iteration " not in result.stdout
+
+
+# The KJV demo data (`make data`): GPT-2 tokens with an end-of-document token after each verse, so that with
+# --eod-mask-loss the micro batches hold different numbers of tokens that count
+KJV_GPT2 = ["--data-path", str(REPO / "data" / "kjv_text_document"), "--split", "98,2,0", "--tokenizer-type",
+            "GPT2BPETokenizer", "--vocab-file", str(REPO / "data" / "gpt2-vocab.json"), "--merge-file",
+            str(REPO / "data" / "gpt2-merges.txt"), "--eval-iters", "0", "--train-iters", "3"]
+
+
+def _grad_norms(nproc, flags, tmp_path):
+    out = tmp_path / f"grad_norms_{nproc}_{abs(hash(tuple(flags)))}.json"
+    torchrun(nproc, SCRIPTS / "train_grad_norms.py", [str(out), *flags])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def kjv_gpt2():
+    if not (REPO / "data" / "kjv_text_document.bin").exists():
+        pytest.fail("the KJV demo data is missing: run `make data`")
+    return KJV_GPT2
+
+
+def test_per_token_loss_normalises_over_the_global_batchs_tokens(kjv_gpt2, tmp_path):
+    """--calculate-per-token-loss: the gradient of the lm loss summed over the global batch's counted tokens
+    over their number, as one micro batch holding the whole global batch computes it; without it, the mean of
+    the micro batches' means, which differs where --eod-mask-loss leaves them different token counts."""
+    flags = [*flags_without(TINY_MOE, "--mock-data", "--tokenizer-type", "--vocab-size", "--moe-aux-loss-coeff"),
+             *kjv_gpt2, "--eod-mask-loss"]
+    whole_batch = _grad_norms(1, flags + ["--micro-batch-size", "8"], tmp_path)
+    per_token = _grad_norms(2, flags + ["--expert-model-parallel-size", "2", "--calculate-per-token-loss"], tmp_path)
+    per_micro_batch = _grad_norms(2, flags + ["--expert-model-parallel-size", "2"], tmp_path)
+    assert per_token == pytest.approx(whole_batch, rel=1e-5)
+    assert per_micro_batch[0] != pytest.approx(whole_batch[0], rel=1e-4)  # 7e-4 apart in this run
+
+
+@pytest.mark.parametrize("router", [[], ["--moe-router-type", "sam", "--sam-num-groups", "2",
+                                         "--sam-group-balance-loss-coeff", "0.1", "--sam-alignment-loss-coeff", "0.1"]],
+                         ids=["topk", "sam"])
+def test_per_token_loss_keeps_the_router_losses_weight(router, tmp_path):
+    """With every token counted, per-token normalisation trains as the default does: the router's losses (means
+    over a micro batch's tokens) are scaled by its tokens, as megatron-core's router scales its own."""
+    flags = [*TINY_MOE, *router, "--train-iters", "3", "--eval-iters", "0"]
+    default = _grad_norms(1, flags, tmp_path)
+    assert _grad_norms(1, flags + ["--calculate-per-token-loss"], tmp_path) == pytest.approx(default, rel=1e-5)
+
+
+def test_a_log_line_sums_up_its_interval_as_megatron_lms():
+    """--log-interval N: the lm loss is the mean over the interval's applied steps, the skipped and NaN
+    iterations are the interval's; a line whose steps were all skipped has no lm loss, a skipped step no grad
+    norm."""
+    from megatron_moe.training import LogInterval, StepResult, log_line
+
+    interval = LogInterval()
+    for applied, non_finite in ((True, False), (False, True), (True, False)):
+        interval.add(StepResult(None, 1.0 if applied else None, applied, non_finite), num_microbatches=4)
+    assert (interval.iterations, interval.microbatches, interval.skipped, interval.nan) == (3, 12, 1, 1)
+    assert interval.mean_loss([9.0, 4.0, 7.0, 2.0]) == 3.0  # the last three: 4 and 2 applied
+    args = parse_args(TINY_MOE + ["--train-iters", "3", "--device", "cpu"])
+    line = log_line(3, args, 10.0, 1e-3, interval.mean_loss([4.0, 7.0, 2.0]), 1.0, interval.skipped, interval.nan)
+    assert " lm loss: 3.000000E+00 | loss scale: 1.0 | grad norm: 1.000 |" in line
+    assert "number of skipped iterations:   1 | number of nan iterations:   1 |" in line
+    all_skipped = log_line(3, args, 10.0, 1e-3, None, None, 3, 0)
+    assert " lm loss" not in all_skipped and " grad norm" not in all_skipped

@@ -77,16 +77,22 @@ Requirement = Tuple[str, str]
 @dataclass(frozen=True)
 class NoEffect:
     """A flag accepted where it cannot act: a speed-only flag in a layout that cannot use it, a logging or
-    tokenizer detail this project has no use for. ``acts``: where it does act, for the documentation
-    ("" where it never does); ``idle(config, device)``: why it has no effect in this run, or None where it
-    acts. Given where it has no effect, the run prints one info line saying so (:func:`note_no_effect`)."""
+    tokenizer detail this project has no use for. ``acts``: where it does act ("" where it never does);
+    ``why``: why it has no effect elsewhere; ``idle_in(config, device)``: whether this run is such a place.
+    Given there, the run prints one info line saying why (:func:`note_no_effect`); the table of
+    docs/megatron_lm_flags.md shows ``acts`` and ``why``."""
 
     acts: str
-    idle: Callable[[Any, str], Optional[str]]
+    why: str
+    idle_in: Callable[[Any, str], bool]
 
     @classmethod
     def never(cls, why: str) -> "NoEffect":
-        return cls("", lambda config, device: why)
+        return cls("", why, lambda config, device: True)
+
+    def idle(self, config, device: str) -> Optional[str]:
+        """Why the flag has no effect in this run, or None where it acts."""
+        return self.why if self.idle_in(config, device) else None
 
 
 class FlagGroup:

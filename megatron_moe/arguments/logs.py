@@ -9,9 +9,8 @@ from typing import Any, Dict
 
 from megatron_moe.arguments.flags import RUN, FlagGroup, NoEffect, at_least, require
 
-_CUDA_MEMORY = NoEffect("on CUDA (torch.cuda memory statistics)",
-                        lambda c, device: "it reports CUDA memory, and this run is on the CPU" if device == "cpu"
-                        else None)
+_CUDA_MEMORY = NoEffect("on CUDA (torch.cuda memory statistics)", "it reports CUDA memory, and a CPU run has none",
+                        lambda c, device: device == "cpu")
 _TIMERS = NoEffect.never("Megatron-LM's per-phase timers are not kept; the log line and TensorBoard report the "
                          "time per iteration (--log-timers-to-tensorboard writes it)")
 

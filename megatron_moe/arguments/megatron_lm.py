@@ -2,16 +2,16 @@
 
 Megatron-LM ``core_v0.16.1`` has 680 flags. Each is either declared by an area module of this package
 (implemented, or accepted where it cannot act: ``FlagGroup.add(no_effect=...)``) or listed here with the
-reason it is refused and what to do instead: :data:`REFUSED` (flag -> reason), built from topics that share a
-reason plus flags with their own. :func:`add_refused_flags` puts every refused flag the parser lacks into it,
-so that a launch script naming one stops with one line (naming the flag, the reason and the way out) instead
-of argparse's "unrecognized arguments", before anything is built. :data:`REFUSED_CHOICES` does the same for
+reason it is refused and what to do instead: :data:`REFUSED` (flag -> reason), built from :data:`TOPICS`,
+whose flags share a reason, plus :data:`OWN`, flags with their own. :func:`add_refused_flags` puts every
+refused flag the parser lacks into it, so that a launch script naming one stops with one line (naming the
+flag, the reason and the way out) instead of argparse's "unrecognized arguments", before anything is built. :data:`REFUSED_CHOICES` does the same for
 the values of a flag we implement in part (``--moe-token-dispatcher-type flex``, ``--ckpt-format torch``).
 :data:`OURS` lists our flags that Megatron-LM lacks.
 
-docs/megatron_lm_flags.md holds the whole table, generated from this catalogue and the parser
-(``tools/megatron_lm_flags_table.py``); tests/test_megatron_lm_flags.py checks both against Megatron-LM's
-own parser (its table, tests/megatron_lm/flags_core_v0.16.1.json).
+docs/megatron_lm_flags.md holds the whole table, generated from this catalogue and the parser by
+``python tests/megatron_lm/flags_table.py``; tests/test_megatron_lm_flags.py checks both against Megatron-LM's
+own parser (its table, tests/megatron_lm/flags_core_v0.16.1.json), and that the document is up to date.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ OURS = frozenset("""
     --sam-expert-balance-loss-coeff --sam-alignment-loss-coeff --sam-capacity-factor
 """.split())
 
-# (reason, flags): topics whose flags share a reason. A reason says what the flag is for, why it is refused
-# and what to do instead.
-_TOPICS: Tuple[Tuple[str, str], ...] = (
-    ("Megatron-LM's reinforcement-learning loop (GRPO) is not part of this project, which pretrains", """
+# (title, reason, flags): topics whose flags share a reason. A reason says what the flag is for, why it is
+# refused and what to do instead; the title heads the topic in docs/megatron_lm_flags.md.
+TOPICS: Tuple[Tuple[str, str, str], ...] = (
+    ("Reinforcement learning",
+     "Megatron-LM's reinforcement-learning loop (GRPO) is not part of this project, which pretrains", """
         --perform-rl-step --rl-prompts-per-eval --grpo-prompts-per-step --grpo-group-size --grpo-iterations
         --grpo-clamp-eps-lower --grpo-clamp-eps-upper --grpo-kl-beta --grpo-entropy-term-weight
         --grpo-filter-groups-with-same-reward --langrl-inference-server-type
@@ -51,7 +52,8 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --no-rl-offload-inference-model-weights-when-idle --refit-method --rl-verify-model-weights-swap
         --no-rl-verify-model-weights-swap --rl-parallel-generation-tasks --rl-skip-bos-token
         --no-rl-skip-bos-token --sft --sft-tokenizer-prompt-format"""),
-    ("inference and text generation are not part of this project, which trains; export the checkpoint to "
+    ("Inference and text generation",
+     "inference and text generation are not part of this project, which trains; export the checkpoint to "
      "Hugging Face (tools/convert_checkpoint.py) and serve it there", """
         --inference-batch-times-seqlen-threshold --max-tokens-to-oom --output-bert-embeddings
         --bert-embedder-type --use-legacy-static-engine --inference-max-requests --inference-max-seq-length
@@ -65,7 +67,8 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --inference-wandb-logging --no-inference-wandb-logging --inference-coordinator-port --flash-decode
         --inference-rng-tracker --inference-fuse-tp-communication --mlp-chunks-for-prefill --cache-mla-latents
         --moe-pad-experts-for-cuda-graph-inference --symmetric-ar-type"""),
-    ("for Megatron-LM's BERT, T5, retrieval (ICT/REALM) and vision models; this project trains GPT models only",
+    ("BERT, T5, retrieval and vision models",
+     "for Megatron-LM's BERT, T5, retrieval (ICT/REALM) and vision models; this project trains GPT models only",
      """
         --encoder-num-layers --decoder-num-layers --encoder-seq-length --decoder-seq-length --bert-no-binary-head
         --apply-residual-connection-post-layernorm --relative-attention-num-buckets
@@ -79,64 +82,79 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --iter-per-epoch --dino-local-img-size --dino-local-crops-number --dino-head-hidden-size
         --dino-bottleneck-size --dino-freeze-last-layer --dino-norm-last-layer --dino-warmup-teacher-temp
         --dino-teacher-temp --dino-warmup-teacher-temp-epochs --mrope-section"""),
-    ("Mamba and hybrid (Mamba/attention) models are not implemented; this project trains transformers", """
+    ("Mamba and hybrid models",
+     "Mamba and hybrid (Mamba/attention) models are not implemented; this project trains transformers", """
         --is-hybrid-model --mamba-state-dim --mamba-head-dim --mamba-num-groups --mamba-num-heads
         --disable-mamba-mem-eff-path --hybrid-attention-ratio --hybrid-mlp-ratio --hybrid-override-pattern"""),
-    ("this attention variant (DeepSeek sparse attention, gated delta net / linear attention, sliding windows, "
+    ("Attention variants",
+     "this attention variant (DeepSeek sparse attention, gated delta net / linear attention, sliding windows, "
      "attention sinks, gated outputs) is not implemented; the model has standard softmax attention", """
         --experimental-attention-variant --dsa-indexer-n-heads --dsa-indexer-head-dim --dsa-indexer-topk
         --dsa-indexer-loss-coeff --dsa-indexer-use-sparse-loss --linear-conv-kernel-dim --linear-key-head-dim
         --linear-value-head-dim --linear-num-key-heads --linear-num-value-heads --linear-attention-freq
         --window-size --window-attn-skip-freq --softmax-type --attention-output-gate --qk-l2-norm --qk-clip
         --qk-clip-alpha --qk-clip-threshold --log-max-attention-logit"""),
-    ("multi-latent attention (DeepSeek's MLA) is not implemented: its size flags have nothing to size; the "
+    ("Multi-latent attention",
+     "multi-latent attention (DeepSeek's MLA) is not implemented: its size flags have nothing to size; the "
      "model has standard (grouped-query) attention, sized by --num-attention-heads, --num-query-groups and "
      "--kv-channels", """
         --multi-latent-attention --q-lora-rank --kv-lora-rank --qk-head-dim --qk-pos-emb-head-dim --v-head-dim
         --rotary-scaling-factor --mscale --mscale-all-dim"""),
-    ("multi-token prediction (MTP) is not implemented; the model predicts the next token only", """
+    ("Multi-token prediction",
+     "multi-token prediction (MTP) is not implemented; the model predicts the next token only", """
         --mtp-num-layers --mtp-loss-scaling-factor --mtp-standalone"""),
-    ("per-layer architectures from a file (heterogeneous models) are not implemented; every layer has the "
+    ("Heterogeneous layers",
+     "per-layer architectures from a file (heterogeneous models) are not implemented; every layer has the "
      "flags' shape", """
         --heterogeneous-layers-config-path --heterogeneous-layers-config-encoded-json"""),
-    ("this rotary-embedding variant is not implemented (RoPE here: --position-embedding-type rope with "
+    ("Rotary-embedding variants",
+     "this rotary-embedding variant is not implemented (RoPE here: --position-embedding-type rope with "
      "--rotary-base and --rotary-percent); a Hugging Face export could not express it either", """
         --rotary-interleaved --rotary-seq-len-interpolation-factor --use-rope-scaling --rope-scaling-factor
         --no-rope-freq"""),
-    ("this activation is not offered: the MLP uses GeLU, or SwiGLU with --swiglu", """
+    ("Activations",
+     "this activation is not offered: the MLP uses GeLU, or SwiGLU with --swiglu", """
         --openai-gelu --squared-relu --quick-geglu --glu-linear-offset --activation-func-clamp-value
         --use-fused-weighted-squared-relu --use-te-activation-func --onnx-safe"""),
-    ("initialisation is ours: every weight is drawn from N(0, --init-method-std) by a generator seeded with "
+    ("Initialisation",
+     "initialisation is ours: every weight is drawn from N(0, --init-method-std) by a generator seeded with "
      "--seed and its global name, the same in every parallel layout (megatron_moe/model.py); other schemes are "
      "not offered", """
         --no-initialization --init-method-xavier-uniform --embedding-init-method-std --data-parallel-random-init
         --init-model-with-meta-device"""),
-    ("only Adam (megatron-core's AdamW, --weight-decay decoupled) is offered", """
+    ("Optimizers other than Adam",
+     "only Adam (megatron-core's AdamW, --weight-decay decoupled) is offered", """
         --sgd-momentum --muon-momentum --muon-no-split-qkv --muon-use-nesterov --muon-scale-mode
         --muon-fp32-matmul-prec --muon-num-ns-steps --muon-tp-mode --muon-extra-scale-factor
         --dump-param-to-param-group-map"""),
-    ("the optimizer runs on the device: CPU offloading of optimizer state is not offered; shard it over "
+    ("Optimizer offloading to the CPU",
+     "the optimizer runs on the device: CPU offloading of optimizer state is not offered; shard it over "
      "data-parallel ranks with --use-distributed-optimizer", """
         --optimizer-cpu-offload --optimizer-offload-fraction --use-torch-optimizer-for-cpu-offload
         --overlap-cpu-optimizer-d2h-h2d --no-pin-cpu-grads --no-pin-cpu-params"""),
-    ("Transformer Engine's precision-aware optimizer (lower-precision main parameters, gradients and Adam "
+    ("Precision-aware optimizer",
+     "Transformer Engine's precision-aware optimizer (lower-precision main parameters, gradients and Adam "
      "moments) is not offered: they are fp32", """
         --use-precision-aware-optimizer --main-grads-dtype --main-params-dtype --exp-avg-dtype --exp-avg-sq-dtype
         --reuse-grad-buf-for-mxfp8-param-ag"""),
-    ("FP4 and mixed per-layer FP8/BF16 precision are not offered; FP8 through Transformer Engine is "
+    ("FP4 and mixed per-layer precision",
+     "FP4 and mixed per-layer FP8/BF16 precision are not offered; FP8 through Transformer Engine is "
      "(--fp8-format, --fp8-recipe)", """
         --fp4-format --fp4-recipe --fp4-param-gather --fp4-quantizer-factory --first-last-layers-bf16
         --num-layers-at-start-in-bf16 --num-layers-at-end-in-bf16 --fp8-quantizer-factory
         --te-precision-config-file --use-kitchen-attention --kitchen-attention-backend"""),
-    ("Megatron-FSDP and torch FSDP2 are not offered: shard the optimizer state over data-parallel ranks with "
+    ("FSDP",
+     "Megatron-FSDP and torch FSDP2 are not offered: shard the optimizer state over data-parallel ranks with "
      "--use-distributed-optimizer", """
         --use-megatron-fsdp --data-parallel-sharding-strategy --outer-dp-sharding-strategy --fsdp-double-buffer
         --suggested-communication-unit-size --keep-fp8-transpose-cache --enable-full-sharding-in-hsdp
         --use-torch-fsdp2 --torch-fsdp2-no-reshard-after-forward --fsdp-manual-registration
         --no-strict-fsdp-dtensor-load --disable-strict-fsdp-dtensor-load --num-distributed-optimizer-instances"""),
-    ("CUDA graphs are not offered: the training step runs eagerly", """
+    ("CUDA graphs",
+     "CUDA graphs are not offered: the training step runs eagerly", """
         --enable-cuda-graph --external-cuda-graph --cuda-graph-warmup-steps --cuda-graph-scope --te-rng-tracker"""),
-    ("this parallel layout is not offered (TP, PP with virtual stages and uneven first/last stages, EP, "
+    ("Other parallel layouts",
+     "this parallel layout is not offered (TP, PP with virtual stages and uneven first/last stages, EP, "
      "expert TP, DP, and context parallelism on the Transformer Engine path are); lay the model out with "
      "--tensor-model-parallel-size, --pipeline-model-parallel-size, --num-layers-per-virtual-pipeline-stage, "
      "--decoder-first/last-pipeline-num-layers, --expert-model-parallel-size and --expert-tensor-parallel-size",
@@ -144,7 +162,8 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --hierarchical-context-parallel-sizes --cp-comm-type --max-seqlen-per-dp-cp-rank
         --hybrid-context-parallel --microbatch-group-size-per-virtual-pipeline-stage
         --pipeline-model-parallel-layout --use-tp-pp-dp-mapping"""),
-    ("this communication tuning is not offered: communication runs through torch.distributed's default "
+    ("Communication tuning",
+     "this communication tuning is not offered: communication runs through torch.distributed's default "
      "process groups and megatron-core's defaults", """
         --pipeline-model-parallel-comm-backend
         --overlap-p2p-communication-warmup-flush --use-ring-exchange-p2p --no-scatter-gather-tensors-in-pipeline
@@ -156,18 +175,22 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --distributed-timeout-seconds-after-init --lazy-mpu-init --fake-process-group
         --overlap-moe-expert-parallel-comm --delay-wgrad-compute --ep-overlap-early-attn-memory-release
         --defer-embedding-wgrad-compute --wgrad-deferral-limit --moe-shared-expert-overlap"""),
-    ("activation offloading to host memory is not offered; save memory with --recompute-granularity", """
+    ("Activation offloading",
+     "activation offloading to host memory is not offered; save memory with --recompute-granularity", """
         --cpu-offloading-num-layers --fine-grained-activation-offloading --offload-modules
         --min-offloaded-tensor-size --distribute-saved-activations --no-clone-scatter-output-in-embedding
         --disable-clone-scatter-output-in-embedding"""),
-    ("DeepEP and HybridEP (the flex dispatcher's GPU kernels) are not available: use --moe-token-dispatcher-type "
+    ("DeepEP and HybridEP",
+     "DeepEP and HybridEP (the flex dispatcher's GPU kernels) are not available: use --moe-token-dispatcher-type "
      "alltoall or allgather", """
         --moe-enable-deepep --moe-flex-dispatcher-backend --moe-deepep-num-sms --moe-hybridep-num-sms"""),
-    ("this MoE feature is not implemented (routing replay, forced balancing, input jitter, latent experts, "
+    ("Other MoE features",
+     "this MoE feature is not implemented (routing replay, forced balancing, input jitter, latent experts, "
      "upcycling, the legacy grouped GEMM)", """
         --moe-enable-routing-replay --moe-router-force-load-balancing --moe-input-jitter-eps --moe-latent-size
         --moe-apply-probs-on-input --moe-use-upcycling --moe-upcycling-granularity --moe-use-legacy-grouped-gemm"""),
-    ("the dataset is Megatron-LM's GPT dataset from --data-path (or --mock-data) divided by --split; "
+    ("Dataset options",
+     "the dataset is Megatron-LM's GPT dataset from --data-path (or --mock-data) divided by --split; "
      "per-split paths, argument files, FIM samples, phases and dataset-builder options are not offered", """
         --train-data-path --valid-data-path --test-data-path --data-args-path --per-split-data-args-path
         --per-dataset-sequences-path --phase-transition-iterations --object-storage-cache-path
@@ -175,11 +198,13 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --num-dataset-builder-threads --reset-attention-mask --fim-data --fim-rate --fim-spm-rate
         --fim-split-sample --fim-fragment-rate --fim-no-prefix --fim-prefix-token --fim-middle-token
         --fim-suffix-token --fim-pad-token --fim-eod-token --disable-msc"""),
-    ("the tokenizer is built from --tokenizer-type and its local files only; this option of Megatron-LM's "
+    ("Tokenizer options",
+     "the tokenizer is built from --tokenizer-type and its local files only; this option of Megatron-LM's "
      "tokenizers is not offered", """
         --padded-vocab-size --tokenizer-metadata --tokenizer-special-tokens --legacy-tokenizer
         --tokenizer-sentencepiece-legacy"""),
-    ("checkpoints are megatron-core distributed checkpoints (--ckpt-format torch_dist), saved synchronously "
+    ("Checkpointing options",
+     "checkpoints are megatron-core distributed checkpoints (--ckpt-format torch_dist), saved synchronously "
      "every --save-interval iterations and at the end; this checkpointing option is not offered", """
         --save-wgrads-interval --save-dgrads-interval --save-retain-interval --load-main-params-from-ckpt
         --non-persistent-save-interval --non-persistent-ckpt-type --non-persistent-global-ckpt-dir
@@ -188,11 +213,13 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --use-persistent-ckpt-worker --ckpt-fully-parallel-load --ckpt-assume-constant-structure
         --ckpt-fully-parallel-save --dist-ckpt-save-pre-mcore-014 --distrib-optim-fully-reshardable-mem-efficient
         --replication --replication-jump --replication-factor --no-save-optim --no-save-rng"""),
-    ("a checkpoint's run_config.json is compared with the flags instead (architecture differences are refused "
+    ("Arguments from a checkpoint",
+     "a checkpoint's run_config.json is compared with the flags instead (architecture differences are refused "
      "in one line): give the model and parallel flags explicitly", """
         --use-checkpoint-args --use-mp-args-from-checkpoint-args --no-use-tokenizer-model-from-checkpoint-args
         --disable-use-tokenizer-model-from-checkpoint-args"""),
-    ("NVIDIA's cluster tooling (autoresume, fault tolerance, in-process restart, straggler detection, "
+    ("Cluster tooling",
+     "NVIDIA's cluster tooling (autoresume, fault tolerance, in-process restart, straggler detection, "
      "one-logger, workload inspector, energy monitor) is not available; a restarted job resumes exactly from "
      "its last checkpoint (--save/--load, docs/reliability.md)", """
         --adlr-autoresume --adlr-autoresume-interval --enable-ft-package --calc-ft-timeouts --ft-num-warmup-iters
@@ -204,15 +231,18 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
         --straggler-ctrlr-port --straggler-minmax-count --disable-straggler-on-startup
         --run-workload-inspector-server --one-logger-project --one-logger-run-name --one-logger-async
         --app-tag-run-name --app-tag-run-version --log-energy"""),
-    ("Megatron-LM's re-run engine (result validation, error injection, loss-spike checks) is not available; a "
+    ("Re-run engine",
+     "Megatron-LM's re-run engine (result validation, error injection, loss-spike checks) is not available; a "
      "NaN/Inf loss or gradient stops the run (or, with --skip-nan-iterations, skips the update)", """
         --rerun-mode --error-injection-rate --error-injection-type --check-for-spiky-loss --check-for-large-grads
         --result-rejected-tracker-filename --check-weight-hash-across-dp-replicas-interval"""),
-    ("this training-loop option is not offered", """
+    ("Training-loop options",
+     "this training-loop option is not offered", """
         --skip-train --test-mode --full-validation --multiple-validation-sets --iterations-to-skip
         --exit-signal --exit-signal-handler-for-dataloader --decrease-batch-size-if-needed --train-sync-interval --config-logger-dir
         --batch-invariant-mode --yaml-cfg --enable-experimental --spec --use-legacy-models --log-progress"""),
-    ("an old Megatron-LM flag, replaced (--batch-size: --micro-batch-size; --warmup: --lr-warmup-iters; "
+    ("Old flags",
+     "an old Megatron-LM flag, replaced (--batch-size: --micro-batch-size; --warmup: --lr-warmup-iters; "
      "--model-parallel-size: --tensor-model-parallel-size; --checkpoint-activations: --recompute-granularity "
      "full; --use-rotary-position-embeddings: --position-embedding-type rope; --use-dist-ckpt and "
      "--dist-ckpt-format: --ckpt-format); give its replacement", """
@@ -221,7 +251,7 @@ _TOPICS: Tuple[Tuple[str, str], ...] = (
 )
 
 # Flags with a reason of their own (these override a topic's).
-_OWN: Dict[str, str] = {
+OWN: Dict[str, str] = {
     "--moe-flex-dispatcher-backend": "the flex dispatcher's backend (DeepEP or HybridEP, GPU kernels) is not "
                                      "available: use --moe-token-dispatcher-type alltoall or allgather",
     "--apply-wd-to-qk-layernorm": "decay for the --qk-layernorm weights is not offered: norm weights and biases "
@@ -230,9 +260,6 @@ _OWN: Dict[str, str] = {
                                    "have no weight decay (megatron-core's default groups)",
     "--moe-router-padding-for-quantization": "FP4 is not offered, so this is --moe-router-padding-for-fp8, which "
                                              "megatron-core 0.16.1 keeps as its alias: use that spelling",
-    "--calculate-per-token-loss": "the lm loss is the mean over each micro batch's tokens, averaged over micro "
-                                  "batches and data-parallel ranks (Megatron-LM's default); per-token "
-                                  "normalisation across the global batch is not offered",
     "--fp32-residual-connection": "the residual stream has the parameters' dtype (fp32, or bf16/fp16 with "
                                   "--bf16/--fp16); an fp32 residual is not offered",
 }
@@ -281,12 +308,12 @@ REFUSED_CHOICES: Dict[str, Dict[object, str]] = {
 
 def _refused() -> Dict[str, str]:
     refused: Dict[str, str] = {}
-    for reason, flags in _TOPICS:
+    for _, reason, flags in TOPICS:
         for flag in flags.split():
             if flag in refused:
                 raise ValueError(f"{flag} is listed twice in the catalogue")  # a mistake of ours: at import
             refused[flag] = reason
-    return {**refused, **_OWN}
+    return {**refused, **OWN}
 
 
 # Every Megatron-LM flag we refuse -> why, and what to do instead.

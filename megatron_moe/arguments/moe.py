@@ -19,8 +19,8 @@ MOE_ONLY = ("num_experts", "without it the model is dense and the flag would be 
 
 # speed-only MoE kernels of Transformer Engine: accepted on the local spec, where they cannot act
 _TE_ONLY = NoEffect("with --transformer-impl transformer_engine",
-                    lambda c, device: "it is a Transformer Engine kernel, and the local spec "
-                                      "(--transformer-impl local) has none" if c.transformer_impl == "local" else None)
+                    "it is a Transformer Engine kernel, and the local spec (--transformer-impl local) has none",
+                    lambda c, device: c.transformer_impl == "local")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional, Set
 
-from megatron_moe.arguments.flags import RUN, FlagGroup, at_least, flag_name, require
+from megatron_moe.arguments.flags import RUN, FlagGroup, at_least, flag_name, require, warn
 from megatron_moe.errors import ConfigError
 from megatron_moe.arguments.moe import MOE_ONLY
 
@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add("--context-parallel-size", type=int, default=1, valid=at_least(1), needs_transformer_engine=True,
           help="ranks each sequence is split over (Transformer Engine's attention exchanges keys and values "
                "between them; megatron-core's local attention has no context parallelism)")
-    g.add("--sequence-parallel", action="store_true")
+    g.add("--sequence-parallel", action="store_true",
+          help="split the sequence over the tensor-parallel ranks outside attention and MLP (off without tensor "
+               "parallelism, as in Megatron-LM)")
 
     g = FlagGroup(parser, "uneven pipeline stages", RUN)
     g.add("--decoder-first-pipeline-num-layers", type=int, default=None, valid=at_least(1),
@@ -78,6 +80,9 @@ def validate_layout(c) -> Dict[str, Any]:
             "--expert-tensor-parallel-size (the experts' ranks span tensor, context and data parallelism)")
     require(c.num_attention_heads % tp == 0,
             f"--num-attention-heads {c.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    if c.sequence_parallel and tp == 1:
+        warn("--sequence-parallel with --tensor-model-parallel-size 1 is turned off, as Megatron-LM does: there "
+             "are no tensor-parallel ranks to split the sequence over")
     if c.sequence_parallel and tp > 1:
         require(c.seq_length % tp == 0,
                 f"--seq-length {c.seq_length} is not divisible by --tensor-model-parallel-size {tp} "

@@ -22,17 +22,13 @@ def _local_spec(c) -> bool:
     return c.transformer_impl == "local"
 
 
-_TE_KERNEL = NoEffect("with --transformer-impl transformer_engine",
-                      lambda c, device: "the local spec (--transformer-impl local) has megatron's unfused attention "
-                                        "only" if _local_spec(c) else None)
-_LOCAL_ATTENTION = NoEffect("with --transformer-impl transformer_engine",
-                            lambda c, device: "the local spec (--transformer-impl local) has megatron's unfused "
-                                              "attention only" if _local_spec(c) and c.attention_backend not in
-                            ("local", "unfused") else None)
+_UNFUSED_ONLY = "the local spec (--transformer-impl local) has megatron's unfused attention only"
+_TE_KERNEL = NoEffect("with --transformer-impl transformer_engine", _UNFUSED_ONLY, lambda c, device: _local_spec(c))
+_LOCAL_ATTENTION = NoEffect("with --transformer-impl transformer_engine", _UNFUSED_ONLY,
+                            lambda c, device: _local_spec(c) and c.attention_backend not in ("local", "unfused"))
 _TP_COMM_OVERLAP = NoEffect("with --transformer-impl transformer_engine and tensor parallelism (Transformer Engine's "
-                            "userbuffers)",
-                            lambda c, device: "the local spec has no Transformer Engine userbuffers to overlap "
-                                              "with" if _local_spec(c) else None)
+                            "userbuffers)", "the local spec has no Transformer Engine userbuffers to overlap with",
+                            lambda c, device: _local_spec(c))
 _ALWAYS_OFF = "accepted: this fusion is always off here"
 
 
@@ -65,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           requires=("cross_entropy_loss_fusion", "without it the cross entropy is not fused"),
           help="native: megatron-core's; te: Transformer Engine's (needs --transformer-impl transformer_engine)")
     g.add("--disable-bf16-reduced-precision-matmul", action="store_true",
-          no_effect=NoEffect("on CUDA with --bf16", lambda c, device: None if device == "cuda" and c.bf16 else
-                             "it switches off a CUDA matmul setting of bf16 runs"),
+          no_effect=NoEffect("on CUDA with --bf16", "it switches off a CUDA matmul setting of bf16 runs",
+                             lambda c, device: not (device == "cuda" and c.bf16)),
           help="--bf16 on CUDA: no reduced-precision accumulation in bf16 matmuls")
     g.add("--cuda-graph-impl", choices=["none"], default="none", help="none: the step runs eagerly")
 

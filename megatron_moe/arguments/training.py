@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional
 from megatron_moe.arguments.flags import (RUN, FlagGroup, NoEffect, above, at_least, between, flag_name, given,
                                           require, warn)
 
-_CPU_MEMORY = NoEffect("on CUDA (torch.cuda.empty_cache)",
-                       lambda c, device: "the CPU has no CUDA caching allocator to empty" if device == "cpu" else None)
+_CPU_MEMORY = NoEffect("on CUDA (torch.cuda.empty_cache)", "the CPU has no CUDA caching allocator to empty",
+                       lambda c, device: device == "cpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="save (with --save) and exit 0 once the job has run this long (every rank agrees)")
     g.add("--use-mcore-models", action="store_true",
           no_effect=NoEffect.never("megatron-core's models are the only ones (Megatron-LM ignores it too)"))
+    g.add("--calculate-per-token-loss", action="store_true",
+          help="the gradient is that of the lm loss summed over the global batch's tokens divided by their number "
+               "(megatron-core's per-token normalisation); default: the mean of each micro batch's per-token mean")
     g.add("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0, no_effect=_CPU_MEMORY,
           help="1: empty the CUDA cache after every forward-backward pass, 2: also after every optimizer step")
 
@@ -223,8 +226,9 @@ def validate_lr_schedule(c) -> Dict[str, Any]:
                 "--decoupled-min-lr (default --min-lr) exceeds --decoupled-lr")
     if c.weight_decay_incr_style == "constant":
         for flag in ("start_weight_decay", "end_weight_decay"):
-            require(getattr(c, flag) is None, f"{flag_name(flag)} needs --weight-decay-incr-style linear or cosine "
-                                              "(constant uses --weight-decay)")
+            # the value this fills in (a saved config's flags carry it) is the one value constant accepts
+            require(getattr(c, flag) in (None, c.weight_decay),
+                    f"{flag_name(flag)} needs --weight-decay-incr-style linear or cosine (constant uses --weight-decay)")
         return {"start_weight_decay": c.weight_decay, "end_weight_decay": c.weight_decay}
     require(c.start_weight_decay is not None and c.end_weight_decay is not None,
             f"--weight-decay-incr-style {c.weight_decay_incr_style} needs --start-weight-decay and --end-weight-decay")

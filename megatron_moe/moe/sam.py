@@ -163,9 +163,13 @@ class SAMRouter(Router):
                 valid = padding_mask.reshape(-1).to(p.dtype)
             # under sequence/context parallelism the micro batch's other tokens are on tp_cp_group
             losses = sam_losses(p, group, experts, opts.num_groups, valid, reduce_group=self.tp_cp_group)
+            # --calculate-per-token-loss: finalize_model_grads divides every gradient by the global batch's
+            # tokens, so a loss that is a mean over this rank's tokens is scaled by their number (megatron-core's
+            # router does the same with its losses)
+            scale = valid.sum() if self.config.calculate_per_token_loss else 1
             for name, loss, coeff in zip(self.LOSS_NAMES, losses, coeffs):
                 if coeff > 0:
-                    probs = MoEAuxLossAutoScaler.apply(probs, coeff * loss)
+                    probs = MoEAuxLossAutoScaler.apply(probs, coeff * loss * scale)
                     # logged: the shares summed over tp_cp_group, then averaged over data-parallel ranks
                     save_to_aux_losses_tracker(name, loss, self.layer_number, self.config.num_layers,
                                                reduce_group=self.tp_cp_group)
