@@ -3,6 +3,7 @@
 
     python benchmarks/routing_quality.py [--seeds 1 2] [--routers switch base ...] [--iters 120]
         [--out benchmarks/results/routing_quality] [--smoke] [extra pretrain flags ...]
+    python benchmarks/routing_quality.py --report-only [--out DIR]   # table and PNGs from DIR/runs/*.json
 
 What the BASE and SAM papers compare, reproduced small: every router trains the same model on the King James
 Bible (GPT-2 BPE, ``examples/prepare_kjv_data.sh``; the validation loss is on the held-out ``--split``
@@ -28,8 +29,11 @@ maps / (tokens x k); all-to-all rows and remote bytes per token and MoE layer (`
 
 Each run writes ``OUT/runs/ROUTER_seedN.json`` as soon as it ends; a run whose JSON exists with the same
 configuration is skipped, so an interrupted benchmark resumes. Then ``OUT/table.md`` and the PNGs
-``OUT/loss.png`` (validation loss vs tokens and vs wall time, mean over seeds, shaded min-max) and
-``OUT/expert_load.png`` (max/mean load per layer) are written from every JSON present.
+``OUT/loss.png`` (validation loss vs training tokens, mean over seeds, shaded min-max) and
+``OUT/expert_load.png`` (max/mean load per layer) are written from every JSON present; ``--report-only``
+writes them from the stored JSONs without training. Neither shows tokens/s or wall time: the runs share a
+loaded machine, so their speeds compare the machine's load, not the routers (the JSONs keep them;
+``benchmarks/moe_dispatch.py`` compares speeds in one launch).
 ``--smoke``: a tiny model, a few iterations, one seed, three routers (tests use it).
 """
 
@@ -206,6 +210,7 @@ def aggregate(records: List[dict]) -> Dict[str, dict]:
         table[router] = {
             "seeds": [r["seed"] for r in runs],
             "top_k": runs[0]["top_k"],
+            "finals": finals,
             "loss": statistics.fmean(finals),
             "spread": (max(finals) - min(finals)) / 2,
             "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in runs),
@@ -214,30 +219,39 @@ def aggregate(records: List[dict]) -> Dict[str, dict]:
             "dropped_fraction": statistics.fmean(r["dropped_fraction"] for r in runs),
             "rows_per_token": statistics.fmean(r["rows_per_token"] for r in runs),
             "remote_bytes_per_token": statistics.fmean(r["remote_bytes_per_token"] for r in runs),
-            "wall_s": statistics.fmean(r["wall_s"] for r in runs),
-            "commits": sorted({r["commit"] for r in runs}),
         }
     return table
 
 
 def format_table(table: Dict[str, dict]) -> str:
     best = min(row["loss"] for row in table.values())
-    lines = ["| router | k | seeds | final val. loss (± half range) | vs best | tokens/s | max/mean load | "
+    lines = ["| router | k | seeds | final val. loss (± half range) | vs best | per seed | max/mean load | "
              "dropped | a2a rows/token | a2a remote bytes/token |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for router, row in table.items():
         lines.append(
             f"| {router} | {row['top_k']} | {','.join(map(str, row['seeds']))} | "
-            f"{row['loss']:.3f} ± {row['spread']:.3f} | {row['loss'] - best:+.3f} | {row['tokens_per_s']:.0f} | "
+            f"{row['loss']:.3f} ± {row['spread']:.3f} | {row['loss'] - best:+.3f} | "
+            f"{', '.join(f'{loss:.3f}' for loss in row['finals'])} | "
             f"{row['max_over_mean']:.2f} | {row['dropped_fraction']:.3f} | {row['rows_per_token']:.2f} | "
             f"{row['remote_bytes_per_token']:.0f} |")
     return "\n".join(lines)
 
 
-def curve(runs: List[dict], x: str):
-    """Mean x, mean/min/max validation loss over seeds at each evaluation (the points the seeds share)."""
+def footer(records: List[dict]) -> str:
+    """What the table's losses are: after how many tokens, and where the per-seed curves are."""
+    tokens = sorted({r["validation"][-1]["tokens"] for r in records})
+    iterations = sorted({r["validation"][-1]["iteration"] for r in records})
+    return (f"Final validation loss after {', '.join(f'{t:,}' for t in tokens)} training tokens "
+            f"({', '.join(map(str, iterations))} iterations); ± is half the range over the seeds; "
+            "each run's curves are in runs/ROUTER_seedN.json.")
+
+
+def curve(runs: List[dict]):
+    """Training tokens, mean/min/max validation loss over seeds at each evaluation (the points the seeds
+    share)."""
     points = min(len(r["validation"]) for r in runs)
-    xs = [statistics.fmean(r["validation"][i][x] for r in runs) for i in range(points)]
+    xs = [statistics.fmean(r["validation"][i]["tokens"] for r in runs) for i in range(points)]
     losses = [[r["validation"][i]["loss"] for r in runs] for i in range(points)]
     return xs, [statistics.fmean(v) for v in losses], [min(v) for v in losses], [max(v) for v in losses]
 
@@ -248,24 +262,22 @@ def plot(records: List[dict], table: Dict[str, dict], out: Path) -> List[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 4.8))
     low, high = math.inf, -math.inf
     for router in table:
-        runs = [r for r in records if r["router"] == router]
-        for axis, x, scale in ((axes[0], "tokens", 1e-3), (axes[1], "seconds", 1.0)):
-            xs, mean, lo, hi = curve(runs, x)
-            xs = [v * scale for v in xs]
-            line, = axis.plot(xs, mean, marker=".", label=f"{router} (k={table[router]['top_k']})")
-            axis.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        xs, mean, lo, hi = curve([r for r in records if r["router"] == router])
+        xs = [v * 1e-3 for v in xs]
+        line, = axis.plot(xs, mean, marker=".", label=f"{router} (k={table[router]['top_k']})")
+        axis.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
         low = min(low, min(lo))
         high = max(high, mean[min(1, len(mean) - 1)])  # zoom past the first evaluation
-    for axis, label in ((axes[0], "training tokens (thousands)"), (axes[1], "wall seconds (evaluations included)")):
-        axis.set_xlabel(label)
-        axis.set_ylabel("validation lm loss")
-        axis.set_ylim(low - 0.05, high + 0.05)
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.suptitle(f"KJV, GPT-2 BPE, EP={EP}, equal active expert parameters; mean over seeds, shaded min-max")
+    axis.set_xlabel("training tokens (thousands)")
+    axis.set_ylabel("validation lm loss")
+    axis.set_ylim(low - 0.05, high + 0.05)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title(f"KJV, GPT-2 BPE, EP={EP}, equal active expert parameters\nmean over seeds, shaded min-max",
+                   fontsize=10)
     figure.tight_layout()
     loss_png = out / "loss.png"
     figure.savefig(loss_png, dpi=110)
@@ -291,16 +303,15 @@ def plot(records: List[dict], table: Dict[str, dict], out: Path) -> List[Path]:
 
 
 def report(out: Path) -> str:
+    """Writes OUT/table.md and the PNGs from every OUT/runs/*.json; returns the table's text."""
     records = [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
+    if not records:
+        sys.exit(f"error: no runs in {out / 'runs'}: train some first (leave out --report-only)")
     table = aggregate(records)
-    text = format_table(table)
-    commits = sorted({c for row in table.values() for c in row["commits"]})
-    footer = (f"\nCommit(s): {', '.join(commits)}. Mean wall seconds per run: "
-              + ", ".join(f"{router} {row['wall_s']:.0f}" for router, row in table.items())
-              + f". Sum of run wall times: {sum(r['wall_s'] for r in records) / 60:.1f} min.")
-    (out / "table.md").write_text(text + "\n" + footer + "\n")
+    text = f"{format_table(table)}\n\n{footer(records)}\n"
+    (out / "table.md").write_text(text)
     plot(records, table, out)
-    return text + footer
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -313,21 +324,26 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="logs and TensorBoard events (default: TMPDIR/routing_quality/<OUT's name>)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 8 iterations, one seed, 3 routers")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write table.md and the PNGs from OUT/runs/*.json, training nothing")
     args, extra = parser.parse_known_args(argv)
     smoke = args.smoke
     routers = args.routers or (SMOKE_ROUTERS if smoke else list(ROUTERS))
     seeds = args.seeds or ([1] if smoke else [1, 2])
     iters = args.iters or (8 if smoke else 120)
     out = args.out or (Path("/tmp/routing_quality_smoke") if smoke else REPO / "benchmarks/results/routing_quality")
+    if args.report_only:
+        print(report(out), end="")
+        print(f"table and PNGs in {out}")
+        return
     work = args.work or Path(tempfile.gettempdir()) / "routing_quality" / out.name
     work.mkdir(parents=True, exist_ok=True)
-    print(f"routing quality: routers {routers}, seeds {seeds}, {iters} iterations, out {out}, "
-          f"commit {git_commit()}", flush=True)
+    print(f"routing quality: routers {routers}, seeds {seeds}, {iters} iterations, out {out}", flush=True)
     began = time.perf_counter()
     for seed in seeds:  # seed-major: a partial result already compares every router
         for router in routers:
             train_one(out, work, "smoke" if smoke else "full", router, seed, iters, extra)
-    print(report(out))
+    print(report(out), end="")
     print(f"\nbenchmark wall time (this invocation): {(time.perf_counter() - began) / 60:.1f} min; "
           f"table and PNGs in {out}")
 

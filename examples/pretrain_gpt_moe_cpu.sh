@@ -1,10 +1,12 @@
 #!/bin/bash
 # One node, 4 gloo processes on CPU: TP=2 x EP=2 GPT-MoE on the KJV demo data (examples/prepare_kjv_data.sh),
-# or on synthetic tokens when the data is not there. ROUTER=topk|base|sam picks the routing scheme.
+# or on synthetic tokens when the data is not there. ROUTER=topk|base|sam picks the routing scheme, ITERS the
+# training iterations, CHECKPOINTS the --save/--load directory (a relaunch resumes from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUTER=${ROUTER:-topk}
 ITERS=${ITERS:-200}
+CHECKPOINTS=${CHECKPOINTS:-checkpoints/gpt_moe_cpu_${ROUTER}}
 
 if [ -f data/kjv_text_document.bin ]; then
     DATA_ARGS=(--data-path data/kjv_text_document --split 98,2,0 --data-cache-path data/cache
@@ -31,9 +33,9 @@ OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 4 pretrain_gpt_moe.py \
     --num-experts 4 --moe-ffn-hidden-size 256 --moe-layer-freq 1 "${ROUTER_ARGS[@]}" \
     "${PARALLEL_ARGS[@]}" --use-distributed-optimizer \
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
-    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((ITERS / 10)) --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
     --adam-beta1 0.9 --adam-beta2 0.95 --hidden-dropout 0.0 --attention-dropout 0.0 --seed 1234 \
     "${DATA_ARGS[@]}" \
     --log-interval 10 --eval-interval 100 --eval-iters 5 \
-    --save checkpoints/gpt_moe_cpu_"$ROUTER" --load checkpoints/gpt_moe_cpu_"$ROUTER" --save-interval 100 \
+    --save "$CHECKPOINTS" --load "$CHECKPOINTS" --save-interval 100 \
     --exit-signal-handler

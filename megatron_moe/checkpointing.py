@@ -45,7 +45,9 @@ import os
 import queue
 import shutil
 import tempfile
+import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -327,8 +329,11 @@ def check_save_space(save: str, needed: int) -> None:
 
 def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     """Writes ``--save``/iter_NNNNNNN on every rank into a folder of this save's own, which rank 0 renames into
-    place once every rank's shards and the manifest are written; then (rank 0) the tracker."""
+    place once every rank's shards and the manifest are written; then (rank 0) the tracker. Logged with
+    Megatron-LM's lines and its save-checkpoint time across ranks."""
     args = job.args
+    began = time.perf_counter()
+    _print_rank_0(f"[{_now()}] saving checkpoint at iteration {iteration:7d} to {args.save} in torch_dist format")
     directory = checkpoint_dir(args.save, iteration)
     working = [None]
     if dist.get_rank() == 0:
@@ -353,7 +358,38 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
         tmp.write_text(str(iteration))
         os.replace(tmp, tracker)
     dist.barrier()
+    _print_rank_0(f"  [{_now()}] successfully saved checkpoint from iteration {iteration:7d} to {args.save} "
+                  f"{_ranks_text()}")
+    _log_time_across_ranks("save-checkpoint", time.perf_counter() - began, job.platform.device)
     return directory
+
+
+def _now() -> str:
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _print_rank_0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _ranks_text() -> str:
+    """Megatron-LM's ``[ t 1/2, p 1/1 ]``: the printing rank's tensor and pipeline rank of their sizes."""
+    return (f"[ t {parallel_state.get_tensor_model_parallel_rank() + 1}/"
+            f"{parallel_state.get_tensor_model_parallel_world_size()}, "
+            f"p {parallel_state.get_pipeline_model_parallel_rank() + 1}/"
+            f"{parallel_state.get_pipeline_model_parallel_world_size()} ]")
+
+
+def _log_time_across_ranks(name: str, seconds: float, device: torch.device) -> None:
+    """Megatron-LM's timer line (``timers.log``, its default minmax option), printed by the last rank: the
+    fastest and slowest rank's milliseconds. One all-reduce of two numbers, at a save or load only."""
+    both = torch.tensor([-seconds * 1000.0, seconds * 1000.0], dtype=torch.float64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    fastest, slowest = -both[0].item(), both[1].item()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        print(f"(min, max) time across ranks (ms):\n    {(name + ' ').ljust(48, '.')}: ({fastest:.2f}, {slowest:.2f})",
+              flush=True)
 
 
 def _publish(working: Path, directory: Path) -> None:
@@ -384,11 +420,22 @@ def load_checkpoint(job) -> Tuple[int, int]:
 
     ``--finetune``: model weights only, counting restarts at 0. ``--no-load-optim``: no optimizer or
     scheduler state. ``--no-load-rng``: fresh RNG. The run config was checked when the job was set up;
-    the LR schedule is checked here (:func:`check_scheduler`), before any tensor is read.
+    the LR schedule is checked here (:func:`check_scheduler`), before any tensor is read. Logged with
+    Megatron-LM's lines and its load-checkpoint time across ranks.
     """
     args, directory = job.args, job.checkpoint
     if directory is None:
         return 0, 0
+    began = time.perf_counter()
+    _print_rank_0(f" loading distributed checkpoint from {args.load} at iteration {int(directory.name[len('iter_'):])}")
+    iteration, consumed_samples = _load(job, args, directory)
+    dist.barrier()
+    _print_rank_0(f"  successfully loaded checkpoint from {args.load} {_ranks_text()} at iteration {iteration}")
+    _log_time_across_ranks("load-checkpoint", time.perf_counter() - began, job.platform.device)
+    return iteration, consumed_samples
+
+
+def _load(job, args: RunConfig, directory: Path) -> Tuple[int, int]:
     load_optimizer = loads_optimizer(args)
     load_rng = not (args.finetune or args.no_load_rng) and job.saved_config.world_size == dist.get_world_size()
     try:

@@ -388,14 +388,28 @@ class LogInterval:
         return sum(kept) / len(kept) if kept else None
 
 
+# A long evaluation says how far it is (Megatron-LM's "Evaluating iter i/N") at most this often.
+EVAL_PROGRESS_SECONDS = 30.0
+
+
 def evaluate(job: TrainingJob, dataset, eval_index: int) -> Optional[float]:
+    """The mean lm loss over the next --eval-iters global batches of ``dataset``. Every
+    :data:`EVAL_PROGRESS_SECONDS` the last rank prints how many it has done; its clock follows the loss it
+    reads after each batch anyway, so the progress line waits for nothing more."""
     args = job.args
     for chunk in job.model:
         chunk.eval()
     first = eval_index * args.eval_iters * args.global_batch_size
     iterator = micro_batch_iterators(job, dataset, first)
+    began = last_line = time.monotonic()
+    losses = []
     with torch.no_grad():
-        losses = [run_micro_batches(job, iterator, forward_only=True) for _ in range(args.eval_iters)]
+        for done in range(1, args.eval_iters + 1):
+            losses.append(run_micro_batches(job, iterator, forward_only=True))
+            now = time.monotonic()
+            if now - last_line >= EVAL_PROGRESS_SECONDS:
+                print_rank_last(f"Evaluating iter {done}/{args.eval_iters} ({now - began:.1f} s)")
+                last_line = now
     for chunk in job.model:
         chunk.train()
     return None if losses[0] is None else sum(losses) / len(losses)

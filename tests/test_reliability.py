@@ -5,6 +5,7 @@ The slow multi-process cases (a frozen rank, a killed "node" restarted by torchr
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,17 @@ def test_exit_interval_saves_and_exits_zero(tmp_path):
     assert (ckpt / TRACKER).read_text() == "3"
     assert "> --exit-interval 3: saved iteration 3" in result.stdout
     assert " iteration        4/" not in result.stdout
+    # Megatron-LM's lines around a save, then its timer line (milliseconds of the fastest and slowest rank)
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "] saving checkpoint at iteration" in line)
+    assert re.fullmatch(rf"\[20\d\d-[\d-]+ [\d:.]+\] saving checkpoint at iteration       3 to {ckpt} in torch_dist format",
+                        lines[start]), lines[start]
+    assert re.fullmatch(rf"  \[20\d\d-[\d-]+ [\d:.]+\] successfully saved checkpoint from iteration       3 to {ckpt} "
+                        r"\[ t 1/1, p 1/1 \]", lines[start + 1]), lines[start + 1]
+    assert lines[start + 2] == "(min, max) time across ranks (ms):"
+    fastest, slowest = map(float, re.fullmatch(r"    save-checkpoint \.+: \(([\d.]+), ([\d.]+)\)",
+                                               lines[start + 3]).groups())
+    assert 0 < fastest <= slowest
 
 
 def test_exit_duration_is_agreed_by_every_rank_saved_and_exits_zero(tmp_path):
@@ -139,16 +151,28 @@ def test_eval_iters_zero_means_no_validation():
     assert " iteration        2/" in result.stdout and "validation loss" not in result.stdout
 
 
+# pretrain_gpt_moe.py with a progress line after every evaluation batch (instead of every 30 s)
+EVERY_EVAL_BATCH = ("import runpy, sys; import megatron_moe.training as training; training.EVAL_PROGRESS_SECONDS = 0; "
+                    "sys.argv[0] = 'pretrain_gpt_moe.py'; runpy.run_path('pretrain_gpt_moe.py', run_name='__main__')")
+
+
 @pytest.mark.parametrize("flags, validated", [
     ([], ["iteration 2 on validation set"]),  # no --eval-interval: only the final validation
     (["--eval-interval", "1", "--exit-interval", "1"], ["iteration 1"]),  # an early exit skips the final one
 ])
 def test_validation_happens_when_megatron_lm_validates(flags, validated):
     i = TINY_MOE.index("--eval-interval")
-    result = launch(TINY_MOE[:i] + TINY_MOE[i + 2:] + ["--train-iters", "2", *flags])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", EVERY_EVAL_BATCH, *TINY_MOE[:i], *TINY_MOE[i + 2:],
+                             "--train-iters", "2", "--eval-iters", "2", *flags],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split(" | ")[0].removeprefix(" validation loss at ") for line in result.stdout.splitlines()
             if line.startswith(" validation loss at")] == validated
+    # a long evaluation shows its progress (Megatron-LM's words), here after each of its 2 batches
+    progress = [line for line in result.stdout.splitlines() if line.startswith("Evaluating iter")]
+    assert [line.split(" (")[0] for line in progress] == ["Evaluating iter 1/2", "Evaluating iter 2/2"], progress
+    assert all(re.fullmatch(r"Evaluating iter \d/2 \([\d.]+ s\)", line) for line in progress), progress
 
 
 @pytest.mark.parametrize("cap_flags, stops_at", [([], 11), (["--max-consecutive-skipped-iterations", "3"], 4),

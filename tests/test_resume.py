@@ -8,6 +8,7 @@ position restored. Dropout is on in the tensor-parallel cases, so the RNG restor
 """
 
 import json
+import re
 
 import pytest
 
@@ -32,13 +33,16 @@ CASES = {
 }
 
 
-def run(tmp_path, name, flags, kill_after=0):
+def run(tmp_path, name, flags, kill_after=0, stdout=None):
+    """The run's lm losses; its output is appended to the list ``stdout`` if given."""
     out = tmp_path / f"{name}.json"
     result = torchrun(2, SCRIPTS / "train_and_kill.py",
                       [str(out), str(kill_after), *TINY_MOE, *flags, "--train-iters", str(ITERATIONS)],
                       check=kill_after == 0)
     if kill_after:
         assert result.returncode != 0, "the killed run should have failed"
+    if stdout is not None:
+        stdout.append(result.stdout)
     return json.loads(out.read_text())
 
 
@@ -53,9 +57,18 @@ def test_killed_and_resumed_run_matches_uninterrupted(case, tmp_path):
     (ckpt / "iter_0000007").mkdir()  # a crash mid-save: the tracker does not name it, so it is ignored
     (ckpt / "iter_0000007" / "common.pt").write_bytes(b"truncated")
 
-    resumed = run(tmp_path, "resumed", flags)
+    logs = []
+    resumed = run(tmp_path, "resumed", flags, stdout=logs)
     assert resumed == straight[SAVE_INTERVAL:], f"{case}: resumed {resumed} vs straight {straight[SAVE_INTERVAL:]}"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(ITERATIONS)
+    # Megatron-LM's lines around a load (rank 0's tensor and pipeline rank), then its timer line
+    lines = logs[0].splitlines()
+    start = lines.index(f" loading distributed checkpoint from {ckpt} at iteration {SAVE_INTERVAL}")
+    tp, pp = (2 if "--tensor-model-parallel-size" in flags else 1), (2 if "--pipeline-model-parallel-size" in flags else 1)
+    assert f"  successfully loaded checkpoint from {ckpt} [ t 1/{tp}, p 1/{pp} ] at iteration {SAVE_INTERVAL}" in \
+        lines[start:], lines[start:start + 6]
+    timer = lines.index("(min, max) time across ranks (ms):", start)
+    assert re.fullmatch(r"    load-checkpoint \.+: \([\d.]+, [\d.]+\)", lines[timer + 1]), lines[timer + 1]
 
 
 def test_saving_does_not_change_training(tmp_path):

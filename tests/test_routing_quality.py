@@ -65,8 +65,27 @@ def test_table_averages_seeds_and_compares_with_the_best_router(tmp_path):
     text = routing_quality.format_table(table)
     assert "| switch | 1 | 1,2 | 5.100 ± 0.100 | +0.200 |" in text
     assert "| base | 1 | 1,2 | 4.900 ± 0.000 | +0.000 |" in text
+    assert "| switch | 1 | 1,2 | 5.100 ± 0.100 | +0.200 | 5.000, 5.200 |" in text  # each seed's final loss
     pngs = routing_quality.plot(records, table, tmp_path)
     assert all(path.stat().st_size > 10_000 for path in pngs)
+
+
+def test_report_only_rebuilds_table_and_plots_from_stored_runs_without_commits_or_speeds(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    for router, seed, loss in (("gshard", 1, 5.0), ("sam", 1, 5.1)):
+        run = {**record(router, seed, loss), "commit": "d149b29+dirty"}
+        (tmp_path / "runs" / f"{router}_seed{seed}.json").write_text(json.dumps(run))
+    routing_quality.main(["--report-only", "--out", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    assert "| gshard | 2 | 1 | 5.000 ± 0.000 | +0.000 | 5.000 |" in table and "| sam | 2 | 1 |" in table
+    assert f"after {4 * TOKENS_PER_ITER} training tokens (4 iterations)" in table
+    for stale in ("d149b29", "dirty", "ommit", "tokens/s", "wall"):  # user-facing: no commits, no speeds
+        assert stale not in table
+    assert table in capsys.readouterr().out
+    for png in ("loss.png", "expert_load.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no runs in"):
+        routing_quality.main(["--report-only", "--out", str(tmp_path / "empty")])
 
 
 def test_scalars_are_read_back_from_the_training_writer(tmp_path):
