@@ -392,7 +392,8 @@ def test_missing_input_file(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tokenizer-type", "SentencePieceTokenizer"], "SentencePieceTokenizer is not supported"),
+    (["--tokenizer-type", "SentencePieceTokenizer"], "SentencePieceTokenizer needs --tokenizer-model FILE"),
+    (["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "/no/tokenizer.model"], "/no/tokenizer.model"),
     (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "/no/encoder.json", "--merge-file",
       MERGES], "--vocab-file /no/encoder.json does not exist"),
     (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/no/dir"],

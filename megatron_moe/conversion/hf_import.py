@@ -198,9 +198,10 @@ def _import(folder: Path, tokenizers_in: Path, save: str, overwrite: bool, overr
         directory = checkpoint_files.checkpoint_dir(str(out), 0)
         common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(checkpointing.SHARDED_METADATA)}
         dist_files.write_checkpoint(directory, items, produce, common)
-        kept_paths = parse_args(flags + tokenizer + job, world_size=1)
-        run_config.save(args.replace(**{name: getattr(kept_paths, name)
-                                        for name in ("vocab_file", "merge_file", "tokenizer_model")}), directory)
+        # the run config names the tokenizer files where they are kept (they exist once the folder is renamed)
+        kept_paths = {name: str(final_tokenizer_dir / Path(getattr(args, name)).relative_to(tokenizers_in))
+                      for name in ("vocab_file", "merge_file", "tokenizer_model") if getattr(args, name) is not None}
+        run_config.save(args.replace(**kept_paths), directory)
         checkpoint_files.write_manifest(directory)  # --load verifies every file against it
         (out / checkpoint_files.TRACKER).write_text("0")
     lines = [f"imported {arch.name} from {folder} to {save} (iteration 0, model weights only)",
