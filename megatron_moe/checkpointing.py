@@ -62,6 +62,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_moe import run_config, save_lock
 from megatron_moe.arguments import ARCHITECTURE, RunConfig
 from megatron_moe.checkpoint_files import TRACKER, checkpoint_dir, read_tracker, write_manifest
+from megatron_moe.console import print_line, print_rank_0
 from megatron_moe.errors import ConfigError
 
 # megatron-LM's sharded-state-dict metadata: optimizer keys without the chained_N. prefix (the same in every
@@ -333,7 +334,7 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
     Megatron-LM's lines and its save-checkpoint time across ranks."""
     args = job.args
     began = time.perf_counter()
-    _print_rank_0(f"[{_now()}] saving checkpoint at iteration {iteration:7d} to {args.save} in torch_dist format")
+    print_rank_0(f"[{_now()}] saving checkpoint at iteration {iteration:7d} to {args.save} in torch_dist format")
     directory = checkpoint_dir(args.save, iteration)
     working = [None]
     if dist.get_rank() == 0:
@@ -358,7 +359,7 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
         tmp.write_text(str(iteration))
         os.replace(tmp, tracker)
     dist.barrier()
-    _print_rank_0(f"  [{_now()}] successfully saved checkpoint from iteration {iteration:7d} to {args.save} "
+    print_rank_0(f"  [{_now()}] successfully saved checkpoint from iteration {iteration:7d} to {args.save} "
                   f"{_ranks_text()}")
     _log_time_across_ranks("save-checkpoint", time.perf_counter() - began, job.platform.device)
     return directory
@@ -366,11 +367,6 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
 
 def _now() -> str:
     return datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _print_rank_0(message: str) -> None:
-    if dist.get_rank() == 0:
-        print(message, flush=True)
 
 
 def _ranks_text() -> str:
@@ -388,8 +384,7 @@ def _log_time_across_ranks(name: str, seconds: float, device: torch.device) -> N
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     fastest, slowest = -both[0].item(), both[1].item()
     if dist.get_rank() == dist.get_world_size() - 1:
-        print(f"(min, max) time across ranks (ms):\n    {(name + ' ').ljust(48, '.')}: ({fastest:.2f}, {slowest:.2f})",
-              flush=True)
+        print_line(f"(min, max) time across ranks (ms):\n    {(name + ' ').ljust(48, '.')}: ({fastest:.2f}, {slowest:.2f})")
 
 
 def _publish(working: Path, directory: Path) -> None:
@@ -427,10 +422,10 @@ def load_checkpoint(job) -> Tuple[int, int]:
     if directory is None:
         return 0, 0
     began = time.perf_counter()
-    _print_rank_0(f" loading distributed checkpoint from {args.load} at iteration {int(directory.name[len('iter_'):])}")
+    print_rank_0(f" loading distributed checkpoint from {args.load} at iteration {int(directory.name[len('iter_'):])}")
     iteration, consumed_samples = _load(job, args, directory)
     dist.barrier()
-    _print_rank_0(f"  successfully loaded checkpoint from {args.load} {_ranks_text()} at iteration {iteration}")
+    print_rank_0(f"  successfully loaded checkpoint from {args.load} {_ranks_text()} at iteration {iteration}")
     _log_time_across_ranks("load-checkpoint", time.perf_counter() - began, job.platform.device)
     return iteration, consumed_samples
 

@@ -27,6 +27,7 @@ from megatron_moe import checkpoint_files, checkpointing, context_parallel, data
 from megatron_moe.arguments import RunConfig, padded_vocab_size, parse_args
 from megatron_moe.arguments import training as schedule
 from megatron_moe.batches import GlobalBatches
+from megatron_moe.console import print_line, print_rank_0, print_rank_last
 from megatron_moe.errors import ConfigError
 from megatron_moe.model import GPTMoEConfig, build_model_chunks, transformer_config_from_args
 from megatron_moe.moe import comm_stats
@@ -51,17 +52,6 @@ class TrainingJob:
     saved_config: Optional[RunConfig] = None  # the run config it was written with
     non_finite_guard: Optional[step_guard.NonFiniteGuard] = None  # installed by the first train_step
     num_zeros_in_grad: Optional[float] = None  # of the last step, with --log-num-zeros-in-grad
-
-
-def print_rank_last(message: str) -> None:
-    """Megatron prints from the last rank: the one that sees the loss under pipeline parallelism."""
-    if dist.get_rank() == dist.get_world_size() - 1:
-        print(message, flush=True)
-
-
-def print_rank_0(message: str) -> None:
-    if dist.get_rank() == 0:
-        print(message, flush=True)
 
 
 def _set_seeds(seed: int) -> None:
@@ -625,10 +615,10 @@ def _report_memory(job: TrainingJob, iteration: int) -> None:
     interval = job.args.log_memory_interval
     if job.platform.is_cuda and interval and iteration % interval == 0:
         mib = 1024 * 1024
-        print(f"[Rank {dist.get_rank()}] (after {iteration} iterations) memory (MB) | allocated: "
-              f"{torch.cuda.memory_allocated() / mib} | max allocated: {torch.cuda.max_memory_allocated() / mib} | "
-              f"reserved: {torch.cuda.memory_reserved() / mib} | max reserved: {torch.cuda.max_memory_reserved() / mib}",
-              flush=True)
+        print_line(f"[Rank {dist.get_rank()}] (after {iteration} iterations) memory (MB) | allocated: "
+                   f"{torch.cuda.memory_allocated() / mib} | max allocated: {torch.cuda.max_memory_allocated() / mib} | "
+                   f"reserved: {torch.cuda.memory_reserved() / mib} | max reserved: "
+                   f"{torch.cuda.max_memory_reserved() / mib}")
 
 
 def _validate(job: TrainingJob, valid_ds, iteration: int, writer, final: bool = False) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from megatron_moe.arguments.megatron_lm import REFUSED_CHOICES
+from megatron_moe.console import print_line
 from megatron_moe.errors import ConfigError
 
 # What a checkpoint's config means for --load and export, per argument group:
@@ -187,13 +188,13 @@ def warn(message: str) -> None:
     """One line on stderr, from the first rank only: a flag taken with Megatron-LM's meaning that a user may
     not expect."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print_line(f"warning: {message}", sys.stderr)
 
 
 def info(message: str) -> None:
     """One line on stdout, from the first rank only."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"info: {message}", flush=True)
+        print_line(f"info: {message}")
 
 
 def require(condition: bool, message: str) -> None:
