@@ -13,6 +13,15 @@ import pytest
 from launcher import VOCAB, write_indexed_dataset
 
 
+@pytest.fixture(autouse=True)
+def no_attention_environment(monkeypatch):
+    """megatron-core's GPTModel writes NVTE_{FLASH,FUSED,UNFUSED}_ATTN into os.environ for its attention backend;
+    a model an earlier test built in this process must not pick the backend of this test's models and
+    subprocesses (whose start-up check refuses a contradicting value)."""
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Two datasets, an empty one, and GPT-2 BPE files with the byte alphabet only (no merges)."""

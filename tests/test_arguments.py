@@ -1,6 +1,7 @@
 """Megatron-LM flags parse to the right config; layouts that cannot work fail with one line, before building."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from launcher import REPO, TINY_MOE
 from megatron_moe.arguments import ConfigError, moe_layer_pattern, parse_args
+from megatron_moe.arguments.runtime import _NVTE_ATTENTION, _NVTE_VALUES, ATTENTION_BACKENDS
 from megatron_moe.model import transformer_config_from_args
 
 REQUIRED = TINY_MOE + ["--train-iters", "1"]
@@ -361,6 +363,32 @@ def test_runtime_flags():
     args = args_with("--distributed-backend", "gloo", "--distributed-timeout-minutes", "30", "--log-throughput",
                      "--ckpt-format", "torch_dist")
     assert (args.distributed_backend, args.distributed_timeout_minutes) == ("gloo", 30)
+
+
+def test_attention_environment_that_contradicts_the_backend_is_refused(monkeypatch):
+    """A shell's NVTE_FLASH_ATTN=1 with --attention-backend fused fails at parsing, in one line, instead of in
+    megatron-core's model constructor on every rank."""
+    monkeypatch.setenv("NVTE_FLASH_ATTN", "1")
+    with pytest.raises(ConfigError, match=re.escape("the environment sets NVTE_FLASH_ATTN=1, which contradicts "
+                                                    "--attention-backend fused (NVTE_FLASH_ATTN=0)")):
+        args_with("--attention-backend", "fused")
+    assert args_with("--attention-backend", "flash").attention_backend == "flash"
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_environment_table_is_megatron_cores(monkeypatch, backend):
+    """The values the check accepts are those megatron-core's model sets and asserts."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.transformer.enums import AttnBackend
+
+    expected = dict(zip(_NVTE_ATTENTION, map(str, _NVTE_VALUES[backend])))
+    for name, value in expected.items():
+        monkeypatch.setenv(name, value)
+    args_with("--attention-backend", backend)
+    LanguageModule._set_attention_backend(SimpleNamespace(config=SimpleNamespace(attention_backend=AttnBackend[backend])))
+    assert {name: os.environ[name] for name in _NVTE_ATTENTION} == expected
 
 
 def test_unknown_flag_is_named():
