@@ -18,7 +18,9 @@ def no_attention_environment(monkeypatch):
     """megatron-core's GPTModel writes NVTE_{FLASH,FUSED,UNFUSED}_ATTN into os.environ for its attention backend;
     a model an earlier test built in this process must not pick the backend of this test's models and
     subprocesses (whose start-up check refuses a contradicting value)."""
-    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+    from megatron_moe.arguments.runtime import NVTE_ATTENTION_VARIABLES
+
+    for name in NVTE_ATTENTION_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from launcher import REPO, TINY_MOE
 from megatron_moe.arguments import ConfigError, moe_layer_pattern, parse_args
-from megatron_moe.arguments.runtime import _NVTE_ATTENTION, _NVTE_VALUES, ATTENTION_BACKENDS
+from megatron_moe.arguments.runtime import ATTENTION_BACKENDS, NVTE_ATTENTION_VALUES, NVTE_ATTENTION_VARIABLES
 from megatron_moe.model import transformer_config_from_args
 
 REQUIRED = TINY_MOE + ["--train-iters", "1"]
@@ -383,12 +383,13 @@ def test_attention_environment_table_is_megatron_cores(monkeypatch, backend):
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.transformer.enums import AttnBackend
 
-    expected = dict(zip(_NVTE_ATTENTION, map(str, _NVTE_VALUES[backend])))
+    expected = dict(zip(NVTE_ATTENTION_VARIABLES, map(str, NVTE_ATTENTION_VALUES[backend])))
     for name, value in expected.items():
         monkeypatch.setenv(name, value)
     args_with("--attention-backend", backend)
-    LanguageModule._set_attention_backend(SimpleNamespace(config=SimpleNamespace(attention_backend=AttnBackend[backend])))
-    assert {name: os.environ[name] for name in _NVTE_ATTENTION} == expected
+    model = SimpleNamespace(config=SimpleNamespace(attention_backend=AttnBackend[backend]))
+    LanguageModule._set_attention_backend(model)
+    assert {name: os.environ[name] for name in NVTE_ATTENTION_VARIABLES} == expected
 
 
 def test_pipeline_outputs_are_freed_only_where_the_send_keeps_them():

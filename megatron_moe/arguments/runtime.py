@@ -32,8 +32,9 @@ _TP_COMM_OVERLAP = NoEffect("with --transformer-impl transformer_engine and tens
 _ALWAYS_OFF = "accepted: this fusion is always off here"
 # megatron-core's GPTModel sets these for its attention backend and asserts any value already set (a shell's
 # export, or an earlier model with another backend in the same process): (flash, fused, unfused) per backend
-_NVTE_ATTENTION = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
-_NVTE_VALUES = {"local": (0, 0, 0), "flash": (1, 0, 0), "fused": (0, 1, 0), "unfused": (0, 0, 1), "auto": (1, 1, 1)}
+NVTE_ATTENTION_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+NVTE_ATTENTION_VALUES = {"local": (0, 0, 0), "flash": (1, 0, 0), "fused": (0, 1, 0), "unfused": (0, 0, 1),
+                         "auto": (1, 1, 1)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,11 +145,11 @@ def validate(c) -> Dict[str, Any]:
                 f"--use-flash-attn means --attention-backend flash; it contradicts --attention-backend "
                 f"{attention_backend}")
         attention_backend = "flash"
-    for name, value in zip(_NVTE_ATTENTION, _NVTE_VALUES[attention_backend]):
+    for name, value in zip(NVTE_ATTENTION_VARIABLES, NVTE_ATTENTION_VALUES[attention_backend]):
         require(os.environ.get(name) in (None, str(value)),
                 f"the environment sets {name}={os.environ.get(name)}, which contradicts --attention-backend "
-                f"{attention_backend} ({name}={value}); unset {', '.join(_NVTE_ATTENTION)} and choose with "
-                "--attention-backend, as megatron-core asks")
+                f"{attention_backend} ({name}={value}); unset {', '.join(NVTE_ATTENTION_VARIABLES)} and choose "
+                "with --attention-backend, as megatron-core asks")
     if te:
         require(attention_backend != "local",
                 "--attention-backend local needs --transformer-impl local (Megatron-LM: --spec local)")
