@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe.arguments import RunConfig
 from megatron_moe.moe.registry import ROUTING_SCHEMES, RoutedMoELayer
-from megatron_moe.platform import require_transformer_engine, wants_cuda
+from megatron_moe.platform import require_transformer_engine
 from megatron_moe.norms import norm_class
 
 
@@ -215,11 +215,7 @@ def transformer_config_from_args(args: RunConfig) -> GPTMoEConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        # megatron frees each pipeline output's memory (keeping its autograd node) right after posting its send,
-        # and the overlapped interleaved schedule does not wait for the send first. NCCL keeps the memory for its
-        # stream; gloo's send reads it later from its own thread, so on the CPU freeing it would send whatever
-        # reuses that memory (measured: corrupted activations, or a heap abort)
-        deallocate_pipeline_outputs=wants_cuda(args.device),
+        deallocate_pipeline_outputs=True,
         **moe_options,
         **fp8,
         **tp_comm_overlap,

@@ -483,6 +483,28 @@ def _patch_uneven_all_gather() -> None:
     dist.all_gather = all_gather
 
 
+def _patch_overlapped_sends_keep_their_memory() -> None:
+    """gloo's isend reads the tensor's memory from its own thread after isend returns, and megatron's
+    overlapped interleaved schedule frees each pipeline output (``deallocate_output_tensor`` swaps its ``.data``
+    for one element) before waiting for its send: gloo then sent whatever reused that memory (corrupted
+    activations under load, a heap abort in a reproduction). Each send gets an alias of the tensor, which
+    holds the memory until the send's work handle is dropped. NCCL records the memory on its stream instead."""
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    original = p2p_communication._p2p_ops
+    if getattr(original, "_sends_aliases", False):
+        return
+
+    def alias(tensor):
+        return None if tensor is None else tensor.detach()
+
+    def p2p_ops(*, tensor_send_prev, tensor_send_next, **kwargs):
+        return original(tensor_send_prev=alias(tensor_send_prev), tensor_send_next=alias(tensor_send_next), **kwargs)
+
+    p2p_ops._sends_aliases = True
+    p2p_communication._p2p_ops = p2p_ops
+
+
 def _expert_bias_update_is_compiled() -> bool:
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -546,6 +568,15 @@ CPU_COMPAT_PIECES = (
         lambda: "torch.distributed.all_gather(output_tensor_list"
         in _source("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
         _patch_uneven_all_gather,
+    ),
+    CompatPiece(
+        "overlapped-sends-keep-their-memory",
+        "pipeline_parallel/schedules.py: the interleaved schedule with overlap_p2p_comm calls "
+        "deallocate_output_tensor on an output whose p2p_communication.py:_p2p_ops isend is not yet waited for",
+        lambda: "torch.distributed.isend(" in _source("megatron.core.pipeline_parallel.p2p_communication", "_p2p_ops")
+        and "deallocate_output_tensor(output_tensor" in _source("megatron.core.pipeline_parallel.schedules",
+                                                                "forward_backward_pipelining_with_interleaving"),
+        _patch_overlapped_sends_keep_their_memory,
     ),
     CompatPiece(
         "eager-expert-bias-update",

@@ -68,4 +68,19 @@ with torch.enable_grad():
 works["eager-expert-bias-update"] = (torch.equal(counts, torch.tensor([2.0, 0.0, 1.0]))
                                      and not platform._expert_bias_update_is_compiled())
 
+from megatron.core.pipeline_parallel import p2p_communication
+from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
+
+output, sent, isend = torch.arange(4096.0) * 2, [], dist.isend
+dist.isend = lambda tensor, **kwargs: sent.append(tensor)  # what gloo would read from its thread, later
+try:
+    p2p_communication._p2p_ops(tensor_send_prev=None, tensor_recv_prev=None, tensor_send_next=output,
+                               tensor_recv_next=None, group=dist.group.WORLD, prev_pipeline_rank=0,
+                               next_pipeline_rank=0)
+finally:
+    dist.isend = isend
+deallocate_output_tensor(output, deallocate_pipeline_outputs=True)
+works["overlapped-sends-keep-their-memory"] = (output.numel() == 1 and len(sent) == 1
+                                               and torch.equal(sent[0], torch.arange(4096.0) * 2))
+
 print(json.dumps(report))
