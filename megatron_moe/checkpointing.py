@@ -102,9 +102,8 @@ def find_checkpoint(args: RunConfig) -> Optional[Path]:
             raise ConfigError(f"--load {args.load}: no {TRACKER} there; point --load at a --save directory "
                               "(or leave --load out to start from scratch)")
         if args.exit_on_missing_checkpoint:  # Megatron-LM's: exit (status 0) instead of starting from scratch
-            if dist.get_rank() == 0:
-                print(f"> --load {args.load} holds no checkpoint yet and --exit-on-missing-checkpoint is given: "
-                      "exiting", flush=True)
+            print_rank_0(f"> --load {args.load} holds no checkpoint yet and --exit-on-missing-checkpoint is given: "
+                         "exiting")
             dist.barrier()
             raise SystemExit(0)
         return None
@@ -360,7 +359,7 @@ def save_checkpoint(job, iteration: int, consumed_samples: int) -> Path:
         os.replace(tmp, tracker)
     dist.barrier()
     print_rank_0(f"  [{_now()}] successfully saved checkpoint from iteration {iteration:7d} to {args.save} "
-                  f"{_ranks_text()}")
+                 f"{_ranks_text()}")
     _log_time_across_ranks("save-checkpoint", time.perf_counter() - began, job.platform.device)
     return directory
 
@@ -384,7 +383,8 @@ def _log_time_across_ranks(name: str, seconds: float, device: torch.device) -> N
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     fastest, slowest = -both[0].item(), both[1].item()
     if dist.get_rank() == dist.get_world_size() - 1:
-        print_line(f"(min, max) time across ranks (ms):\n    {(name + ' ').ljust(48, '.')}: ({fastest:.2f}, {slowest:.2f})")
+        print_line(f"(min, max) time across ranks (ms):\n    {(name + ' ').ljust(48, '.')}: "
+                   f"({fastest:.2f}, {slowest:.2f})")
 
 
 def _publish(working: Path, directory: Path) -> None:
@@ -448,9 +448,8 @@ def _load(job, args: RunConfig, directory: Path) -> Tuple[int, int]:
         loaded = dist_checkpointing.load(template, str(directory), strict=args.dist_ckpt_strictness)
         if isinstance(loaded, tuple):  # --dist-ckpt-strictness return_*: the mismatching keys come back too
             loaded, missing, unexpected = loaded
-            if dist.get_rank() == 0:
-                print(f"> --load {directory}: {len(missing)} tensors of the model missing from the checkpoint, "
-                      f"{len(unexpected)} of the checkpoint not in the model", flush=True)
+            print_rank_0(f"> --load {directory}: {len(missing)} tensors of the model missing from the checkpoint, "
+                         f"{len(unexpected)} of the checkpoint not in the model")
     except (Exception, CheckpointException) as error:
         raise _damaged(args, directory, error) from error
 
